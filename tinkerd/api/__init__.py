@@ -1,0 +1,60 @@
+"""The HTTP surfaces, one blueprint each; helpers every view uses."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+from flask import current_app, request
+
+from tinkerd.types import UserError
+
+
+def service():
+    """The app's Service (settings, scheduler, registry)."""
+    return current_app.extensions["tinkerd"]
+
+
+def json_body() -> dict[str, Any]:
+    body = request.get_json(force=True, silent=True)
+    if not isinstance(body, dict):
+        raise UserError("the request body must be a JSON object")
+    return body
+
+
+def fingerprint(body: dict[str, Any]) -> str:
+    """Identifies a request's content, so a retry can be told from a clash of seq_ids."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def get_str(body: dict[str, Any], key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or not value:
+        raise UserError(f"{key!r} must be a non-empty string")
+    return value
+
+
+def get_int(body: dict[str, Any], key: str, default: int | None = None, minimum: int = 0) -> int:
+    value = body.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(f"{key!r} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def get_float(body: dict[str, Any], key: str, default: float | None = None, minimum: float = 0.0,
+              below: float = math.inf) -> float:
+    value = body.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise UserError(f"{key!r} must be a finite number, got {value!r}")
+    if not minimum <= value < below:
+        raise UserError(f"{key!r} must be in [{minimum}, {below}), got {value!r}")
+    return float(value)
+
+
+def get_bool(body: dict[str, Any], key: str, default: bool) -> bool:
+    value = body.get(key, default)
+    if not isinstance(value, bool):
+        raise UserError(f"{key!r} must be true or false, got {value!r}")
+    return value

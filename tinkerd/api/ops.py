@@ -1,0 +1,34 @@
+"""Operational routes outside the SDK protocol: health and the loss registry."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify
+
+from tinkerd.api import service
+from tinkerd.loss_functions import LOSSES
+
+bp = Blueprint("ops", __name__)
+
+
+@bp.get("/healthz")
+def healthz():
+    svc = service()
+    return jsonify({"status": "ok", "queue_depth": svc.scheduler.queue_depth()})
+
+
+@bp.get("/loss_functions")
+@bp.get("/api/v1/loss_functions")
+def loss_functions():
+    return jsonify(
+        {
+            "loss_functions": [
+                {
+                    "name": loss.name,
+                    "description": loss.description,
+                    "loss_fn_inputs": list(loss.inputs),
+                    "loss_fn_config": loss.config,
+                }
+                for loss in LOSSES.values()
+            ]
+        }
+    )

@@ -1,0 +1,202 @@
+"""The Tinker REST protocol of SDK 0.38 under /api/v1 (see shared/reference/tinker-protocol.md).
+
+Each view validates its request, queues it as plain data keyed by (model_id, seq_id) and answers a
+future id at once; `retrieve_future` long-polls for the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request
+
+from tinkerd.api import fingerprint, get_bool, get_float, get_int, get_str, json_body, service
+from tinkerd.base_models import TINY_MODEL, resolve_base_model
+from tinkerd.registry import ModelRecord
+from tinkerd.types import (
+    AdamParams,
+    CreateModel,
+    LoraConfig,
+    OptimStep,
+    Payload,
+    Rejected,
+    UserError,
+)
+from tinkerd.wire import forward_backward_from_proto, parse_forward_backward_json, parse_forward_backward_proto
+
+bp = Blueprint("tinker", __name__, url_prefix="/api/v1")
+
+MAX_LORA_RANK = 1024
+
+
+# -- bootstrap and sessions ------------------------------------------------------------------
+
+
+@bp.post("/client/config")
+def client_config():
+    # Every flag at its SDK default but these; the fwd/bwd body is plain (uncompressed) protobuf.
+    return jsonify({"pjwt_auth_enabled": False, "proto_compress_fwdbwd": False})
+
+
+@bp.post("/client/dynamic_config")
+def dynamic_config():
+    return jsonify({"refresh_interval_sec": 300, "sample_cancel_enabled": False})
+
+
+@bp.post("/create_session")
+def create_session():
+    body = json_body()
+    tags = body.get("tags") or []
+    metadata = body.get("user_metadata") or {}
+    if not isinstance(tags, list) or not isinstance(metadata, dict):
+        raise UserError("tags must be a list and user_metadata an object")
+    session = service().registry.create_session([str(t) for t in tags], metadata)
+    return jsonify({"session_id": session.session_id})
+
+
+@bp.post("/session_heartbeat")
+def session_heartbeat():
+    session = service().registry.session(get_str(json_body(), "session_id"))
+    session.touch()
+    return jsonify({})
+
+
+@bp.post("/sessions/<session_id>/finish")
+def finish_session(session_id: str):
+    reason = json_body().get("reason") or {}
+    session = service().registry.session(session_id)
+    session.finished = reason.get("type", "success") if isinstance(reason, dict) else "success"
+    return jsonify({})
+
+
+@bp.post("/telemetry")
+def telemetry():
+    return jsonify({"status": "accepted"})
+
+
+@bp.get("/healthz")
+def healthz():
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/get_server_capabilities")
+def server_capabilities():
+    names = [TINY_MODEL] + sorted({m.base_model for m in service().registry.models()} - {TINY_MODEL})
+    return jsonify(
+        {"supported_models": [{"model_name": n, "trainable": True, "sampleable": False} for n in names]}
+    )
+
+
+# -- models and training ---------------------------------------------------------------------
+
+
+@bp.post("/create_model")
+def create_model():
+    body = json_body()
+    svc = service()
+    session = svc.registry.session(get_str(body, "session_id"))
+    model_seq_id = get_int(body, "model_seq_id")
+    source = resolve_base_model(body.get("base_model"), svc.settings.data_dir)
+    lora = _lora_config(body.get("lora_config") or {})
+    optimizer = body.get("optimizer_config") or {"type": "adamw"}
+    if not isinstance(optimizer, dict) or optimizer.get("type", "adamw") != "adamw":
+        raise UserError(f"unsupported optimizer_config {optimizer!r}: tinkerd trains with adamw")
+    model_id = f"{session.session_id}:train:{model_seq_id}"
+    record = ModelRecord(
+        model_id, session.session_id, source.name, source.tokenizer_id, lora,
+        body.get("user_metadata") or {},
+    )
+    if svc.registry.add_model(record) is not record and svc.registry.model(model_id).lora != lora:
+        raise UserError(f"model_seq_id {model_seq_id} of this session is already a different model")
+    svc.scheduler.open_model(model_id)
+    request_id = svc.scheduler.submit(model_id, 0, CreateModel(source.name, lora), fingerprint(body))
+    return jsonify({"request_id": request_id, "model_id": model_id})
+
+
+def _lora_config(raw: Any) -> LoraConfig:
+    if not isinstance(raw, dict):
+        raise UserError("lora_config must be an object")
+    rank = get_int(raw, "rank", 32, minimum=1)
+    if rank > MAX_LORA_RANK:
+        raise UserError(f"lora rank must be at most {MAX_LORA_RANK}, got {rank}")
+    seed = raw.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise UserError(f"lora seed must be an integer, got {seed!r}")
+    return LoraConfig(
+        rank=rank,
+        seed=seed,
+        train_mlp=get_bool(raw, "train_mlp", True),
+        train_attn=get_bool(raw, "train_attn", True),
+        train_unembed=get_bool(raw, "train_unembed", True),
+    )
+
+
+@bp.post("/get_info")
+def get_info():
+    return jsonify(service().registry.model(get_str(json_body(), "model_id")).info())
+
+
+@bp.post("/forward_backward")
+def forward_backward():
+    if request.mimetype == "application/json":
+        body = json_body()
+        model_id, seq_id = get_str(body, "model_id"), get_int(body, "seq_id")
+        return _submit(model_id, seq_id, fingerprint(body), lambda: parse_forward_backward_json(body))
+    msg, content = parse_forward_backward_proto(request.get_data())
+    return _submit(msg.model_id, msg.seq_id, content, lambda: forward_backward_from_proto(msg))
+
+
+@bp.post("/optim_step")
+def optim_step():
+    body = json_body()
+    model_id, seq_id = get_str(body, "model_id"), get_int(body, "seq_id")
+    return _submit(model_id, seq_id, fingerprint(body), lambda: OptimStep(_adam_params(body)))
+
+
+def _adam_params(body: dict[str, Any]) -> AdamParams:
+    if "optimizer_params" in body and "adam_params" not in body:
+        raise UserError("only adam_params are supported (the model was created with adamw)")
+    raw = body.get("adam_params")
+    if not isinstance(raw, dict):
+        raise UserError("adam_params must be an object")
+    defaults = AdamParams()
+    return AdamParams(
+        learning_rate=get_float(raw, "learning_rate", defaults.learning_rate),
+        beta1=get_float(raw, "beta1", defaults.beta1, below=1.0),
+        beta2=get_float(raw, "beta2", defaults.beta2, below=1.0),
+        eps=get_float(raw, "eps", defaults.eps),
+        weight_decay=get_float(raw, "weight_decay", defaults.weight_decay),
+        grad_clip_norm=get_float(raw, "grad_clip_norm", defaults.grad_clip_norm),
+    )
+
+
+def _submit(model_id: str, seq_id: int, content: str, build: Callable[[], Payload]) -> Response:
+    """Queue build() as (model_id, seq_id). A request that fails validation still takes its
+    seq_id (as a Rejected task), so the model's later requests are not left waiting for it."""
+    svc = service()
+    svc.registry.model(model_id)
+    try:
+        payload = build()
+    except UserError as e:
+        try:
+            svc.scheduler.submit(model_id, seq_id, Rejected(e.to_json()), content)
+        except UserError:
+            pass  # a seq_id from the past or a clash: nothing to hold open
+        raise
+    request_id = svc.scheduler.submit(model_id, seq_id, payload, content)
+    return jsonify({"request_id": request_id, "model_id": model_id})
+
+
+# -- futures ---------------------------------------------------------------------------------
+
+
+@bp.post("/retrieve_future")
+def retrieve_future():
+    svc = service()
+    request_id = get_str(json_body(), "request_id")
+    result = svc.scheduler.futures.wait(request_id, svc.settings.long_poll_seconds)
+    if result is None:
+        return jsonify({"type": "try_again", "request_id": request_id, "queue_state": "active"})
+    return Response(result.body, content_type=result.content_type)
+

@@ -1,0 +1,55 @@
+"""The Flask app factory: JSON errors everywhere, and the API blueprints.
+
+The app only validates and queues: it talks to workers through the scheduler in
+`app.extensions["tinkerd"]` and never imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+from tinkerd.config import Settings
+from tinkerd.registry import Registry
+from tinkerd.tasks import Scheduler
+from tinkerd.types import TinkerdError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Service:
+    """What the views share: settings, the queue to the workers, and session/model metadata."""
+
+    settings: Settings
+    scheduler: Scheduler
+    registry: Registry
+
+
+def create_app(settings: Settings, scheduler: Scheduler, registry: Registry | None = None) -> Flask:
+    from tinkerd.api import ops, tinker
+
+    app = Flask(__name__)
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["tinkerd"] = Service(settings, scheduler, registry or Registry())
+
+    @app.errorhandler(TinkerdError)
+    def tinkerd_error(e: TinkerdError):
+        return jsonify(e.to_json()), e.status
+
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException):
+        category = "user" if (e.code or 500) < 500 else "server"
+        return jsonify({"error": f"{e.name}: {e.description}", "category": category}), e.code
+
+    @app.errorhandler(Exception)
+    def unexpected_error(e: Exception):
+        log.exception("unhandled error")
+        return jsonify({"error": f"internal error: {type(e).__name__}: {e}", "category": "server"}), 500
+
+    app.register_blueprint(tinker.bp)
+    app.register_blueprint(ops.bp)
+    return app

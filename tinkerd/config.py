@@ -1,0 +1,55 @@
+"""Settings: defaults <- TINKERD_* environment <- command-line flags. The only home of knobs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("TINKERD_DATA_DIR") or Path.home() / ".local" / "share" / "tinkerd")
+
+
+@dataclass
+class Settings:
+    """What a tinkerd process needs to know.
+
+    Attributes:
+        host, port: where the API listens.
+        data_dir: the home of the built-in model, checkpoints and run metadata.
+        device: "cuda", "cuda:1", "cpu", or None to pick the GPU when there is one.
+        long_poll_seconds: how long retrieve_future holds a request before `try_again`; the SDK
+            gives up on a poll after 45 s, so stay well under that.
+        threads: HTTP threads; each waiting long-poll holds one.
+        future_ttl_seconds: how long a settled result stays retrievable.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = field(default_factory=default_data_dir)
+    device: str | None = None
+    long_poll_seconds: float = 25.0
+    threads: int = 128
+    future_ttl_seconds: float = 3600.0
+
+    @classmethod
+    def load(cls, **overrides: Any) -> Settings:
+        """Defaults, then TINKERD_<NAME> variables, then the given overrides (None = not given)."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = os.environ.get(f"TINKERD_{f.name.upper()}")
+            if raw is not None:
+                values[f.name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown settings: {sorted(unknown)}")
+        settings = cls(**values)
+        settings.port = int(settings.port)
+        settings.threads = int(settings.threads)
+        settings.long_poll_seconds = float(settings.long_poll_seconds)
+        settings.future_ttl_seconds = float(settings.future_ttl_seconds)
+        settings.data_dir = Path(settings.data_dir).expanduser().resolve()
+        return settings

@@ -1,0 +1,159 @@
+"""The queue between the API and the workers: ordered, de-duplicated tasks and their futures.
+
+The API submits plain data keyed by (model_id, seq_id) and gets a request id at once. Each model's
+tasks are released to its worker strictly in seq_id order, however they arrive (the SDK sends chunk
+1 of a large batch last), and a retried (model_id, seq_id) returns the first request's id instead of
+running twice. Workers settle futures with encoded bodies; the API long-polls them.
+
+`Scheduler` holds this state in process for `tinkerd serve`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from tinkerd.types import NotFound, Payload, UserError
+
+# How far ahead of a model's next seq_id a request may arrive (buffered until its turn).
+MAX_SEQ_AHEAD = 100_000
+
+
+@dataclass(frozen=True)
+class Result:
+    """A settled future, already encoded for the wire."""
+
+    body: bytes
+    content_type: str = "application/json"
+
+
+@dataclass
+class Task:
+    request_id: str
+    model_id: str
+    seq_id: int
+    payload: Payload
+
+
+@dataclass
+class _ModelQueue:
+    next_seq: int
+    pending: dict[int, Task] = field(default_factory=dict)
+    seen: dict[int, tuple[str, str]] = field(default_factory=dict)  # seq_id -> (request_id, fingerprint)
+
+
+class FutureStore:
+    """request_id -> Result, with a blocking wait per future and expiry of settled results."""
+
+    def __init__(self, ttl_seconds: float = 3600.0) -> None:
+        self._ttl = ttl_seconds
+        self._lock = threading.Lock()
+        self._events: dict[str, threading.Event] = {}
+        self._results: dict[str, tuple[Result, float]] = {}
+
+    def create(self) -> str:
+        request_id = uuid.uuid4().hex
+        with self._lock:
+            self._events[request_id] = threading.Event()
+        return request_id
+
+    def settle(self, request_id: str, result: Result) -> None:
+        with self._lock:
+            event = self._events.pop(request_id, None)
+            self._results[request_id] = (result, time.monotonic() + self._ttl)
+            self._expire()
+        if event is not None:
+            event.set()
+
+    def wait(self, request_id: str, timeout: float) -> Result | None:
+        """The result, or None if it is still pending after `timeout` seconds."""
+        with self._lock:
+            event = self._events.get(request_id)
+            settled = self._results.get(request_id)
+        if settled is None and event is None:
+            raise NotFound(f"unknown request_id {request_id!r} (it may have expired)")
+        if event is not None and event.wait(timeout):
+            with self._lock:
+                settled = self._results.get(request_id)
+        return settled[0] if settled else None
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._events)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        if len(self._results) % 256 == 0:
+            for key in [k for k, (_, deadline) in self._results.items() if deadline < now]:
+                del self._results[key]
+
+
+class Scheduler:
+    """Per-model ordering and de-duplication, and the hand-off of ready work to the worker."""
+
+    def __init__(self, futures: FutureStore | None = None) -> None:
+        self.futures = futures or FutureStore()
+        self._cond = threading.Condition()
+        self._queues: dict[str, _ModelQueue] = {}
+        self._ready: set[str] = set()
+
+    def open_model(self, model_id: str) -> None:
+        """Start a model's sequence: its creation is seq 0, the client's requests follow from 1."""
+        with self._cond:
+            self._queues.setdefault(model_id, _ModelQueue(next_seq=0))
+
+    def has_model(self, model_id: str) -> bool:
+        with self._cond:
+            return model_id in self._queues
+
+    def submit(self, model_id: str, seq_id: int, payload: Payload, fingerprint: str) -> str:
+        """Queue `payload` as (model_id, seq_id); returns its request id, the old one for a retry."""
+        with self._cond:
+            queue = self._queues.get(model_id)
+            if queue is None:
+                raise NotFound(f"unknown model_id {model_id!r}")
+            if seq_id in queue.seen:
+                request_id, first_fingerprint = queue.seen[seq_id]
+                if first_fingerprint != fingerprint:
+                    raise UserError(
+                        f"seq_id {seq_id} of {model_id} was already used by a different request"
+                    )
+                return request_id
+            if seq_id < queue.next_seq:
+                raise UserError(
+                    f"seq_id {seq_id} is in the past: {model_id} is already at seq_id {queue.next_seq}"
+                )
+            if seq_id > queue.next_seq + MAX_SEQ_AHEAD:
+                raise UserError(f"seq_id {seq_id} is too far ahead of {queue.next_seq}")
+            request_id = self.futures.create()
+            queue.pending[seq_id] = Task(request_id, model_id, seq_id, payload)
+            queue.seen[seq_id] = (request_id, fingerprint)
+            if seq_id == queue.next_seq:
+                self._ready.add(model_id)
+                self._cond.notify_all()
+            return request_id
+
+    def take_ready(self, timeout: float) -> list[list[Task]]:
+        """Every model's runnable tasks, each list in seq order; waits up to `timeout` for some."""
+        with self._cond:
+            if not self._ready:
+                self._cond.wait(timeout)
+            batches = []
+            for model_id in sorted(self._ready):
+                queue = self._queues[model_id]
+                tasks = []
+                while queue.next_seq in queue.pending:
+                    tasks.append(queue.pending.pop(queue.next_seq))
+                    queue.next_seq += 1
+                batches.append(tasks)
+            self._ready.clear()
+            return batches
+
+    def settle(self, request_id: str, result: Result) -> None:
+        self.futures.settle(request_id, result)
+
+    def queue_depth(self) -> int:
+        with self._cond:
+            return sum(len(q.pending) for q in self._queues.values())

@@ -1,0 +1,114 @@
+"""The built-in tiny model: random weights from a small Llama config and a BPE tokenizer trained
+here on generated text. Built on first use, deterministic, no downloads.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+_WORDS = (
+    "the a one two three four five six seven eight nine ten cat dog bird fish tree river "
+    "stone house road city sun moon star rain wind snow fire water light dark red green blue "
+    "small big old new fast slow happy sad warm cold runs sees likes finds makes takes gives "
+    "eats reads writes sings sleeps walks jumps swims flies grows falls and or but with from "
+    "into over under near far is was are were has had will can may must yes no what why how "
+    "who where when answer question user assistant system number add plus minus equals"
+).split()
+_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_build_lock = threading.Lock()
+
+
+def _corpus(n_lines: int = 4000, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        if rng.random() < 0.3:
+            a, b = rng.randint(0, 99), rng.randint(0, 99)
+            lines.append(f"{a} + {b} = {a + b}")
+        else:
+            words = rng.choices(_WORDS, k=rng.randint(4, 14))
+            lines.append(" ".join(words).capitalize() + rng.choice(".?!"))
+    return lines
+
+
+def build_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer (every byte encodable) as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=_SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        chat_template=_CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_model(
+    path: str | Path,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int | None = None,
+    vocab_size: int = 1024,
+    max_positions: int = 2048,
+    seed: int = 0,
+) -> Path:
+    """Write a random-weight Llama model and its tokenizer to `path` (atomically) and return it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    with _build_lock:
+        if (path / "config.json").is_file():
+            return path
+        tokenizer = build_tokenizer(vocab_size)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size or 2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=max(1, num_heads // 2),
+            max_position_embeddings=max_positions,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+            torch_dtype="float32",
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return path

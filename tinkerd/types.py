@@ -1,0 +1,130 @@
+"""Plain data shared by the API, the scheduler and the worker.
+
+Nothing here imports torch: the API validates and queues these objects, and only the worker turns
+them into tensors. Arrays are numpy, shaped per datum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class TinkerdError(Exception):
+    """An error that is reported to the client as `{"error": ..., "category": ...}`."""
+
+    category = "server"
+    status = 500
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+
+    def to_json(self) -> dict[str, str]:
+        return {"error": self.message, "category": self.category}
+
+
+class UserError(TinkerdError):
+    """The request is wrong; nothing was changed and the server keeps serving."""
+
+    category = "user"
+    status = 400
+
+
+class NotFound(UserError):
+    status = 404
+
+
+class ServerError(TinkerdError):
+    """The request was fine but the server could not carry it out."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """What `create_model` asks for. alpha is fixed so that the learning rate need not follow rank."""
+
+    rank: int = 32
+    seed: int | None = None
+    train_mlp: bool = True
+    train_attn: bool = True
+    train_unembed: bool = True
+    alpha: float = 32.0
+
+
+@dataclass(frozen=True)
+class AdamParams:
+    """Tinker's AdamParams: decoupled weight decay; grad_clip_norm 0 means no clipping."""
+
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+
+
+@dataclass
+class Datum:
+    """One sequence: input tokens (T,) and its loss inputs, each (T,) or (T, K)."""
+
+    tokens: np.ndarray
+    loss_fn_inputs: dict[str, np.ndarray]
+
+
+@dataclass
+class CreateModel:
+    base_model: str
+    lora: LoraConfig
+
+
+@dataclass
+class ForwardBackward:
+    datums: list[Datum]
+    loss_fn: str
+    loss_fn_config: dict[str, float] = field(default_factory=dict)
+    forward_only: bool = False
+
+
+@dataclass
+class OptimStep:
+    adam: AdamParams
+
+
+@dataclass
+class Rejected:
+    """A request the API refused: it still takes its seq_id so the model's later work can run."""
+
+    error: dict[str, str]
+
+
+Payload = CreateModel | ForwardBackward | OptimStep | Rejected
+
+
+@dataclass
+class ForwardBackwardResult:
+    """Per datum outputs (each field shaped like target_tokens) and `name:reduction` metrics."""
+
+    loss_fn_outputs: list[dict[str, np.ndarray]]
+    metrics: dict[str, float]
+
+
+class Backend(Protocol):
+    """What a worker needs from a model backend. Token ids in, arrays out; no HTTP, no queues.
+
+    Batch methods take several requests (possibly of several models) so that a backend may run
+    them in one pass; each request fails alone by returning its error in place of a result.
+    """
+
+    def create_model(self, model_id: str, request: CreateModel) -> dict[str, Any]: ...
+
+    def forward_backward(
+        self, requests: list[tuple[str, ForwardBackward]]
+    ) -> list[ForwardBackwardResult | TinkerdError]: ...
+
+    def optim_step(self, model_id: str, request: OptimStep) -> dict[str, float]: ...
+
+    def remove_model(self, model_id: str) -> None: ...

@@ -1,0 +1,236 @@
+"""The SDK's wire formats <-> tinkerd's plain data.
+
+Uses the protobuf schema that ships inside the official SDK (`tinker.proto.tinker_public_pb2`),
+so the two can never drift. Decoding validates shapes and values: what comes out is safe to queue.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import numpy as np
+from google.protobuf.message import DecodeError
+from tinker.proto import tinker_public_pb2 as pb
+
+from tinkerd.loss_functions import get_loss, resolve_config
+from tinkerd.types import Datum, ForwardBackward, ForwardBackwardResult, UserError
+
+_PB_DTYPES: dict[int, np.dtype] = {
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_INT64: np.dtype("<i8"),
+    pb.DTYPE_INT32: np.dtype("<i4"),
+}
+_JSON_DTYPES = {"float32": np.dtype("<f4"), "int64": np.dtype("<i8")}
+# Inputs holding token ids; every other loss input is a real number per position.
+_INT_INPUTS = {"target_tokens"}
+
+
+def parse_forward_backward_proto(body: bytes) -> tuple[pb.ForwardBackwardRequest, str]:
+    """The protobuf ForwardBackwardRequest in `body`, and a fingerprint of its content."""
+    msg = pb.ForwardBackwardRequest()
+    try:
+        msg.ParseFromString(body)
+    except (DecodeError, RuntimeError, ValueError) as e:
+        raise UserError(f"malformed protobuf ForwardBackwardRequest: {e}") from None
+    if not msg.model_id:
+        raise UserError("ForwardBackwardRequest has no model_id")
+    return msg, hashlib.sha256(msg.SerializeToString(deterministic=True)).hexdigest()
+
+
+def forward_backward_from_proto(msg: pb.ForwardBackwardRequest) -> ForwardBackward:
+    """The checked request carried by a protobuf ForwardBackwardRequest."""
+    config: dict[str, Any] = dict(msg.loss_fn_config)
+    for key, value in msg.loss_fn_config_v2.items():  # v2 wins, and may carry strings
+        config[key] = value.text if value.WhichOneof("value") == "text" else value.number
+    datums = []
+    for i, d in enumerate(msg.data):
+        tokens = []
+        for chunk in d.model_input:
+            kind = chunk.WhichOneof("chunk")
+            if kind != "encoded_text":
+                raise UserError(f"datum {i}: {kind} inputs are not supported; send token ids")
+            tokens.append(np.frombuffer(chunk.encoded_text.tokens, dtype="<i4"))
+        inputs = {k: _tensor_from_proto(t, k, f"datum {i} {k}") for k, t in d.loss_fn_inputs.items()}
+        datums.append(_datum(np.concatenate(tokens) if tokens else np.zeros(0, np.int64), inputs))
+    return make_forward_backward(datums, msg.loss_fn, config, msg.forward_only)
+
+
+def parse_forward_backward_json(body: dict[str, Any]) -> ForwardBackward:
+    """Decode the JSON form of a ForwardBackwardRequest (`forward_backward_input`)."""
+    fbi = body.get("forward_backward_input")
+    if not isinstance(fbi, dict) or not isinstance(fbi.get("data"), list):
+        raise UserError("forward_backward_input.data must be a list of datums")
+    datums = []
+    for i, d in enumerate(fbi["data"]):
+        if not isinstance(d, dict):
+            raise UserError(f"datum {i} must be an object")
+        chunks = (d.get("model_input") or {}).get("chunks")
+        if not isinstance(chunks, list):
+            raise UserError(f"datum {i}: model_input.chunks must be a list")
+        tokens: list[int] = []
+        for chunk in chunks:
+            if not isinstance(chunk, dict) or chunk.get("type", "encoded_text") != "encoded_text":
+                raise UserError(f"datum {i}: only encoded_text chunks are supported")
+            tokens.extend(_int_list(chunk.get("tokens"), f"datum {i} tokens"))
+        raw_inputs = d.get("loss_fn_inputs") or {}
+        if not isinstance(raw_inputs, dict):
+            raise UserError(f"datum {i}: loss_fn_inputs must be an object")
+        inputs = {k: _tensor_from_json(v, k, f"datum {i} {k}") for k, v in raw_inputs.items()}
+        datums.append(_datum(np.asarray(tokens, np.int64), inputs))
+    return make_forward_backward(
+        datums, fbi.get("loss_fn", ""), fbi.get("loss_fn_config") or {}, bool(body.get("forward_only"))
+    )
+
+
+def make_forward_backward(
+    datums: list[Datum], loss_fn: str, config: dict[str, Any], forward_only: bool
+) -> ForwardBackward:
+    """Check a decoded batch against its loss and return the request to queue."""
+    loss = get_loss(loss_fn)
+    if not datums:
+        raise UserError("empty batch: forward_backward needs at least one datum")
+    for key, value in config.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise UserError(f"loss_fn_config[{key!r}] must be a finite number, got {value!r}")
+    config = resolve_config(loss, {k: float(v) for k, v in config.items()})
+    for i, datum in enumerate(datums):
+        n = len(datum.tokens)
+        if n == 0:
+            raise UserError(f"datum {i} has no tokens")
+        missing = [k for k in loss.inputs if k not in datum.loss_fn_inputs]
+        if missing:
+            raise UserError(f"datum {i}: loss {loss.name} needs loss_fn_inputs {missing}")
+        target_shape = datum.loss_fn_inputs["target_tokens"].shape
+        if target_shape[0] != n:
+            raise UserError(f"datum {i}: target_tokens has {target_shape[0]} positions, input has {n}")
+        for name in loss.inputs:
+            shape = datum.loss_fn_inputs[name].shape
+            if shape != target_shape:
+                raise UserError(
+                    f"datum {i}: {name} has shape {list(shape)}, target_tokens {list(target_shape)}"
+                )
+    return ForwardBackward(datums, loss.name, config, forward_only)
+
+
+def _datum(tokens: np.ndarray, inputs: dict[str, np.ndarray]) -> Datum:
+    if tokens.size and tokens.min() < 0:
+        raise UserError(f"negative token id {int(tokens.min())}")
+    return Datum(tokens.astype(np.int64), inputs)
+
+
+def _check_values(name: str, arr: np.ndarray, where: str) -> np.ndarray:
+    if arr.ndim not in (1, 2):
+        raise UserError(f"{where}: expected 1 or 2 dimensions, got shape {list(arr.shape)}")
+    if name in _INT_INPUTS:
+        if arr.dtype.kind == "f":
+            if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
+                raise UserError(f"{where}: token ids must be integers")
+        arr = arr.astype(np.int64)
+        if arr.size and arr.min() < 0:
+            raise UserError(f"{where}: negative token id {int(arr.min())}")
+        return arr
+    arr = arr.astype(np.float32)
+    if not np.all(np.isfinite(arr)):
+        raise UserError(f"{where}: values must be finite (found NaN or inf)")
+    return arr
+
+
+def _tensor_from_proto(t: pb.Tensor, name: str, where: str) -> np.ndarray:
+    dtype = _PB_DTYPES.get(t.dtype)
+    if dtype is None:
+        raise UserError(f"{where}: unsupported dtype {t.dtype}")
+    shape = [int(s) for s in t.shape]
+    try:
+        if t.WhichOneof("encoding") == "sparse_csr":
+            csr = t.sparse_csr
+            arr = _densify_csr(
+                np.frombuffer(csr.values, dtype=dtype),
+                np.frombuffer(csr.crow_indices, dtype="<i8"),
+                np.frombuffer(csr.col_indices, dtype="<i8"),
+                shape,
+            )
+        else:
+            arr = np.frombuffer(t.dense, dtype=dtype)
+            arr = arr.reshape(shape) if shape else arr
+    except ValueError as e:
+        raise UserError(f"{where}: bad tensor encoding: {e}") from None
+    return _check_values(name, arr, where)
+
+
+def _tensor_from_json(value: Any, name: str, where: str) -> np.ndarray:
+    if isinstance(value, list):  # plain list, coerced by key as the SDK does
+        dtype = _JSON_DTYPES["int64" if name in _INT_INPUTS else "float32"]
+        return _check_values(name, _array(value, dtype, where), where)
+    if not isinstance(value, dict) or not isinstance(value.get("data"), list):
+        raise UserError(f"{where}: expected TensorData {{data, dtype, shape}}")
+    dtype = _JSON_DTYPES.get(value.get("dtype", "float32"))
+    if dtype is None:
+        raise UserError(f"{where}: dtype must be float32 or int64")
+    data = _array(value["data"], dtype, where)
+    shape = value.get("shape")
+    try:
+        if value.get("sparse_crow_indices") is not None:
+            crow = _array(value["sparse_crow_indices"], np.dtype("<i8"), where)
+            col = _array(value.get("sparse_col_indices") or [], np.dtype("<i8"), where)
+            data = _densify_csr(data, crow, col, shape or [])
+        elif shape:
+            data = data.reshape(shape)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{where}: bad tensor shape: {e}") from None
+    return _check_values(name, data, where)
+
+
+def _array(values: Any, dtype: np.dtype, where: str) -> np.ndarray:
+    try:
+        return np.asarray(values, dtype=dtype)
+    except (ValueError, TypeError, OverflowError):
+        raise UserError(f"{where}: expected a list of numbers") from None
+
+
+def _int_list(values: Any, where: str) -> list[int]:
+    if not isinstance(values, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in values
+    ):
+        raise UserError(f"{where}: expected a list of integers")
+    return values
+
+
+def _densify_csr(values: np.ndarray, crow: np.ndarray, col: np.ndarray, shape: list[int]) -> np.ndarray:
+    """A dense 2-D array from CSR parts; absent cells are 0."""
+    if len(shape) != 2 or len(crow) != shape[0] + 1 or len(col) != len(values):
+        raise ValueError(f"CSR parts do not fit shape {shape}")
+    if len(values) and (col.min() < 0 or col.max() >= shape[1]):
+        raise ValueError("CSR column index out of range")
+    if crow[0] != 0 or crow[-1] != len(values) or np.any(np.diff(crow) < 0):
+        raise ValueError("CSR row pointers are not monotone")
+    dense = np.zeros(shape, dtype=values.dtype)
+    rows = np.repeat(np.arange(shape[0]), np.diff(crow))
+    dense[rows, col] = values
+    return dense
+
+
+def encode_forward_backward_output(result: ForwardBackwardResult) -> bytes:
+    """A protobuf ForwardBackwardOutput: one ArrayRecord per run of datums with equal trailing shape."""
+    out = pb.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord")
+    for key, value in result.metrics.items():
+        out.metrics[key] = float(value)
+    groups: list[list[dict[str, np.ndarray]]] = []
+    for outputs in result.loss_fn_outputs:
+        shapes = {k: v.shape[1:] for k, v in outputs.items()}
+        if groups and {k: v.shape[1:] for k, v in groups[-1][0].items()} == shapes:
+            groups[-1].append(outputs)
+        else:
+            groups.append([outputs])
+    for group in groups:
+        record = out.loss_fn_outputs.add(type_tag="ArrayRecord", num_datums=len(group))
+        for name, first in group[0].items():
+            arrays = [np.ascontiguousarray(g[name], dtype="<f4") for g in group]
+            offsets = np.cumsum([0] + [a.nbytes for a in arrays], dtype=np.int64)
+            field = record.fields[name]
+            field.data = b"".join(a.tobytes() for a in arrays)
+            field.offsets = offsets.astype("<i8").tobytes()
+            field.dtype = pb.DTYPE_FLOAT32
+            field.trailing_shape.extend(first.shape[1:])
+    return out.SerializeToString()
