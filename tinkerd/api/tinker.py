@@ -58,6 +58,8 @@ def create_session():
 @bp.post("/session_heartbeat")
 def session_heartbeat():
     session = service().registry.session(get_str(json_body(), "session_id"))
+    if session.finished:  # 410 tells the SDK to stop heartbeating
+        return jsonify({"error": "session is finished", "category": "user"}), 410
     session.touch()
     return jsonify({})
 
@@ -96,6 +98,8 @@ def create_model():
     body = json_body()
     svc = service()
     session = svc.registry.session(get_str(body, "session_id"))
+    if session.finished:
+        raise UserError(f"session {session.session_id} is finished; create a new ServiceClient")
     model_seq_id = get_int(body, "model_seq_id")
     source = resolve_base_model(body.get("base_model"), svc.settings.data_dir)
     lora = _lora_config(body.get("lora_config") or {})

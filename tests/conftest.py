@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny local model, a live tinkerd on a free loopback port, SDK clients."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download anything
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local Hugging Face model directory: random tiny Llama + locally trained tokenizer."""
+    from tinkerd.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    """tinkerd serve (API + worker) in this process, over real HTTP on a free port.
+
+    In-process so that tests can read the worker's adapter weights for parity checks.
+    """
+    from tinkerd.config import Settings
+    from tinkerd.serve import EmbeddedServer
+
+    settings = Settings.load(
+        host="127.0.0.1", port=0, data_dir=tmp_path_factory.mktemp("data"), device="cpu",
+        long_poll_seconds=5.0,
+    )
+    srv = EmbeddedServer(settings).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def service_client(server) -> Iterator:
+    import tinker
+
+    client = tinker.ServiceClient(base_url=server.url, api_key="tml-test")
+    yield client
+    client.close("success").result()
+
+
+@pytest.fixture
+def training_client(service_client, tiny_model_dir):
+    return service_client.create_lora_training_client(
+        base_model=str(tiny_model_dir), rank=8, seed=0
+    ).result()
