@@ -31,7 +31,9 @@ def make_datum(tokenizer, text: str) -> types.Datum:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--base-url", default=os.environ.get("TINKER_BASE_URL", "http://127.0.0.1:8000"))
+    parser.add_argument(
+        "--base-url", default=os.environ.get("TINKER_BASE_URL", "http://127.0.0.1:8000")
+    )
     parser.add_argument("--base-model", default="tinkerd/tiny")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--learning-rate", type=float, default=1e-2)

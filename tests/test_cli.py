@@ -41,7 +41,8 @@ def cli_server(tmp_path: Path):
     port = free_port()
     env = {**os.environ, "TINKERD_DATA_DIR": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
-        [str(TINKERD), "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "WARNING"],
+        [str(TINKERD), "serve", "--host", "127.0.0.1", "--port", str(port)]
+        + ["--log-level", "WARNING"],
         env=env,
     )
     url = f"http://127.0.0.1:{port}"
@@ -56,8 +57,11 @@ def cli_server(tmp_path: Path):
 def test_example_trains_builtin_tiny_model(cli_server) -> None:
     url, data_dir = cli_server
     out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "train_tiny.py"), "--base-url", url, "--steps", "8"],
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, str(ROOT / "examples" / "train_tiny.py"), "--base-url", url]
+        + ["--steps", "8"],
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "TINKER_TELEMETRY": "0"},
     )
     assert out.returncode == 0, out.stderr[-3000:]

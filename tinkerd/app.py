@@ -48,7 +48,9 @@ def create_app(settings: Settings, scheduler: Scheduler, registry: Registry | No
     @app.errorhandler(Exception)
     def unexpected_error(e: Exception):
         log.exception("unhandled error")
-        return jsonify({"error": f"internal error: {type(e).__name__}: {e}", "category": "server"}), 500
+        return jsonify(
+            {"error": f"internal error: {type(e).__name__}: {e}", "category": "server"}
+        ), 500
 
     app.register_blueprint(tinker.bp)
     app.register_blueprint(ops.bp)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from tinkerd.base_models import BaseModelSource, resolve_base_model
@@ -63,9 +64,18 @@ class _Adapter:
 
 
 def lora_target_modules(model: nn.Module, lora: LoraConfig) -> list[str]:
-    """Full names of the Linear layers that train_attn / train_mlp / train_unembed select."""
+    """Full names of the Linear layers that train_attn / train_mlp / train_unembed select.
+
+    The model may already carry adapters: a layer PEFT wrapped counts as the Linear it wraps, and
+    the Linear layers inside the wrapper (base_layer, lora_A, lora_B) are never targets.
+    """
     targets = []
+    wrapper = None
     for name, module in model.named_modules():
+        if wrapper is not None and name.startswith(wrapper + "."):
+            continue
+        if isinstance(module, BaseTunerLayer):
+            wrapper, module = name, module.get_base_layer()
         if not isinstance(module, nn.Linear):
             continue
         if name.rsplit(".", 1)[-1] == "lm_head":
@@ -119,7 +129,9 @@ class HFBackend:
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load base model {name!r}: {e}") from None
         model.to(self.device).eval().requires_grad_(False)
-        vocab = min(model.get_input_embeddings().num_embeddings, model.get_output_embeddings().out_features)
+        vocab = min(
+            model.get_input_embeddings().num_embeddings, model.get_output_embeddings().out_features
+        )
         base = self._bases[source.location] = _Base(source, model, vocab)
         return base
 
@@ -132,6 +144,8 @@ class HFBackend:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             if request.lora.seed is not None:
                 torch.manual_seed(request.lora.seed)
+            else:  # fork_rng restores the state after, so without this every model starts alike
+                torch.seed()
             if base.peft is None:
                 base.peft = get_peft_model(base.model, config, adapter_name=name)
             else:
@@ -192,18 +206,23 @@ class HFBackend:
                 results.append(UserError("out of memory: send a smaller batch"))
         return results
 
-    def _forward_backward(self, adapter: _Adapter, request: ForwardBackward) -> ForwardBackwardResult:
+    def _forward_backward(
+        self, adapter: _Adapter, request: ForwardBackward
+    ) -> ForwardBackwardResult:
         loss = get_loss(request.loss_fn)
         self._check_vocab(adapter.base, request.datums)
         model = self._activate(adapter)
         input_ids, mask, inputs = self._collate(request.datums, loss.inputs)
         with torch.set_grad_enabled(not request.forward_only):
             padded = not bool(mask.all())
-            logits = model(input_ids=input_ids, attention_mask=mask.long() if padded else None).logits
+            attention_mask = mask.long() if padded else None
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
             logprobs = target_logprobs(logits, inputs["target_tokens"]) * _expand(mask, inputs)
             loss_value, metrics = loss.fn(logprobs, inputs, request.loss_fn_config, mask)
             if not torch.isfinite(loss_value):
-                raise UserError(f"{loss.name} loss is not finite ({loss_value.item()}); nothing applied")
+                raise UserError(
+                    f"{loss.name} loss is not finite ({loss_value.item()}); nothing applied"
+                )
             if not request.forward_only:
                 grads = torch.autograd.grad(loss_value, adapter.params, allow_unused=True)
                 for p, g in zip(adapter.params, grads, strict=True):
@@ -215,7 +234,8 @@ class HFBackend:
 
     def _check_vocab(self, base: _Base, datums: list[Datum]) -> None:
         for i, d in enumerate(datums):
-            for what, ids in (("token", d.tokens), ("target token", d.loss_fn_inputs["target_tokens"])):
+            targets = d.loss_fn_inputs["target_tokens"]
+            for what, ids in (("token", d.tokens), ("target token", targets)):
                 if ids.size and int(ids.max()) >= base.vocab_size:
                     raise UserError(
                         f"datum {i}: {what} id {int(ids.max())} is outside the vocabulary "
@@ -233,7 +253,9 @@ class HFBackend:
             first = datums[0].loss_fn_inputs[name]
             trailing = first.shape[1:]
             if any(d.loss_fn_inputs[name].shape[1:] != trailing for d in datums):
-                raise UserError(f"{name}: every datum needs the same number of targets per position")
+                raise UserError(
+                    f"{name}: every datum needs the same number of targets per position"
+                )
             dtype = torch.long if name == "target_tokens" else torch.float32
             inputs[name] = torch.zeros(len(datums), width, *trailing, dtype=dtype)
         for i, d in enumerate(datums):
@@ -249,9 +271,10 @@ class HFBackend:
         adapter = self._adapter(model_id)
         adam = request.adam
         grads = [p.grad for p in adapter.params if p.grad is not None]
-        grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-        if adam.grad_clip_norm > 0 and grads:
-            torch.nn.utils.clip_grads_with_norm_(adapter.params, adam.grad_clip_norm, grad_norm)
+        total_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        if adam.grad_clip_norm > 0 and total_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(adapter.params, adam.grad_clip_norm, total_norm)
+        grad_norm = float(total_norm) if total_norm is not None else 0.0
         for group in adapter.optimizer.param_groups:
             group.update(
                 lr=adam.learning_rate,

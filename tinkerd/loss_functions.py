@@ -19,7 +19,9 @@ from tinkerd.types import UserError
 if TYPE_CHECKING:
     from torch import Tensor
 
-LossFn = Callable[["Tensor", dict[str, "Tensor"], dict[str, float], "Tensor"], tuple["Tensor", dict]]
+LossFn = Callable[
+    ["Tensor", dict[str, "Tensor"], dict[str, float], "Tensor"], tuple["Tensor", dict]
+]
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,9 @@ def _check_clip(low: float, high: float) -> None:
         raise UserError(f"need 0 <= clip_low_threshold <= clip_high_threshold, got {low}, {high}")
 
 
-def _ratio_metrics(ratio: Tensor, mask: Tensor, low: float | None = None, high: float | None = None):
+def _ratio_metrics(
+    ratio: Tensor, mask: Tensor, low: float | None = None, high: float | None = None
+):
     """Mean ratio, and the fraction of tokens outside the clip range, over real tokens."""
     ratio = ratio.detach()
     if ratio.dim() == 3:
@@ -141,5 +145,7 @@ def resolve_config(loss: Loss, config: dict[str, float]) -> dict[str, float]:
     unknown = set(config) - set(loss.config)
     if unknown:
         known = ", ".join(loss.config) or "none"
-        raise UserError(f"loss_fn_config keys {sorted(unknown)} unknown to {loss.name} (takes {known})")
+        raise UserError(
+            f"loss_fn_config keys {sorted(unknown)} unknown to {loss.name} (takes {known})"
+        )
     return {**loss.config, **config}

@@ -41,7 +41,9 @@ class Task:
 class _ModelQueue:
     next_seq: int
     pending: dict[int, Task] = field(default_factory=dict)
-    seen: dict[int, tuple[str, str]] = field(default_factory=dict)  # seq_id -> (request_id, fingerprint)
+    seen: dict[int, tuple[str, str]] = field(
+        default_factory=dict
+    )  # seq_id -> (request_id, fingerprint)
 
 
 class FutureStore:
@@ -109,7 +111,8 @@ class Scheduler:
             return model_id in self._queues
 
     def submit(self, model_id: str, seq_id: int, payload: Payload, fingerprint: str) -> str:
-        """Queue `payload` as (model_id, seq_id); returns its request id, the old one for a retry."""
+        """Queue `payload` as (model_id, seq_id); returns its request id (the first one's for a
+        retry)."""
         with self._cond:
             queue = self._queues.get(model_id)
             if queue is None:
@@ -123,7 +126,8 @@ class Scheduler:
                 return request_id
             if seq_id < queue.next_seq:
                 raise UserError(
-                    f"seq_id {seq_id} is in the past: {model_id} is already at seq_id {queue.next_seq}"
+                    f"seq_id {seq_id} is in the past: {model_id} is already at "
+                    f"seq_id {queue.next_seq}"
                 )
             if seq_id > queue.next_seq + MAX_SEQ_AHEAD:
                 raise UserError(f"seq_id {seq_id} is too far ahead of {queue.next_seq}")

@@ -25,6 +25,8 @@ _PB_DTYPES: dict[int, np.dtype] = {
 _JSON_DTYPES = {"float32": np.dtype("<f4"), "int64": np.dtype("<i8")}
 # Inputs holding token ids; every other loss input is a real number per position.
 _INT_INPUTS = {"target_tokens"}
+# The most cells a sparse (CSR) input may expand to: CSR lets a tiny body claim a huge shape.
+MAX_CSR_CELLS = 1 << 26
 
 
 def parse_forward_backward_proto(body: bytes) -> tuple[pb.ForwardBackwardRequest, str]:
@@ -51,8 +53,13 @@ def forward_backward_from_proto(msg: pb.ForwardBackwardRequest) -> ForwardBackwa
             kind = chunk.WhichOneof("chunk")
             if kind != "encoded_text":
                 raise UserError(f"datum {i}: {kind} inputs are not supported; send token ids")
-            tokens.append(np.frombuffer(chunk.encoded_text.tokens, dtype="<i4"))
-        inputs = {k: _tensor_from_proto(t, k, f"datum {i} {k}") for k, t in d.loss_fn_inputs.items()}
+            raw = chunk.encoded_text.tokens
+            if len(raw) % 4:
+                raise UserError(f"datum {i}: encoded_text tokens must be int32 bytes ({len(raw)})")
+            tokens.append(np.frombuffer(raw, dtype="<i4"))
+        inputs = {
+            k: _tensor_from_proto(t, k, f"datum {i} {k}") for k, t in d.loss_fn_inputs.items()
+        }
         datums.append(_datum(np.concatenate(tokens) if tokens else np.zeros(0, np.int64), inputs))
     return make_forward_backward(datums, msg.loss_fn, config, msg.forward_only)
 
@@ -66,7 +73,8 @@ def parse_forward_backward_json(body: dict[str, Any]) -> ForwardBackward:
     for i, d in enumerate(fbi["data"]):
         if not isinstance(d, dict):
             raise UserError(f"datum {i} must be an object")
-        chunks = (d.get("model_input") or {}).get("chunks")
+        model_input = d.get("model_input")
+        chunks = model_input.get("chunks") if isinstance(model_input, dict) else None
         if not isinstance(chunks, list):
             raise UserError(f"datum {i}: model_input.chunks must be a list")
         tokens: list[int] = []
@@ -79,9 +87,10 @@ def parse_forward_backward_json(body: dict[str, Any]) -> ForwardBackward:
             raise UserError(f"datum {i}: loss_fn_inputs must be an object")
         inputs = {k: _tensor_from_json(v, k, f"datum {i} {k}") for k, v in raw_inputs.items()}
         datums.append(_datum(np.asarray(tokens, np.int64), inputs))
-    return make_forward_backward(
-        datums, fbi.get("loss_fn", ""), fbi.get("loss_fn_config") or {}, bool(body.get("forward_only"))
-    )
+    loss_fn, config = fbi.get("loss_fn", ""), fbi.get("loss_fn_config") or {}
+    if not isinstance(loss_fn, str) or not isinstance(config, dict):
+        raise UserError("loss_fn must be a string and loss_fn_config an object")
+    return make_forward_backward(datums, loss_fn, config, bool(body.get("forward_only")))
 
 
 def make_forward_backward(
@@ -92,7 +101,8 @@ def make_forward_backward(
     if not datums:
         raise UserError("empty batch: forward_backward needs at least one datum")
     for key, value in config.items():
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        is_number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not is_number or not math.isfinite(value):
             raise UserError(f"loss_fn_config[{key!r}] must be a finite number, got {value!r}")
     config = resolve_config(loss, {k: float(v) for k, v in config.items()})
     for i, datum in enumerate(datums):
@@ -104,7 +114,9 @@ def make_forward_backward(
             raise UserError(f"datum {i}: loss {loss.name} needs loss_fn_inputs {missing}")
         target_shape = datum.loss_fn_inputs["target_tokens"].shape
         if target_shape[0] != n:
-            raise UserError(f"datum {i}: target_tokens has {target_shape[0]} positions, input has {n}")
+            raise UserError(
+                f"datum {i}: target_tokens has {target_shape[0]} positions, input has {n}"
+            )
         for name in loss.inputs:
             shape = datum.loss_fn_inputs[name].shape
             if shape != target_shape:
@@ -197,10 +209,14 @@ def _int_list(values: Any, where: str) -> list[int]:
     return values
 
 
-def _densify_csr(values: np.ndarray, crow: np.ndarray, col: np.ndarray, shape: list[int]) -> np.ndarray:
+def _densify_csr(
+    values: np.ndarray, crow: np.ndarray, col: np.ndarray, shape: list[int]
+) -> np.ndarray:
     """A dense 2-D array from CSR parts; absent cells are 0."""
     if len(shape) != 2 or len(crow) != shape[0] + 1 or len(col) != len(values):
         raise ValueError(f"CSR parts do not fit shape {shape}")
+    if min(shape) < 0 or shape[0] * shape[1] > MAX_CSR_CELLS:
+        raise ValueError(f"CSR shape {shape} is out of range (at most {MAX_CSR_CELLS} cells)")
     if len(values) and (col.min() < 0 or col.max() >= shape[1]):
         raise ValueError("CSR column index out of range")
     if crow[0] != 0 or crow[-1] != len(values) or np.any(np.diff(crow) < 0):
@@ -212,7 +228,8 @@ def _densify_csr(values: np.ndarray, crow: np.ndarray, col: np.ndarray, shape: l
 
 
 def encode_forward_backward_output(result: ForwardBackwardResult) -> bytes:
-    """A protobuf ForwardBackwardOutput: one ArrayRecord per run of datums with equal trailing shape."""
+    """A protobuf ForwardBackwardOutput: one ArrayRecord per run of datums with equal trailing
+    shape."""
     out = pb.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord")
     for key, value in result.metrics.items():
         out.metrics[key] = float(value)

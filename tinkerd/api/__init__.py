@@ -43,8 +43,13 @@ def get_int(body: dict[str, Any], key: str, default: int | None = None, minimum:
     return value
 
 
-def get_float(body: dict[str, Any], key: str, default: float | None = None, minimum: float = 0.0,
-              below: float = math.inf) -> float:
+def get_float(
+    body: dict[str, Any],
+    key: str,
+    default: float | None = None,
+    minimum: float = 0.0,
+    below: float = math.inf,
+) -> float:
     value = body.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise UserError(f"{key!r} must be a finite number, got {value!r}")

@@ -23,7 +23,11 @@ from tinkerd.types import (
     Rejected,
     UserError,
 )
-from tinkerd.wire import forward_backward_from_proto, parse_forward_backward_json, parse_forward_backward_proto
+from tinkerd.wire import (
+    forward_backward_from_proto,
+    parse_forward_backward_json,
+    parse_forward_backward_proto,
+)
 
 bp = Blueprint("tinker", __name__, url_prefix="/api/v1")
 
@@ -84,9 +88,15 @@ def healthz():
 
 @bp.get("/get_server_capabilities")
 def server_capabilities():
-    names = [TINY_MODEL] + sorted({m.base_model for m in service().registry.models()} - {TINY_MODEL})
+    names = [TINY_MODEL] + sorted(
+        {m.base_model for m in service().registry.models()} - {TINY_MODEL}
+    )
     return jsonify(
-        {"supported_models": [{"model_name": n, "trainable": True, "sampleable": False} for n in names]}
+        {
+            "supported_models": [
+                {"model_name": n, "trainable": True, "sampleable": False} for n in names
+            ]
+        }
     )
 
 
@@ -108,13 +118,19 @@ def create_model():
         raise UserError(f"unsupported optimizer_config {optimizer!r}: tinkerd trains with adamw")
     model_id = f"{session.session_id}:train:{model_seq_id}"
     record = ModelRecord(
-        model_id, session.session_id, source.name, source.tokenizer_id, lora,
+        model_id,
+        session.session_id,
+        source.name,
+        source.tokenizer_id,
+        lora,
         body.get("user_metadata") or {},
     )
     if svc.registry.add_model(record) is not record and svc.registry.model(model_id).lora != lora:
         raise UserError(f"model_seq_id {model_seq_id} of this session is already a different model")
     svc.scheduler.open_model(model_id)
-    request_id = svc.scheduler.submit(model_id, 0, CreateModel(source.name, lora), fingerprint(body))
+    request_id = svc.scheduler.submit(
+        model_id, 0, CreateModel(source.name, lora), fingerprint(body)
+    )
     return jsonify({"request_id": request_id, "model_id": model_id})
 
 
@@ -146,7 +162,9 @@ def forward_backward():
     if request.mimetype == "application/json":
         body = json_body()
         model_id, seq_id = get_str(body, "model_id"), get_int(body, "seq_id")
-        return _submit(model_id, seq_id, fingerprint(body), lambda: parse_forward_backward_json(body))
+        return _submit(
+            model_id, seq_id, fingerprint(body), lambda: parse_forward_backward_json(body)
+        )
     msg, content = parse_forward_backward_proto(request.get_data())
     return _submit(msg.model_id, msg.seq_id, content, lambda: forward_backward_from_proto(msg))
 
@@ -203,4 +221,3 @@ def retrieve_future():
     if result is None:
         return jsonify({"type": "try_again", "request_id": request_id, "queue_state": "active"})
     return Response(result.body, content_type=result.content_type)
-
