@@ -1,0 +1,254 @@
+"""Checkpoints and run metadata on disk, behind `tinker://` paths.
+
+Layout under the data directory:
+
+    runs/<model_id>/run.json                          the run's metadata (base model, LoRA config)
+    runs/<model_id>/weights/<name>/                   training state: a PEFT adapter directory
+        adapter_config.json, adapter_model.safetensors,   + optimizer.pt + tinkerd.json
+    runs/<model_id>/sampler_weights/<name>/           a PEFT adapter directory + tinkerd.json
+
+A checkpoint is written into a temporary directory beside its final place, flushed to disk, and
+renamed into place, so a crash or a full disk never leaves a half-written checkpoint that loads.
+`tinkerd.json` holds its metadata (times, TTL, base model, LoRA config). No torch here: the API
+lists and resolves checkpoints; the worker writes their contents through `write`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tinkerd.types import NotFound, ServerError, UserError
+
+KINDS = {"weights": "training", "sampler_weights": "sampler"}
+META_FILE = "tinkerd.json"
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+
+
+def check_name(name: object, what: str = "checkpoint name") -> str:
+    """A name that is one safe path component: no '/', no '..', no hidden files."""
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise UserError(
+            f"invalid {what} {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "not starting with '.' or '-', without '/' or '..'"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class CheckpointPath:
+    model_id: str
+    kind: str  # "weights" | "sampler_weights"
+    name: str
+
+    @classmethod
+    def parse(cls, path: object) -> CheckpointPath:
+        if not isinstance(path, str) or not path.startswith("tinker://"):
+            raise UserError(
+                f"checkpoint path must look like tinker://<model_id>/weights/<name>, got {path!r}"
+            )
+        parts = path[len("tinker://") :].split("/")
+        if len(parts) != 3 or parts[1] not in KINDS:
+            raise UserError(
+                f"invalid checkpoint path {path!r}: expected "
+                "tinker://<model_id>/{weights|sampler_weights}/<name>"
+            )
+        model_id, kind, name = parts
+        check_name(name)
+        if not model_id or model_id in (".", "..") or "\\" in model_id:
+            raise UserError(f"invalid model id in checkpoint path {path!r}")
+        return cls(model_id, kind, name)
+
+    def __str__(self) -> str:
+        return f"tinker://{self.model_id}/{self.kind}/{self.name}"
+
+    @property
+    def checkpoint_id(self) -> str:
+        return f"{self.kind}/{self.name}"
+
+
+@dataclass
+class CheckpointMeta:
+    tinker_path: str
+    kind: str
+    model_id: str
+    base_model: str
+    lora: dict[str, Any]
+    created_at: float = field(default_factory=time.time)
+    expires_at: float | None = None
+    user_metadata: dict[str, Any] = field(default_factory=dict)
+    has_optimizer: bool = False
+    size_bytes: int = 0
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.expires_at is not None and self.expires_at <= (now or time.time())
+
+    def to_api(self) -> dict[str, Any]:
+        """The SDK's Checkpoint shape."""
+        path = CheckpointPath.parse(self.tinker_path)
+        return {
+            "checkpoint_id": path.checkpoint_id,
+            "checkpoint_type": KINDS[self.kind],
+            "time": _iso(self.created_at),
+            "tinker_path": self.tinker_path,
+            "size_bytes": self.size_bytes,
+            "public": False,
+            "user_metadata": {k: str(v) for k, v in self.user_metadata.items()} or None,
+            "expires_at": _iso(self.expires_at) if self.expires_at else None,
+        }
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat()
+
+
+def _fsync_tree(directory: Path) -> int:
+    """Flush every file in `directory` and the directory itself; returns the total size."""
+    size = 0
+    for f in directory.iterdir():
+        if f.is_file():
+            size += f.stat().st_size
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return size
+
+
+class CheckpointStore:
+    """The checkpoints and run records under `root` (the data directory's runs/)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def run_dir(self, model_id: str) -> Path:
+        if "/" in model_id or model_id in ("", ".", ".."):
+            raise UserError(f"invalid model id {model_id!r}")
+        return self.root / model_id
+
+    def directory(self, path: CheckpointPath) -> Path:
+        return self.run_dir(path.model_id) / path.kind / path.name
+
+    # -- runs --------------------------------------------------------------------------------
+
+    def save_run(self, model_id: str, record: dict[str, Any]) -> None:
+        run_dir = self.run_dir(model_id)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / f".run.json.{uuid.uuid4().hex}"
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, run_dir / "run.json")
+
+    def load_runs(self) -> list[dict[str, Any]]:
+        runs = []
+        for f in sorted(self.root.glob("*/run.json")):
+            try:
+                runs.append(json.loads(f.read_text()))
+            except (OSError, ValueError):
+                continue  # a damaged record hides one run, never the server
+        return runs
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def write(
+        self,
+        path: CheckpointPath,
+        meta: CheckpointMeta,
+        write_contents: Callable[[Path], None],
+        overwrite: bool = False,
+    ) -> CheckpointMeta:
+        """Write a checkpoint atomically: contents, then metadata, flushed, renamed in place."""
+        final = self.directory(path)
+        if final.exists() and not overwrite and not self._expired_dir(final):
+            raise UserError(
+                f"checkpoint {path} already exists; save with overwrite=True to replace it"
+            )
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".tmp-{path.name}-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            write_contents(tmp)
+            (tmp / META_FILE).write_text(json.dumps(asdict(meta)))
+            meta.size_bytes = _fsync_tree(tmp)
+            (tmp / META_FILE).write_text(json.dumps(asdict(meta)))
+            with self._lock:
+                if final.exists():
+                    trash = final.parent / f".old-{path.name}-{uuid.uuid4().hex}"
+                    os.rename(final, trash)
+                    os.rename(tmp, final)
+                    shutil.rmtree(trash, ignore_errors=True)
+                else:
+                    os.rename(tmp, final)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ServerError(f"could not write checkpoint {path}: {e}") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return meta
+
+    def meta(self, path: CheckpointPath) -> CheckpointMeta:
+        """The checkpoint's metadata; NotFound if it does not exist, was deleted or expired."""
+        directory = self.directory(path)
+        try:
+            meta = CheckpointMeta(**json.loads((directory / META_FILE).read_text()))
+        except (OSError, ValueError, TypeError):
+            raise NotFound(f"checkpoint {path} not found") from None
+        if meta.expired():
+            self._remove(directory)
+            raise NotFound(f"checkpoint {path} has expired")
+        return meta
+
+    def list(self, model_id: str) -> list[CheckpointMeta]:
+        metas = []
+        for kind in KINDS:
+            for directory in sorted((self.run_dir(model_id) / kind).glob("[!.]*")):
+                try:
+                    metas.append(self.meta(CheckpointPath(model_id, kind, directory.name)))
+                except NotFound:
+                    continue
+        return sorted(metas, key=lambda m: m.created_at)
+
+    def delete(self, path: CheckpointPath) -> None:
+        self.meta(path)  # NotFound if absent
+        self._remove(self.directory(path))
+
+    def expire(self) -> list[str]:
+        """Remove every checkpoint past its TTL; returns their paths."""
+        removed = []
+        for meta_file in self.root.glob(f"*/*/*/{META_FILE}"):
+            try:
+                meta = CheckpointMeta(**json.loads(meta_file.read_text()))
+            except (OSError, ValueError, TypeError):
+                continue
+            if meta.expired():
+                self._remove(meta_file.parent)
+                removed.append(meta.tinker_path)
+        return removed
+
+    def _expired_dir(self, directory: Path) -> bool:
+        try:
+            return CheckpointMeta(**json.loads((directory / META_FILE).read_text())).expired()
+        except (OSError, ValueError, TypeError):
+            return True  # no readable metadata: not a checkpoint anyone can load
+
+    def _remove(self, directory: Path) -> None:
+        with self._lock:
+            if directory.exists():
+                trash = directory.parent / f".del-{directory.name}-{uuid.uuid4().hex}"
+                os.rename(directory, trash)
+                shutil.rmtree(trash, ignore_errors=True)
