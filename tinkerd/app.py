@@ -14,6 +14,7 @@ from werkzeug.exceptions import HTTPException
 
 from tinkerd.config import Settings
 from tinkerd.registry import Registry
+from tinkerd.storage import CheckpointStore
 from tinkerd.tasks import Scheduler
 from tinkerd.types import TinkerdError
 
@@ -27,14 +28,21 @@ class Service:
     settings: Settings
     scheduler: Scheduler
     registry: Registry
+    store: CheckpointStore
 
 
-def create_app(settings: Settings, scheduler: Scheduler, registry: Registry | None = None) -> Flask:
-    from tinkerd.api import ops, tinker
+def create_app(
+    settings: Settings,
+    scheduler: Scheduler,
+    registry: Registry | None = None,
+    store: CheckpointStore | None = None,
+) -> Flask:
+    from tinkerd.api import ops, runs, sampling, tinker, weights
 
+    store = store or CheckpointStore(settings.data_dir / "runs")
     app = Flask(__name__)
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.extensions["tinkerd"] = Service(settings, scheduler, registry or Registry())
+    app.extensions["tinkerd"] = Service(settings, scheduler, registry or Registry(store), store)
 
     @app.errorhandler(TinkerdError)
     def tinkerd_error(e: TinkerdError):
@@ -52,6 +60,6 @@ def create_app(settings: Settings, scheduler: Scheduler, registry: Registry | No
             {"error": f"internal error: {type(e).__name__}: {e}", "category": "server"}
         ), 500
 
-    app.register_blueprint(tinker.bp)
-    app.register_blueprint(ops.bp)
+    for blueprint in (tinker.bp, weights.bp, sampling.bp, runs.bp, ops.bp):
+        app.register_blueprint(blueprint)
     return app

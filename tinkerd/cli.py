@@ -16,20 +16,29 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="run the API and a worker on this machine")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
-    serve.add_argument("--data-dir", help="data directory (default $TINKERD_DATA_DIR, "
-                       "else ~/.local/share/tinkerd)")
+    serve.add_argument(
+        "--data-dir", help="data directory (default $TINKERD_DATA_DIR, else ~/.local/share/tinkerd)"
+    )
     serve.add_argument("--device", help="cuda, cuda:N or cpu (default: a GPU if there is one)")
     serve.add_argument("--threads", type=int, help="HTTP threads (default 128)")
     serve.add_argument("--log-level", default="INFO")
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: "
-                        "%(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     if args.command == "serve":
         from tinkerd.serve import EmbeddedServer
 
-        settings = Settings.load(host=args.host, port=args.port, data_dir=args.data_dir,
-                                 device=args.device, threads=args.threads)
+        settings = Settings.load(
+            host=args.host,
+            port=args.port,
+            data_dir=args.data_dir,
+            device=args.device,
+            threads=args.threads,
+        )
         EmbeddedServer(settings).serve_forever()
     return 0
 

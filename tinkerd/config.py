@@ -24,6 +24,8 @@ class Settings:
             gives up on a poll after 45 s, so stay well under that.
         threads: HTTP threads; each waiting long-poll holds one.
         future_ttl_seconds: how long a settled result stays retrievable.
+        checkpoint_sweep_seconds: how often checkpoints past their TTL are removed (they are
+            refused as soon as they expire, swept or not).
     """
 
     host: str = "127.0.0.1"
@@ -33,6 +35,7 @@ class Settings:
     long_poll_seconds: float = 25.0
     threads: int = 128
     future_ttl_seconds: float = 3600.0
+    checkpoint_sweep_seconds: float = 60.0
 
     @classmethod
     def load(cls, **overrides: Any) -> Settings:
@@ -51,5 +54,6 @@ class Settings:
         settings.threads = int(settings.threads)
         settings.long_poll_seconds = float(settings.long_poll_seconds)
         settings.future_ttl_seconds = float(settings.future_ttl_seconds)
+        settings.checkpoint_sweep_seconds = float(settings.checkpoint_sweep_seconds)
         settings.data_dir = Path(settings.data_dir).expanduser().resolve()
         return settings

@@ -8,30 +8,42 @@ added to `.grad` only once the whole request has succeeded: a failed request cha
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import re
-from dataclasses import dataclass, field
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from tinkerd import checkpoint_io
 from tinkerd.base_models import BaseModelSource, resolve_base_model
 from tinkerd.loss_functions import get_loss
+from tinkerd.sampling import check_sample, generate
+from tinkerd.storage import CheckpointMeta, CheckpointPath, CheckpointStore
 from tinkerd.types import (
     CreateModel,
     Datum,
     ForwardBackward,
     ForwardBackwardResult,
+    LoadWeights,
     LoraConfig,
     NotFound,
     OptimStep,
+    Sample,
+    SampleResult,
+    SamplerWeights,
+    SaveWeights,
     TinkerdError,
     UserError,
 )
@@ -50,6 +62,25 @@ class _Base:
     vocab_size: int
     peft: PeftModel | None = None
     active: str | None = None
+    tokenizer: Any = None  # loaded on first need (stop strings)
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", None) or 2048)
+
+    def eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (self.model.config, getattr(self.model, "generation_config", None)):
+            eos = getattr(source, "eos_token_id", None)
+            ids.update([eos] if isinstance(eos, int) else (eos or []))
+        return ids
+
+    def decode(self, tokens: list[int]) -> str:
+        if self.tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(self.source.location)
+        return self.tokenizer.decode(tokens)
 
 
 @dataclass
@@ -103,12 +134,22 @@ def peft_lora_config(model: nn.Module, lora: LoraConfig) -> PeftLoraConfig:
 class HFBackend:
     """Implements tinkerd.types.Backend with transformers + PEFT on one device."""
 
-    def __init__(self, data_dir: Path, device: str | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        device: str | None = None,
+        store: CheckpointStore | None = None,
+        max_sampler_adapters: int = 32,
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.device = torch.device(device or autodetect_device())
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.store = store or CheckpointStore(self.data_dir / "runs")
         self._bases: dict[str, _Base] = {}
         self._adapters: dict[str, _Adapter] = {}
+        # Sampler weights held as extra adapters, least recently used first: key -> (base, name).
+        self._samplers: OrderedDict[str, tuple[_Base, str]] = OrderedDict()
+        self._max_samplers = max_sampler_adapters
         self._names = (f"m{i}" for i in itertools.count())
 
     # -- models ------------------------------------------------------------------------------
@@ -135,15 +176,14 @@ class HFBackend:
         base = self._bases[source.location] = _Base(source, model, vocab)
         return base
 
-    def create_model(self, model_id: str, request: CreateModel) -> dict[str, Any]:
-        if model_id in self._adapters:
-            return {"model_id": model_id}
-        base = self._load_base(request.base_model)
+    def _add_adapter(
+        self, base: _Base, config: PeftLoraConfig, seed: int | None, trainable: bool
+    ) -> tuple[str, list[nn.Parameter]]:
+        """A new adapter on `base`, initialised from `seed` (fresh randomness when None)."""
         name = next(self._names)
-        config = peft_lora_config(base.model, request.lora)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            if request.lora.seed is not None:
-                torch.manual_seed(request.lora.seed)
+            if seed is not None:
+                torch.manual_seed(seed)
             else:  # fork_rng restores the state after, so without this every model starts alike
                 torch.seed()
             if base.peft is None:
@@ -154,16 +194,35 @@ class HFBackend:
         base.active = None
         params = [p for n, p in base.peft.named_parameters() if f".{name}." in n and "lora_" in n]
         for p in params:
-            p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(params, lr=0.0)
-        self._adapters[model_id] = _Adapter(base, name, request.lora, params, optimizer)
+            p.requires_grad_(trainable)
+        return name, params
+
+    def _delete_adapter(self, base: _Base, name: str) -> None:
+        if base.peft is not None and name in base.peft.peft_config:
+            base.peft.delete_adapter(name)
+        base.active = None
+
+    def create_model(self, model_id: str, request: CreateModel) -> dict[str, Any]:
+        if model_id in self._adapters:
+            return {"model_id": model_id}
+        base = self._load_base(request.base_model)
+        config = peft_lora_config(base.model, request.lora)
+        name, params = self._add_adapter(base, config, request.lora.seed, trainable=True)
+        adapter = _Adapter(base, name, request.lora, params, torch.optim.AdamW(params, lr=0.0))
+        if request.from_checkpoint:
+            try:
+                path = CheckpointPath.parse(request.from_checkpoint)
+                self._load_into(adapter, path, request.with_optimizer)
+            except BaseException:
+                self._delete_adapter(base, name)
+                raise
+        self._adapters[model_id] = adapter
         return {"model_id": model_id}
 
     def remove_model(self, model_id: str) -> None:
         adapter = self._adapters.pop(model_id, None)
-        if adapter is not None and adapter.base.peft is not None:
-            adapter.base.peft.delete_adapter(adapter.name)
-            adapter.base.active = None
+        if adapter is not None:
+            self._delete_adapter(adapter.base, adapter.name)
 
     def _adapter(self, model_id: str) -> _Adapter:
         adapter = self._adapters.get(model_id)
@@ -172,12 +231,7 @@ class HFBackend:
         return adapter
 
     def _activate(self, adapter: _Adapter) -> PeftModel:
-        base = adapter.base
-        assert base.peft is not None
-        if base.active != adapter.name:
-            base.peft.set_adapter(adapter.name)
-            base.active = adapter.name
-        return base.peft
+        return _activate(adapter.base, adapter.name)
 
     def adapter_state(self, model_id: str) -> dict[str, torch.Tensor]:
         """The adapter's weights by parameter name (used by tests and checkpoints)."""
@@ -287,6 +341,168 @@ class HFBackend:
         adapter.steps += 1
         return {"grad_norm:mean": grad_norm, "learning_rate:mean": adam.learning_rate}
 
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def save_weights(self, model_id: str, request: SaveWeights) -> dict[str, Any]:
+        adapter = self._adapter(model_id)
+        base, peft = adapter.base, adapter.base.peft
+        assert peft is not None
+        if request.snapshot_id is not None:  # unnamed sampler save: weights stay in memory
+            name, _ = self._add_adapter(base, peft.peft_config[adapter.name], 0, trainable=False)
+            state = get_peft_model_state_dict(
+                peft, adapter_name=adapter.name, save_embedding_layers=False
+            )
+            set_peft_model_state_dict(peft, state, adapter_name=name)
+            self._cache_sampler(request.snapshot_id, base, name)
+            return {"sampling_session_id": request.snapshot_id}
+        assert request.path is not None
+        path = CheckpointPath.parse(request.path)
+        with_optimizer = path.kind == "weights"
+        now = time.time()
+        meta = CheckpointMeta(
+            str(path),
+            path.kind,
+            model_id,
+            base.source.name,
+            asdict(adapter.lora),
+            created_at=now,
+            expires_at=now + request.ttl_seconds if request.ttl_seconds else None,
+            user_metadata=request.user_metadata,
+            has_optimizer=with_optimizer,
+        )
+
+        def write_contents(directory: Path) -> None:
+            checkpoint_io.write_adapter(peft, adapter.name, base.source.location, directory)
+            if with_optimizer:
+                checkpoint_io.write_optimizer(adapter.optimizer, adapter.steps, directory)
+
+        self.store.write(path, meta, write_contents, overwrite=request.overwrite)
+        self._drop_sampler(str(path))  # an overwritten checkpoint must be re-read
+        return {"path": str(path)}
+
+    def load_weights(self, model_id: str, request: LoadWeights) -> dict[str, Any]:
+        adapter = self._adapter(model_id)
+        self._load_into(adapter, CheckpointPath.parse(request.path), request.with_optimizer)
+        return {"path": request.path, "model_id": model_id}
+
+    def _checkpoint_dir(self, base: _Base, path: CheckpointPath) -> Path:
+        """The checkpoint's directory, after checking it exists and was made on `base`."""
+        meta = self.store.meta(path)
+        location = resolve_base_model(meta.base_model, self.data_dir).location
+        if location != base.source.location:
+            raise UserError(
+                f"checkpoint {path} was trained on base model {meta.base_model!r}, "
+                f"not {base.source.name!r}"
+            )
+        return self.store.directory(path)
+
+    def _load_into(self, adapter: _Adapter, path: CheckpointPath, with_optimizer: bool) -> None:
+        """Load a checkpoint into a live adapter; on any failure the adapter is left unchanged."""
+        directory = self._checkpoint_dir(adapter.base, path)
+        optimizer_state = (
+            checkpoint_io.read_optimizer(directory, self.device) if with_optimizer else None
+        )
+        before = [p.detach().clone() for p in adapter.params]
+        try:
+            checkpoint_io.load_adapter(adapter.base.peft, adapter.name, directory)
+            optimizer = torch.optim.AdamW(adapter.params, lr=0.0)
+            if optimizer_state is not None:
+                optimizer.load_state_dict(optimizer_state[0])
+        except (RuntimeError, ValueError, KeyError) as e:
+            with torch.no_grad():
+                for p, old in zip(adapter.params, before, strict=True):
+                    p.copy_(old)
+            raise UserError(f"checkpoint {path} does not fit model: {e}") from None
+        adapter.optimizer = optimizer
+        adapter.steps = optimizer_state[1] if optimizer_state else 0
+        for p in adapter.params:
+            p.grad = None
+
+    # -- sampling ----------------------------------------------------------------------------
+
+    def sample(self, requests: list[Sample]) -> list[SampleResult | TinkerdError]:
+        """Sample every request; those on the same weights run as one batch."""
+        results: list[SampleResult | TinkerdError | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault(request.weights.key, []).append(i)
+        for indices in groups.values():
+            try:
+                base = self._load_base(requests[indices[0]].weights.base_model)
+                runnable = []
+                for i in indices:
+                    try:
+                        check_sample(requests[i], base.context_length, base.vocab_size)
+                        runnable.append(i)
+                    except UserError as e:
+                        results[i] = e
+                if not runnable:
+                    continue
+                with self._sampler_model(base, requests[indices[0]].weights) as model:
+                    outputs = generate(
+                        model,
+                        [requests[i] for i in runnable],
+                        context_length=base.context_length,
+                        eos_token_ids=base.eos_token_ids(),
+                        decode=base.decode,
+                        device=self.device,
+                    )
+                for i, output in zip(runnable, outputs, strict=True):
+                    results[i] = output
+            except TinkerdError as e:
+                for i in indices:
+                    results[i] = results[i] or e
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                for i in indices:
+                    results[i] = results[i] or UserError("out of memory: sample fewer tokens")
+        return results  # type: ignore[return-value]
+
+    @contextlib.contextmanager
+    def _sampler_model(self, base: _Base, weights: SamplerWeights) -> Iterator[nn.Module]:
+        """The base model with the sampler's adapter active, or with adapters off."""
+        if weights.snapshot_id is None and weights.model_path is None:
+            if base.peft is None:
+                yield base.model
+            else:
+                with base.peft.disable_adapter():
+                    yield base.peft
+            return
+        cached = self._samplers.get(weights.key)
+        if cached is None:
+            if weights.snapshot_id is not None:
+                raise NotFound(
+                    f"sampler weights {weights.snapshot_id} are no longer in memory; save again"
+                )
+            cached = self._load_sampler(base, CheckpointPath.parse(weights.model_path))
+        self._samplers.move_to_end(weights.key)
+        yield _activate(*cached)
+
+    def _load_sampler(self, base: _Base, path: CheckpointPath) -> tuple[_Base, str]:
+        """Read a checkpoint's adapter once; later samples reuse it from memory."""
+        directory = self._checkpoint_dir(base, path)
+        name, _ = self._add_adapter(
+            base, checkpoint_io.read_adapter_config(directory), 0, trainable=False
+        )
+        try:
+            checkpoint_io.load_adapter(base.peft, name, directory)
+        except BaseException:
+            self._delete_adapter(base, name)
+            raise
+        self._cache_sampler(str(path), base, name)
+        return base, name
+
+    def _cache_sampler(self, key: str, base: _Base, name: str) -> None:
+        self._drop_sampler(key)
+        self._samplers[key] = (base, name)
+        while len(self._samplers) > self._max_samplers:
+            self._drop_sampler(next(iter(self._samplers)))
+
+    def _drop_sampler(self, key: str) -> None:
+        cached = self._samplers.pop(key, None)
+        if cached is not None:
+            self._delete_adapter(*cached)
+
 
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits) at the targets: (B, T, V) x (B, T[, K]) -> (B, T[, K]), in fp32."""
@@ -298,3 +514,11 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 
 def _expand(mask: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return mask.unsqueeze(-1) if inputs["target_tokens"].dim() == 3 else mask
+
+
+def _activate(base: _Base, name: str) -> PeftModel:
+    assert base.peft is not None
+    if base.active != name:
+        base.peft.set_adapter(name)  # also sets requires_grad on that adapter alone
+        base.active = name
+    return base.peft

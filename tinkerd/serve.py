@@ -1,7 +1,7 @@
 """`tinkerd serve` on one box: the API and a worker in one process, with no external service.
 
 The worker runs in a thread beside the HTTP server and meets the API only through the scheduler,
-exactly as a remote worker would.
+exactly as a remote worker would. A sweeper thread removes checkpoints past their TTL.
 """
 
 from __future__ import annotations
@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 import threading
 
-import waitress
+from waitress import wasyncore
 from waitress.server import create_server
 
 from tinkerd.app import create_app
 from tinkerd.config import Settings
 from tinkerd.registry import Registry
+from tinkerd.storage import CheckpointStore
 from tinkerd.tasks import FutureStore, Scheduler
 
 log = logging.getLogger(__name__)
@@ -29,15 +30,21 @@ class EmbeddedServer:
 
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = CheckpointStore(settings.data_dir / "runs")
         self.scheduler = Scheduler(FutureStore(settings.future_ttl_seconds))
-        self.backend = HFBackend(settings.data_dir, settings.device)
+        self.backend = HFBackend(settings.data_dir, settings.device, store=self.store)
         self.worker = Worker(self.scheduler, self.backend)
-        self.app = create_app(settings, self.scheduler, Registry())
+        self.app = create_app(settings, self.scheduler, Registry(self.store), self.store)
         self._http = create_server(
-            self.app, host=settings.host, port=settings.port, threads=settings.threads,
-            channel_timeout=120, ident="tinkerd",
+            self.app,
+            host=settings.host,
+            port=settings.port,
+            threads=settings.threads,
+            channel_timeout=120,
+            ident="tinkerd",
         )
-        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
 
     @property
     def port(self) -> int:
@@ -47,26 +54,46 @@ class EmbeddedServer:
     def url(self) -> str:
         return f"http://{self.settings.host}:{self.port}"
 
-    def start(self) -> EmbeddedServer:
+    def _sweep_checkpoints(self) -> None:
+        while not self._stop.wait(self.settings.checkpoint_sweep_seconds):
+            try:
+                for path in self.store.expire():
+                    log.info("checkpoint %s expired and was removed", path)
+            except OSError:
+                log.exception("checkpoint sweep failed")
+
+    def _start_background(self) -> None:
         self.worker.start()
-        self._thread = threading.Thread(target=self._http.run, name="tinkerd-http", daemon=True)
-        self._thread.start()
+        sweeper = threading.Thread(target=self._sweep_checkpoints, name="tinkerd-ttl", daemon=True)
+        sweeper.start()
+        self._threads.append(sweeper)
+
+    def start(self) -> EmbeddedServer:
+        self._start_background()
+        http = threading.Thread(target=self._http.run, name="tinkerd-http", daemon=True)
+        http.start()
+        self._threads.append(http)
         return self
 
     def serve_forever(self) -> None:
-        self.worker.start()
-        log.info("tinkerd on %s, device %s, data in %s", self.url, self.backend.device,
-                 self.settings.data_dir)
+        self._start_background()
+        log.info(
+            "tinkerd on %s, device %s, data in %s",
+            self.url,
+            self.backend.device,
+            self.settings.data_dir,
+        )
         try:
             self._http.run()
         finally:
+            self._stop.set()
             self.worker.stop()
 
     def stop(self) -> None:
-        self._http.close()
+        """Close the listener and every open connection, then stop the worker and sweeper."""
+        self._stop.set()
+        wasyncore.close_all(self._http._map)  # the HTTP loop ends once its map is empty
+        self._http.task_dispatcher.shutdown()
         self.worker.stop()
-        if self._thread is not None:
-            self._thread.join(5)
-
-
-__all__ = ["EmbeddedServer", "waitress"]
+        for thread in self._threads:
+            thread.join(5)

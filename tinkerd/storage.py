@@ -99,16 +99,16 @@ class CheckpointMeta:
         return {
             "checkpoint_id": path.checkpoint_id,
             "checkpoint_type": KINDS[self.kind],
-            "time": _iso(self.created_at),
+            "time": iso_time(self.created_at),
             "tinker_path": self.tinker_path,
             "size_bytes": self.size_bytes,
             "public": False,
             "user_metadata": {k: str(v) for k, v in self.user_metadata.items()} or None,
-            "expires_at": _iso(self.expires_at) if self.expires_at else None,
+            "expires_at": iso_time(self.expires_at) if self.expires_at else None,
         }
 
 
-def _iso(t: float) -> str:
+def iso_time(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat()
 
 

@@ -13,12 +13,15 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from tinkerd.types import NotFound, Payload, UserError
 
 # How far ahead of a model's next seq_id a request may arrive (buffered until its turn).
 MAX_SEQ_AHEAD = 100_000
+# How many past seq_ids per model (and unordered requests) are remembered to de-duplicate retries.
+RETRY_WINDOW = 10_000
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,8 @@ class Scheduler:
         self._cond = threading.Condition()
         self._queues: dict[str, _ModelQueue] = {}
         self._ready: set[str] = set()
+        self._unordered: list[Task] = []
+        self._unordered_seen: OrderedDict[tuple[str, int], tuple[str, str]] = OrderedDict()
 
     def open_model(self, model_id: str) -> None:
         """Start a model's sequence: its creation is seq 0, the client's requests follow from 1."""
@@ -139,10 +144,30 @@ class Scheduler:
                 self._cond.notify_all()
             return request_id
 
-    def take_ready(self, timeout: float) -> list[list[Task]]:
-        """Every model's runnable tasks, each list in seq order; waits up to `timeout` for some."""
+    def submit_unordered(self, key: str, seq_id: int, payload: Payload, fingerprint: str) -> str:
+        """Queue work that needs no order (sampling), runnable at once; a retried (key, seq_id)
+        returns the first request's id."""
         with self._cond:
-            if not self._ready:
+            seen = self._unordered_seen.get((key, seq_id))
+            if seen is not None:
+                if seen[1] != fingerprint:
+                    raise UserError(
+                        f"seq_id {seq_id} of {key} was already used by a different request"
+                    )
+                return seen[0]
+            request_id = self.futures.create()
+            self._unordered.append(Task(request_id, key, seq_id, payload))
+            self._unordered_seen[(key, seq_id)] = (request_id, fingerprint)
+            while len(self._unordered_seen) > RETRY_WINDOW:
+                self._unordered_seen.popitem(last=False)
+            self._cond.notify_all()
+            return request_id
+
+    def take_ready(self, timeout: float) -> list[list[Task]]:
+        """Every model's runnable tasks, each list in seq order, then the unordered tasks as one
+        list; waits up to `timeout` for some."""
+        with self._cond:
+            if not self._ready and not self._unordered:
                 self._cond.wait(timeout)
             batches = []
             for model_id in sorted(self._ready):
@@ -152,7 +177,13 @@ class Scheduler:
                     tasks.append(queue.pending.pop(queue.next_seq))
                     queue.next_seq += 1
                 batches.append(tasks)
+                if len(queue.seen) > 2 * RETRY_WINDOW:
+                    horizon = queue.next_seq - RETRY_WINDOW
+                    queue.seen = {k: v for k, v in queue.seen.items() if k >= horizon}
             self._ready.clear()
+            if self._unordered:
+                batches.append(self._unordered)
+                self._unordered = []
             return batches
 
     def settle(self, request_id: str, result: Result) -> None:
@@ -160,4 +191,4 @@ class Scheduler:
 
     def queue_depth(self) -> int:
         with self._cond:
-            return sum(len(q.pending) for q in self._queues.values())
+            return sum(len(q.pending) for q in self._queues.values()) + len(self._unordered)

@@ -45,7 +45,7 @@ class ServerError(TinkerdError):
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """What `create_model` asks for. alpha is fixed so that the learning rate need not follow rank."""
+    """What `create_model` asks for. alpha is fixed, so the learning rate need not follow rank."""
 
     rank: int = 32
     seed: int | None = None
@@ -77,8 +77,12 @@ class Datum:
 
 @dataclass
 class CreateModel:
+    """A new LoRA model; from a checkpoint (weights, maybe optimizer state) when one is given."""
+
     base_model: str
     lora: LoraConfig
+    from_checkpoint: str | None = None
+    with_optimizer: bool = False
 
 
 @dataclass
@@ -95,13 +99,84 @@ class OptimStep:
 
 
 @dataclass
+class SaveWeights:
+    """Save a model's adapter to `path` (a tinker:// path), or, for an unnamed sampler save, keep
+    a snapshot in memory under `snapshot_id`."""
+
+    path: str | None
+    kind: str = "weights"  # "weights" (adapter + optimizer) | "sampler_weights" (adapter)
+    ttl_seconds: float | None = None
+    overwrite: bool = False
+    user_metadata: dict[str, Any] = field(default_factory=dict)
+    snapshot_id: str | None = None
+
+
+@dataclass
+class LoadWeights:
+    path: str
+    with_optimizer: bool = False
+
+
+@dataclass
 class Rejected:
     """A request the API refused: it still takes its seq_id so the model's later work can run."""
 
     error: dict[str, str]
 
 
-Payload = CreateModel | ForwardBackward | OptimStep | Rejected
+@dataclass(frozen=True)
+class SamplingParams:
+    """Tinker's SamplingParams. stop_tokens None keeps the implicit EOS; [] disables it too."""
+
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_strings: tuple[str, ...] = ()
+    stop_tokens: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class SamplerWeights:
+    """What a sampler samples from: the base alone, a checkpoint, or an in-memory snapshot."""
+
+    base_model: str
+    model_path: str | None = None
+    snapshot_id: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.snapshot_id or self.model_path or f"base:{self.base_model}"
+
+
+@dataclass
+class Sample:
+    """One asample: `num_samples` continuations of `prompt` from a sampler's weights."""
+
+    weights: SamplerWeights
+    prompt: np.ndarray
+    num_samples: int
+    params: SamplingParams
+    prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+
+
+@dataclass
+class SampledSequence:
+    tokens: np.ndarray  # (N,) int
+    logprobs: np.ndarray  # (N,) float32: log softmax(logits / temperature) of each token
+    stop_reason: str  # "stop" | "length"
+
+
+@dataclass
+class SampleResult:
+    sequences: list[SampledSequence]
+    prompt_logprobs: np.ndarray | None = None  # (P,) float32, NaN for the first token
+    topk_prompt_logprobs: tuple[np.ndarray, np.ndarray] | None = None  # ids, logprobs: (P, K)
+
+
+Payload = CreateModel | ForwardBackward | OptimStep | SaveWeights | LoadWeights | Sample | Rejected
 
 
 @dataclass
@@ -126,5 +201,11 @@ class Backend(Protocol):
     ) -> list[ForwardBackwardResult | TinkerdError]: ...
 
     def optim_step(self, model_id: str, request: OptimStep) -> dict[str, float]: ...
+
+    def save_weights(self, model_id: str, request: SaveWeights) -> dict[str, Any]: ...
+
+    def load_weights(self, model_id: str, request: LoadWeights) -> dict[str, Any]: ...
+
+    def sample(self, requests: list[Sample]) -> list[SampleResult | TinkerdError]: ...
 
     def remove_model(self, model_id: str) -> None: ...

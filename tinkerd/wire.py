@@ -15,7 +15,16 @@ from google.protobuf.message import DecodeError
 from tinker.proto import tinker_public_pb2 as pb
 
 from tinkerd.loss_functions import get_loss, resolve_config
-from tinkerd.types import Datum, ForwardBackward, ForwardBackwardResult, UserError
+from tinkerd.types import (
+    Datum,
+    ForwardBackward,
+    ForwardBackwardResult,
+    Sample,
+    SampleResult,
+    SamplerWeights,
+    SamplingParams,
+    UserError,
+)
 
 _PB_DTYPES: dict[int, np.dtype] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
@@ -27,6 +36,8 @@ _JSON_DTYPES = {"float32": np.dtype("<f4"), "int64": np.dtype("<i8")}
 _INT_INPUTS = {"target_tokens"}
 # The most cells a sparse (CSR) input may expand to: CSR lets a tiny body claim a huge shape.
 MAX_CSR_CELLS = 1 << 26
+MAX_NUM_SAMPLES = 1024
+MAX_TOPK = 1024
 
 
 def parse_forward_backward_proto(body: bytes) -> tuple[pb.ForwardBackwardRequest, str]:
@@ -73,24 +84,137 @@ def parse_forward_backward_json(body: dict[str, Any]) -> ForwardBackward:
     for i, d in enumerate(fbi["data"]):
         if not isinstance(d, dict):
             raise UserError(f"datum {i} must be an object")
-        model_input = d.get("model_input")
-        chunks = model_input.get("chunks") if isinstance(model_input, dict) else None
-        if not isinstance(chunks, list):
-            raise UserError(f"datum {i}: model_input.chunks must be a list")
-        tokens: list[int] = []
-        for chunk in chunks:
-            if not isinstance(chunk, dict) or chunk.get("type", "encoded_text") != "encoded_text":
-                raise UserError(f"datum {i}: only encoded_text chunks are supported")
-            tokens.extend(_int_list(chunk.get("tokens"), f"datum {i} tokens"))
+        tokens = model_input_tokens(d.get("model_input"), f"datum {i}")
         raw_inputs = d.get("loss_fn_inputs") or {}
         if not isinstance(raw_inputs, dict):
             raise UserError(f"datum {i}: loss_fn_inputs must be an object")
         inputs = {k: _tensor_from_json(v, k, f"datum {i} {k}") for k, v in raw_inputs.items()}
-        datums.append(_datum(np.asarray(tokens, np.int64), inputs))
+        datums.append(_datum(tokens, inputs))
     loss_fn, config = fbi.get("loss_fn", ""), fbi.get("loss_fn_config") or {}
     if not isinstance(loss_fn, str) or not isinstance(config, dict):
         raise UserError("loss_fn must be a string and loss_fn_config an object")
     return make_forward_backward(datums, loss_fn, config, bool(body.get("forward_only")))
+
+
+def model_input_tokens(model_input: Any, where: str) -> np.ndarray:
+    """The token ids of a JSON ModelInput (`{"chunks": [{"type": "encoded_text", ...}]}`)."""
+    chunks = model_input.get("chunks") if isinstance(model_input, dict) else None
+    if not isinstance(chunks, list):
+        raise UserError(f"{where}: model_input.chunks must be a list")
+    tokens: list[int] = []
+    for chunk in chunks:
+        if not isinstance(chunk, dict) or chunk.get("type", "encoded_text") != "encoded_text":
+            raise UserError(f"{where}: only encoded_text chunks are supported; send token ids")
+        tokens.extend(_int_list(chunk.get("tokens"), f"{where} tokens"))
+    arr = np.asarray(tokens, np.int64)
+    if arr.size and arr.min() < 0:
+        raise UserError(f"{where}: negative token id {int(arr.min())}")
+    return arr
+
+
+def parse_sample(body: dict[str, Any], weights: SamplerWeights) -> Sample:
+    """Check an asample request (prompt, SamplingParams, logprob options) into a Sample."""
+    prompt = model_input_tokens(body.get("prompt"), "prompt")
+    if prompt.size == 0:
+        raise UserError("the prompt is empty")
+    num_samples = body.get("num_samples", 1)
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int):
+        raise UserError(f"num_samples must be an integer, got {num_samples!r}")
+    if not 1 <= num_samples <= MAX_NUM_SAMPLES:
+        raise UserError(f"num_samples must be in [1, {MAX_NUM_SAMPLES}], got {num_samples}")
+    topk = body.get("topk_prompt_logprobs", 0) or 0
+    if isinstance(topk, bool) or not isinstance(topk, int) or not 0 <= topk <= MAX_TOPK:
+        raise UserError(f"topk_prompt_logprobs must be an integer in [0, {MAX_TOPK}]")
+    return Sample(
+        weights=weights,
+        prompt=prompt,
+        num_samples=num_samples,
+        params=parse_sampling_params(body.get("sampling_params") or {}),
+        prompt_logprobs=bool(body.get("prompt_logprobs")),
+        topk_prompt_logprobs=topk,
+    )
+
+
+def parse_sampling_params(raw: Any) -> SamplingParams:
+    if not isinstance(raw, dict):
+        raise UserError("sampling_params must be an object")
+
+    def number(key: str, default: float) -> float:
+        value = raw.get(key, default)
+        value = default if value is None else value
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise UserError(f"sampling_params.{key} must be a finite number, got {value!r}")
+        return float(value)
+
+    def integer(key: str, default: int | None) -> int | None:
+        value = raw.get(key, default)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise UserError(f"sampling_params.{key} must be an integer, got {value!r}")
+        return value
+
+    max_tokens = integer("max_tokens", None)
+    if max_tokens is not None and max_tokens < 1:
+        raise UserError(f"sampling_params.max_tokens must be at least 1, got {max_tokens}")
+    temperature, top_p = number("temperature", 1.0), number("top_p", 1.0)
+    if temperature < 0:
+        raise UserError(f"sampling_params.temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"sampling_params.top_p must be in (0, 1], got {top_p}")
+    top_k = integer("top_k", -1)
+    if top_k is None or top_k < -1:
+        raise UserError(f"sampling_params.top_k must be -1 (no limit) or positive, got {top_k}")
+    stop = raw.get("stop")
+    stop_strings: tuple[str, ...] = ()
+    stop_tokens: tuple[int, ...] | None = None
+    if isinstance(stop, str):
+        stop_strings = (stop,)
+    elif isinstance(stop, list) and all(isinstance(x, str) for x in stop) and stop:
+        stop_strings = tuple(stop)
+    elif isinstance(stop, list) and all(
+        isinstance(x, int) and not isinstance(x, bool) for x in stop
+    ):
+        stop_tokens = tuple(stop)  # [] disables even the implicit EOS
+    elif stop is not None:
+        raise UserError("sampling_params.stop must be a string, a list of strings or of token ids")
+    if any(not s for s in stop_strings):
+        raise UserError("sampling_params.stop strings must not be empty")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=integer("seed", None),
+        stop_strings=stop_strings,
+        stop_tokens=stop_tokens,
+    )
+
+
+def encode_sample_response(result: SampleResult) -> bytes:
+    """A protobuf SampleResponse; prompt logprobs carry NaN for the first token."""
+    out = pb.SampleResponse()
+    for seq in result.sequences:
+        out.sequences.add(
+            stop_reason=pb.STOP_REASON_STOP if seq.stop_reason == "stop" else pb.STOP_REASON_LENGTH,
+            tokens=seq.tokens.astype("<i4").tobytes(),
+            logprobs=seq.logprobs.astype("<f4").tobytes(),
+        )
+    if result.prompt_logprobs is not None:
+        out.prompt_logprobs = result.prompt_logprobs.astype("<f4").tobytes()
+    if result.topk_prompt_logprobs is not None:
+        ids, lps = result.topk_prompt_logprobs
+        out.topk_prompt_logprobs.CopyFrom(
+            pb.TopkLogprobs(
+                token_ids=ids.astype("<i4").tobytes(),
+                logprobs=lps.astype("<f4").tobytes(),
+                k=ids.shape[1],
+                length=ids.shape[0],
+            )
+        )
+    return out.SerializeToString()
 
 
 def make_forward_backward(

@@ -20,13 +20,15 @@ from tinkerd.types import (
     Backend,
     CreateModel,
     ForwardBackward,
-    ForwardBackwardResult,
+    LoadWeights,
     OptimStep,
     Rejected,
+    Sample,
+    SaveWeights,
     ServerError,
     TinkerdError,
 )
-from tinkerd.wire import encode_forward_backward_output
+from tinkerd.wire import encode_forward_backward_output, encode_sample_response
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +63,14 @@ class Worker:
             self.run_cycle(timeout=0.5)
 
     def run_cycle(self, timeout: float) -> int:
-        """Run every model's ready work once; returns how many tasks ran."""
+        """Run every model's ready work once, then all waiting samples together; returns how
+        many tasks ran."""
         batches = self.scheduler.take_ready(timeout)
+        samples = [t for tasks in batches for t in tasks if isinstance(t.payload, Sample)]
         for tasks in batches:
-            self._run_model(tasks)
+            self._run_model([t for t in tasks if not isinstance(t.payload, Sample)])
+        if samples:
+            self._sample(samples)
         return sum(len(tasks) for tasks in batches)
 
     def _run_model(self, tasks: list[Task]) -> None:
@@ -93,6 +99,10 @@ class Worker:
                 raise
         if isinstance(payload, OptimStep):
             return json_result({"metrics": self.backend.optim_step(task.model_id, payload)})
+        if isinstance(payload, SaveWeights):
+            return json_result(self.backend.save_weights(task.model_id, payload))
+        if isinstance(payload, LoadWeights):
+            return json_result(self.backend.load_weights(task.model_id, payload))
         raise ServerError(f"unknown task type {type(payload).__name__}")
 
     def _forward_backward(self, tasks: list[Task]) -> None:
@@ -102,7 +112,15 @@ class Worker:
         except Exception as e:  # the whole group failed before any result: each task gets the error
             results = [_as_error(e)] * len(tasks)
         for task, result in zip(tasks, results, strict=True):
-            self._settle(task, lambda r=result: _fwdbwd_result(r))
+            self._settle(task, lambda r=result: _encoded(r, encode_forward_backward_output))
+
+    def _sample(self, tasks: list[Task]) -> None:
+        try:
+            results = self.backend.sample([t.payload for t in tasks])
+        except Exception as e:
+            results = [_as_error(e)] * len(tasks)
+        for task, result in zip(tasks, results, strict=True):
+            self._settle(task, lambda r=result: _encoded(r, encode_sample_response))
 
     def _check_alive(self, model_id: str) -> None:
         error = self.failed_models.get(model_id)
@@ -117,10 +135,11 @@ class Worker:
         self.scheduler.settle(task.request_id, result)
 
 
-def _fwdbwd_result(result: ForwardBackwardResult | TinkerdError) -> Result:
+def _encoded(result: Any, encode: Callable[[Any], bytes]) -> Result:
+    """A protobuf result, or the error the backend returned in its place."""
     if isinstance(result, TinkerdError):
         raise result
-    return Result(encode_forward_backward_output(result), "application/x-protobuf")
+    return Result(encode(result), "application/x-protobuf")
 
 
 def _as_error(e: BaseException) -> TinkerdError:

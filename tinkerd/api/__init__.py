@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
-from flask import current_app, request
+from flask import Response, current_app, jsonify, request
 
-from tinkerd.types import UserError
+from tinkerd.types import Payload, Rejected, UserError
 
 
 def service():
@@ -63,3 +64,30 @@ def get_bool(body: dict[str, Any], key: str, default: bool) -> bool:
     if not isinstance(value, bool):
         raise UserError(f"{key!r} must be true or false, got {value!r}")
     return value
+
+
+def submit_ordered(
+    model_id: str, seq_id: int, content: str, build: Callable[[], Payload]
+) -> Response:
+    """Queue build() as (model_id, seq_id) and answer its future. A request that fails validation
+    still takes its seq_id (as a Rejected task), so the model's later requests are not left
+    waiting for it."""
+    svc = service()
+    svc.registry.model(model_id).touch()
+    try:
+        payload = build()
+    except UserError as e:
+        try:
+            svc.scheduler.submit(model_id, seq_id, Rejected(e.to_json()), content)
+        except UserError:
+            pass  # a seq_id from the past or a clash: nothing to hold open
+        raise
+    request_id = svc.scheduler.submit(model_id, seq_id, payload, content)
+    return jsonify({"request_id": request_id, "model_id": model_id})
+
+
+def get_optional_float(body: dict[str, Any], key: str) -> float | None:
+    """A positive number, or None when absent."""
+    if body.get(key) is None:
+        return None
+    return get_float(body, key, minimum=1e-9)

@@ -6,12 +6,20 @@ future id at once; `retrieve_future` long-polls for the result.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
-from tinkerd.api import fingerprint, get_bool, get_float, get_int, get_str, json_body, service
+from tinkerd.api import (
+    fingerprint,
+    get_bool,
+    get_float,
+    get_int,
+    get_str,
+    json_body,
+    service,
+    submit_ordered,
+)
 from tinkerd.base_models import TINY_MODEL, resolve_base_model
 from tinkerd.registry import ModelRecord
 from tinkerd.types import (
@@ -19,8 +27,6 @@ from tinkerd.types import (
     CreateModel,
     LoraConfig,
     OptimStep,
-    Payload,
-    Rejected,
     UserError,
 )
 from tinkerd.wire import (
@@ -162,18 +168,22 @@ def forward_backward():
     if request.mimetype == "application/json":
         body = json_body()
         model_id, seq_id = get_str(body, "model_id"), get_int(body, "seq_id")
-        return _submit(
+        return submit_ordered(
             model_id, seq_id, fingerprint(body), lambda: parse_forward_backward_json(body)
         )
     msg, content = parse_forward_backward_proto(request.get_data())
-    return _submit(msg.model_id, msg.seq_id, content, lambda: forward_backward_from_proto(msg))
+    return submit_ordered(
+        msg.model_id, msg.seq_id, content, lambda: forward_backward_from_proto(msg)
+    )
 
 
 @bp.post("/optim_step")
 def optim_step():
     body = json_body()
     model_id, seq_id = get_str(body, "model_id"), get_int(body, "seq_id")
-    return _submit(model_id, seq_id, fingerprint(body), lambda: OptimStep(_adam_params(body)))
+    return submit_ordered(
+        model_id, seq_id, fingerprint(body), lambda: OptimStep(_adam_params(body))
+    )
 
 
 def _adam_params(body: dict[str, Any]) -> AdamParams:
@@ -191,23 +201,6 @@ def _adam_params(body: dict[str, Any]) -> AdamParams:
         weight_decay=get_float(raw, "weight_decay", defaults.weight_decay),
         grad_clip_norm=get_float(raw, "grad_clip_norm", defaults.grad_clip_norm),
     )
-
-
-def _submit(model_id: str, seq_id: int, content: str, build: Callable[[], Payload]) -> Response:
-    """Queue build() as (model_id, seq_id). A request that fails validation still takes its
-    seq_id (as a Rejected task), so the model's later requests are not left waiting for it."""
-    svc = service()
-    svc.registry.model(model_id)
-    try:
-        payload = build()
-    except UserError as e:
-        try:
-            svc.scheduler.submit(model_id, seq_id, Rejected(e.to_json()), content)
-        except UserError:
-            pass  # a seq_id from the past or a clash: nothing to hold open
-        raise
-    request_id = svc.scheduler.submit(model_id, seq_id, payload, content)
-    return jsonify({"request_id": request_id, "model_id": model_id})
 
 
 # -- futures ---------------------------------------------------------------------------------

@@ -1,0 +1,138 @@
+"""Saving and loading training state: save_weights, save_weights_for_sampler, load_weights.
+
+Each is an ordered request of its model (it takes a seq_id). Checkpoints are PEFT directories in
+the store, addressed as tinker://<model_id>/{weights|sampler_weights}/<name>.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, jsonify
+
+from tinkerd.api import (
+    fingerprint,
+    get_bool,
+    get_int,
+    get_optional_float,
+    get_str,
+    json_body,
+    service,
+    submit_ordered,
+)
+from tinkerd.base_models import resolve_base_model
+from tinkerd.registry import ModelRecord, SamplerRecord
+from tinkerd.storage import CheckpointMeta, CheckpointPath, check_name
+from tinkerd.types import (
+    CreateModel,
+    LoadWeights,
+    LoraConfig,
+    SamplerWeights,
+    SaveWeights,
+    UserError,
+)
+
+bp = Blueprint("weights", __name__, url_prefix="/api/v1")
+
+
+def _save(body: dict[str, Any], kind: str) -> SaveWeights:
+    model_id = get_str(body, "model_id")
+    metadata = body.get("user_metadata") or {}
+    if not isinstance(metadata, dict):
+        raise UserError("user_metadata must be an object")
+    return SaveWeights(
+        path=str(CheckpointPath(model_id, kind, check_name(body.get("path")))),
+        kind=kind,
+        ttl_seconds=get_optional_float(body, "ttl_seconds"),
+        overwrite=get_bool(body, "overwrite", False),
+        user_metadata=metadata,
+    )
+
+
+@bp.post("/save_weights")
+def save_weights():
+    body = json_body()
+    model_id, seq_id = get_str(body, "model_id"), get_int(body, "seq_id")
+    return submit_ordered(model_id, seq_id, fingerprint(body), lambda: _save(body, "weights"))
+
+
+@bp.post("/save_weights_for_sampler")
+def save_weights_for_sampler():
+    body = json_body()
+    svc = service()
+    model_id, seq_id = get_str(body, "model_id"), get_int(body, "seq_id")
+    if body.get("path") is not None:
+        build = lambda: _save(body, "sampler_weights")  # noqa: E731
+    else:  # unnamed: the server creates the sampling session, on an in-memory snapshot
+        model = svc.registry.model(model_id)
+        sampler_id = f"{model.session_id}:sample:{get_int(body, 'sampling_session_seq_id')}"
+        weights = SamplerWeights(model.base_model, snapshot_id=sampler_id)
+        svc.registry.add_sampler(SamplerRecord(sampler_id, model.session_id, weights))
+        build = lambda: SaveWeights(path=None, kind="sampler_weights", snapshot_id=sampler_id)  # noqa: E731
+    return submit_ordered(model_id, seq_id, fingerprint(body), build)
+
+
+def checkpoint_meta(path: object) -> tuple[CheckpointPath, CheckpointMeta]:
+    """A checkpoint that exists: its parsed path and metadata (NotFound otherwise)."""
+    parsed = CheckpointPath.parse(path)
+    return parsed, service().store.meta(parsed)
+
+
+@bp.post("/load_weights")
+def load_weights():
+    body = json_body()
+    if "model_id" in body:  # load_state*: into a live model, in its order
+        model_id, seq_id = get_str(body, "model_id"), get_int(body, "seq_id")
+        model = service().registry.model(model_id)
+        build = lambda: _load(body, model)  # noqa: E731
+        return submit_ordered(model_id, seq_id, fingerprint(body), build)
+    return _create_from_checkpoint(body)
+
+
+def _load(body: dict[str, Any], model: ModelRecord) -> LoadWeights:
+    path, meta = checkpoint_meta(body.get("path"))
+    _check_base(meta, model.base_model)
+    with_optimizer = get_bool(body, "optimizer", False)
+    if with_optimizer and not meta.has_optimizer:
+        raise UserError(f"{path} has no optimizer state; load it without the optimizer")
+    return LoadWeights(str(path), with_optimizer)
+
+
+def _check_base(meta: CheckpointMeta, base_model: str) -> None:
+    data_dir = service().settings.data_dir
+    if resolve_base_model(meta.base_model, data_dir) != resolve_base_model(base_model, data_dir):
+        raise UserError(
+            f"checkpoint {meta.tinker_path} was trained on {meta.base_model!r}, not {base_model!r}"
+        )
+
+
+def _create_from_checkpoint(body: dict[str, Any]) -> Any:
+    """create_training_client_from_state*: a new model whose LoRA config comes from the
+    checkpoint, created as `{session}:train:{model_seq_id}`, as the SDK computes it."""
+    svc = service()
+    session = svc.registry.session(get_str(body, "session_id"))
+    model_seq_id = get_int(body, "model_seq_id")
+    path, meta = checkpoint_meta(body.get("path"))
+    if body.get("base_model") is not None:
+        _check_base(meta, body["base_model"])
+    with_optimizer = get_bool(body, "optimizer", False)
+    if with_optimizer and not meta.has_optimizer:
+        raise UserError(f"{path} has no optimizer state; load it without the optimizer")
+    source = resolve_base_model(meta.base_model, svc.settings.data_dir)
+    lora = LoraConfig(**meta.lora)
+    model_id = f"{session.session_id}:train:{model_seq_id}"
+    record = ModelRecord(
+        model_id,
+        session.session_id,
+        source.name,
+        source.tokenizer_id,
+        lora,
+        body.get("user_metadata") or {},
+    )
+    svc.registry.add_model(record)
+    svc.scheduler.open_model(model_id)
+    create = CreateModel(
+        source.name, lora, from_checkpoint=str(path), with_optimizer=with_optimizer
+    )
+    request_id = svc.scheduler.submit(model_id, 0, create, fingerprint(body))
+    return jsonify({"request_id": request_id, "model_id": model_id})

@@ -1,0 +1,60 @@
+"""The torch side of checkpoints: a LoRA adapter as a standard PEFT directory, plus optimizer state.
+
+`adapter_config.json` + `adapter_model.safetensors` load with `peft.PeftModel.from_pretrained` on
+the base model; `optimizer.pt` beside them holds the AdamW state of a training checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from tinkerd.types import UserError
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+OPTIMIZER_STATE = "optimizer.pt"
+
+
+def write_adapter(peft: PeftModel, adapter_name: str, base_location: str, directory: Path) -> None:
+    """Write adapter `adapter_name` of `peft` as a PEFT directory that names its base model."""
+    state = get_peft_model_state_dict(peft, adapter_name=adapter_name, save_embedding_layers=False)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    save_file(tensors, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    config = copy.deepcopy(peft.peft_config[adapter_name])
+    config.base_model_name_or_path = base_location
+    config.inference_mode = True
+    config.save_pretrained(str(directory))
+
+
+def write_optimizer(optimizer: torch.optim.Optimizer, steps: int, directory: Path) -> None:
+    torch.save({"optimizer": optimizer.state_dict(), "steps": steps}, directory / OPTIMIZER_STATE)
+
+
+def read_adapter_config(directory: Path) -> PeftLoraConfig:
+    return PeftLoraConfig.from_pretrained(str(directory))
+
+
+def load_adapter(peft: PeftModel, adapter_name: str, directory: Path) -> None:
+    """Copy a PEFT directory's weights into the existing adapter `adapter_name`, in place."""
+    state = load_file(directory / ADAPTER_WEIGHTS)
+    result = set_peft_model_state_dict(peft, state, adapter_name=adapter_name)
+    unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+    missing = [k for k in result.missing_keys if f".{adapter_name}." in k and "lora_" in k]
+    if unexpected or missing:
+        raise UserError(
+            f"checkpoint in {directory.name} does not fit this model's adapter "
+            f"(unexpected {unexpected[:3]}, missing {missing[:3]})"
+        )
+
+
+def read_optimizer(directory: Path, device: torch.device) -> tuple[dict, int]:
+    path = directory / OPTIMIZER_STATE
+    if not path.is_file():
+        raise UserError("this checkpoint has no optimizer state (sampler weights never do)")
+    saved = torch.load(path, map_location=device, weights_only=True)
+    return saved["optimizer"], int(saved.get("steps", 0))
