@@ -40,8 +40,25 @@ def read_adapter_config(directory: Path) -> PeftLoraConfig:
 
 
 def load_adapter(peft: PeftModel, adapter_name: str, directory: Path) -> None:
-    """Copy a PEFT directory's weights into the existing adapter `adapter_name`, in place."""
+    """Copy a PEFT directory's weights into the existing adapter `adapter_name`, in place.
+
+    Every tensor is checked against the adapter first, so a checkpoint that does not fit (other
+    layers trained, another rank) is refused before any weight is changed."""
     state = load_file(directory / ADAPTER_WEIGHTS)
+    current = get_peft_model_state_dict(
+        peft, adapter_name=adapter_name, save_embedding_layers=False
+    )
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(current[k].shape)}"
+        for k in sorted(state.keys() & current.keys())
+        if state[k].shape != current[k].shape
+    ]
+    if state.keys() != current.keys() or shapes:
+        raise UserError(
+            f"checkpoint in {directory.name} does not fit this model's adapter (LoRA rank or "
+            f"trained layers differ: unexpected {sorted(state.keys() - current.keys())[:3]}, "
+            f"missing {sorted(current.keys() - state.keys())[:3]}, shapes {shapes[:3]})"
+        )
     result = set_peft_model_state_dict(peft, state, adapter_name=adapter_name)
     unexpected = [k for k in result.unexpected_keys if "lora_" in k]
     missing = [k for k in result.missing_keys if f".{adapter_name}." in k and "lora_" in k]

@@ -135,9 +135,10 @@ def _generators(samples: list[Sample], device: torch.device) -> list[torch.Gener
 
 
 def _stop_tokens(params: SamplingParams, eos_token_ids: set[int]) -> set[int]:
-    if params.stop_tokens is None:
-        return set() if params.stop_strings else set(eos_token_ids)
-    return set(params.stop_tokens)
+    """EOS ends a row unless `stop` is [] (then only max_tokens does); stop ids add to it."""
+    if params.stop_tokens == () and not params.stop_strings:
+        return set()
+    return set(eos_token_ids) | set(params.stop_tokens or ())
 
 
 def _hits_stop_string(row: _Row, decode: Callable[[list[int]], str], longest: int) -> bool:
@@ -154,7 +155,9 @@ def _sample_step(
     """One token per row: (B,) ids and (B,) logprobs under log softmax(logits / temperature)."""
     temps = torch.tensor([r.params.temperature for r in rows], device=logits.device)
     greedy = temps <= 0
-    scaled = logits / torch.where(greedy, torch.ones_like(temps), temps).unsqueeze(-1)
+    # Shifted so the top logit is 0: a tiny temperature then gives -inf, never inf or NaN.
+    shifted = logits - logits.max(-1, keepdim=True).values
+    scaled = shifted / torch.where(greedy, torch.ones_like(temps), temps).unsqueeze(-1)
     logprobs = scaled.log_softmax(-1)  # (B, V)
     filtered = _top_k_top_p(scaled, rows)
     probs = filtered.softmax(-1)

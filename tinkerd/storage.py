@@ -9,6 +9,8 @@ Layout under the data directory:
 
 A checkpoint is written into a temporary directory beside its final place, flushed to disk, and
 renamed into place, so a crash or a full disk never leaves a half-written checkpoint that loads.
+A new store (a restart) clears what a crash left behind, and puts back a checkpoint that an
+interrupted overwrite had moved aside.
 `tinkerd.json` holds its metadata (times, TTL, base model, LoRA config). No torch here: the API
 lists and resolves checkpoints; the worker writes their contents through `write`.
 """
@@ -135,6 +137,26 @@ class CheckpointStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._recover()
+
+    def _recover(self) -> None:
+        """Finish what a crash interrupted: put back a checkpoint that an overwrite had moved
+        aside but not yet replaced, and remove half-written or half-deleted directories."""
+        for entry in self.root.glob("*/*/.*"):
+            if entry.parent.name not in KINDS or not entry.is_dir():
+                continue
+            kind, _, rest = entry.name[1:].partition("-")
+            name = rest[:-33]  # <name>-<uuid4 hex>
+            final = entry.parent / name
+            try:
+                if kind == "old" and _NAME.match(name) and not final.exists():
+                    os.rename(entry, final)
+                elif kind in ("tmp", "old", "del"):
+                    shutil.rmtree(entry, ignore_errors=True)
+            except OSError:
+                continue  # left for the next start; never stops this one
+        for tmp in self.root.glob("*/.run.json.*"):
+            tmp.unlink(missing_ok=True)
 
     def run_dir(self, model_id: str) -> Path:
         if "/" in model_id or model_id in ("", ".", ".."):
@@ -174,9 +196,8 @@ class CheckpointStore:
         """Write a checkpoint atomically: contents, then metadata, flushed, renamed in place."""
         final = self.directory(path)
         if final.exists() and not overwrite and not self._expired_dir(final):
-            raise UserError(
-                f"checkpoint {path} already exists; save with overwrite=True to replace it"
-            )
+            how = "save with overwrite=True" if path.kind == "weights" else "delete it first"
+            raise UserError(f"checkpoint {path} already exists; {how} to replace it")
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f".tmp-{path.name}-{uuid.uuid4().hex}"
         tmp.mkdir()
@@ -189,7 +210,11 @@ class CheckpointStore:
                 if final.exists():
                     trash = final.parent / f".old-{path.name}-{uuid.uuid4().hex}"
                     os.rename(final, trash)
-                    os.rename(tmp, final)
+                    try:
+                        os.rename(tmp, final)
+                    except BaseException:
+                        os.rename(trash, final)  # the old checkpoint stays
+                        raise
                     shutil.rmtree(trash, ignore_errors=True)
                 else:
                     os.rename(tmp, final)

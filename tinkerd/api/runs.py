@@ -37,9 +37,9 @@ def _run(record: ModelRecord) -> dict[str, Any]:
     }
 
 
-def _page() -> tuple[int, int]:
+def _page(default_limit: int = 20) -> tuple[int, int]:
     try:
-        limit = int(request.args.get("limit", 20))
+        limit = int(request.args.get("limit", default_limit))
         offset = int(request.args.get("offset", 0))
     except ValueError:
         raise UserError("limit and offset must be integers") from None
@@ -81,9 +81,17 @@ def delete_checkpoint(run_id: str, kind: str, name: str):
 
 @bp.get("/checkpoints")
 def list_all_checkpoints():
+    """All runs' checkpoints, newest first, a page at a time (list_user_checkpoints)."""
+    limit, offset = _page(default_limit=100)
     store = service().store
     metas = [m for r in service().registry.runs() for m in store.list(r.model_id)]
-    return jsonify({"checkpoints": [m.to_api() for m in metas]})
+    metas.sort(key=lambda m: m.created_at, reverse=True)
+    return jsonify(
+        {
+            "checkpoints": [m.to_api() for m in metas[offset : offset + limit]],
+            "cursor": {"offset": offset, "limit": limit, "total_count": len(metas)},
+        }
+    )
 
 
 @bp.post("/weights_info")

@@ -100,7 +100,8 @@ def _load(body: dict[str, Any], model: ModelRecord) -> LoadWeights:
 
 def _check_base(meta: CheckpointMeta, base_model: str) -> None:
     data_dir = service().settings.data_dir
-    if resolve_base_model(meta.base_model, data_dir) != resolve_base_model(base_model, data_dir):
+    checkpoint_base = resolve_base_model(meta.base_model, data_dir).location
+    if checkpoint_base != resolve_base_model(base_model, data_dir).location:
         raise UserError(
             f"checkpoint {meta.tinker_path} was trained on {meta.base_model!r}, not {base_model!r}"
         )
