@@ -506,9 +506,10 @@ def test_unknown_and_deleted_checkpoints(server, lab, rest) -> None:
     )
     path = lab.tc.save_weights_for_sampler("api-deleted").result(timeout=WAIT).path
     sampler = lab.sc.create_sampling_client(model_path=path).result(timeout=WAIT)
+    assert len(greedy(sampler)) == 12  # now cached in the worker's memory
     rest.delete_checkpoint_from_tinker_path(path).result(timeout=WAIT)
-    # The session outlives its checkpoint, but can no longer read it.
-    user_error(submit(sampler, PROMPT, max_tokens=3), "api-deleted")
+    # The session outlives its checkpoint, but can no longer read it, cached or not.
+    user_error(submit(sampler, PROMPT, max_tokens=3), "api-deleted", status=404)
     user_error(lab.sc.create_sampling_client(model_path=path), "api-deleted", status=404)
     assert len(greedy(lab.snapshot)) == 12
 

@@ -67,6 +67,8 @@ def asample():
     if body.get("sampling_session_id") is not None:
         key = get_str(body, "sampling_session_id")
         weights = svc.registry.sampler(key).weights
+        if weights.model_path is not None:  # deleted or expired since the session began: 404
+            checkpoint_meta(weights.model_path)
     else:  # a one-off request naming its weights directly
         weights = _weights(body.get("base_model"), body.get("model_path"))
         key = weights.key
