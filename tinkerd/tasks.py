@@ -186,6 +186,14 @@ class Scheduler:
                 self._unordered = []
             return batches
 
+    def take_unordered(self, timeout: float) -> list[Task]:
+        """The waiting unordered tasks; waits up to `timeout` for some."""
+        with self._cond:
+            if not self._unordered:
+                self._cond.wait(timeout)
+            tasks, self._unordered = self._unordered, []
+            return tasks
+
     def settle(self, request_id: str, result: Result) -> None:
         self.futures.settle(request_id, result)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -42,9 +43,25 @@ def error_result(error: TinkerdError) -> Result:
 
 
 class Worker:
-    def __init__(self, scheduler: Scheduler, backend: Backend) -> None:
+    """Runs the scheduler's work on a backend, one cycle at a time.
+
+    Args:
+        sample_gather_gap: the requests of one burst of sampling arrive a little apart; while
+            more keep coming, each within this many seconds of the last, they join the batch
+            (so they share one generation pass instead of two), up to `sample_gather_max`.
+    """
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        backend: Backend,
+        sample_gather_gap: float = 0.003,
+        sample_gather_max: float = 0.025,
+    ) -> None:
         self.scheduler = scheduler
         self.backend = backend
+        self.sample_gather_gap = sample_gather_gap
+        self.sample_gather_max = sample_gather_max
         self.failed_models: dict[str, TinkerdError] = {}  # creation failed: later work fails fast
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -69,9 +86,22 @@ class Worker:
         samples = [t for tasks in batches for t in tasks if isinstance(t.payload, Sample)]
         for tasks in batches:
             self._run_model([t for t in tasks if not isinstance(t.payload, Sample)])
+        ran = sum(len(tasks) for tasks in batches)
         if samples:
-            self._sample(samples)
-        return sum(len(tasks) for tasks in batches)
+            more = self._gather_samples()
+            self._sample(samples + more)
+            ran += len(more)
+        return ran
+
+    def _gather_samples(self) -> list[Task]:
+        more: list[Task] = []
+        deadline = time.monotonic() + self.sample_gather_max
+        while (left := deadline - time.monotonic()) > 0:
+            arrived = self.scheduler.take_unordered(min(self.sample_gather_gap, left))
+            if not arrived:
+                break
+            more += arrived
+        return more
 
     def _run_model(self, tasks: list[Task]) -> None:
         i = 0
