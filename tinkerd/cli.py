@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from tinkerd.config import Settings
+
+
+def quiet_libraries() -> None:
+    """A server's log is for its own events: no library progress bars or deprecation chatter."""
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     if args.command == "serve":
+        quiet_libraries()
         from tinkerd.serve import EmbeddedServer
 
         settings = Settings.load(
