@@ -30,7 +30,10 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     from tinkerd.serve import EmbeddedServer
 
     settings = Settings.load(
-        host="127.0.0.1", port=0, data_dir=tmp_path_factory.mktemp("data"), device="cpu",
+        host="127.0.0.1",
+        port=0,
+        data_dir=tmp_path_factory.mktemp("data"),
+        device="cpu",
         long_poll_seconds=5.0,
     )
     srv = EmbeddedServer(settings).start()

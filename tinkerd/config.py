@@ -23,6 +23,9 @@ class Settings:
         long_poll_seconds: how long retrieve_future holds a request before `try_again`; the SDK
             gives up on a poll after 45 s, so stay well under that.
         threads: HTTP threads; each waiting long-poll holds one.
+        connection_limit: open HTTP connections accepted at once. The SDK opens one per request
+            in flight (up to 1000 per pool: an RL step samples every rollout concurrently, each
+            with a long-poll), and waitress's default of 100 stalls such a step for a minute.
         future_ttl_seconds: how long a settled result stays retrievable.
         checkpoint_sweep_seconds: how often checkpoints past their TTL are removed (they are
             refused as soon as they expire, swept or not).
@@ -34,6 +37,7 @@ class Settings:
     device: str | None = None
     long_poll_seconds: float = 25.0
     threads: int = 128
+    connection_limit: int = 2000
     future_ttl_seconds: float = 3600.0
     checkpoint_sweep_seconds: float = 60.0
 
@@ -52,6 +56,7 @@ class Settings:
         settings = cls(**values)
         settings.port = int(settings.port)
         settings.threads = int(settings.threads)
+        settings.connection_limit = int(settings.connection_limit)
         settings.long_poll_seconds = float(settings.long_poll_seconds)
         settings.future_ttl_seconds = float(settings.future_ttl_seconds)
         settings.checkpoint_sweep_seconds = float(settings.checkpoint_sweep_seconds)

@@ -40,6 +40,7 @@ class EmbeddedServer:
             host=settings.host,
             port=settings.port,
             threads=settings.threads,
+            connection_limit=settings.connection_limit,
             channel_timeout=120,
             ident="tinkerd",
         )
