@@ -208,7 +208,7 @@ class HFBackend:
         base = self._load_base(request.base_model)
         config = peft_lora_config(base.model, request.lora)
         name, params = self._add_adapter(base, config, request.lora.seed, trainable=True)
-        adapter = _Adapter(base, name, request.lora, params, torch.optim.AdamW(params, lr=0.0))
+        adapter = _Adapter(base, name, request.lora, params, new_optimizer(params))
         if request.from_checkpoint:
             try:
                 path = CheckpointPath.parse(request.from_checkpoint)
@@ -405,7 +405,7 @@ class HFBackend:
         before = [p.detach().clone() for p in adapter.params]
         try:
             checkpoint_io.load_adapter(adapter.base.peft, adapter.name, directory)
-            optimizer = torch.optim.AdamW(adapter.params, lr=0.0)
+            optimizer = new_optimizer(adapter.params)
             if optimizer_state is not None:
                 optimizer.load_state_dict(optimizer_state[0])
         except (RuntimeError, ValueError, KeyError) as e:
@@ -502,6 +502,12 @@ class HFBackend:
         cached = self._samplers.pop(key, None)
         if cached is not None:
             self._delete_adapter(*cached)
+
+
+def new_optimizer(params: list[nn.Parameter]) -> torch.optim.AdamW:
+    """AdamW with one fused kernel for all of an adapter's tensors (about 5x faster on CPU);
+    the hyper-parameters are set from each optim_step's AdamParams."""
+    return torch.optim.AdamW(params, lr=0.0, fused=True)
 
 
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
