@@ -10,7 +10,9 @@ from typing import Any
 
 from flask import Response, current_app, jsonify, request
 
-from tinkerd.types import Payload, Rejected, UserError
+from tinkerd.base_models import BaseModelSource
+from tinkerd.registry import ModelRecord, Session
+from tinkerd.types import CreateModel, Payload, Rejected, UserError
 
 
 def service():
@@ -91,3 +93,31 @@ def get_optional_float(body: dict[str, Any], key: str) -> float | None:
     if body.get(key) is None:
         return None
     return get_float(body, key, minimum=1e-9)
+
+
+def start_model(
+    session: Session,
+    model_seq_id: int,
+    source: BaseModelSource,
+    create: CreateModel,
+    body: dict[str, Any],
+) -> Response:
+    """Register `{session}:train:{model_seq_id}` (the id the SDK computes) and queue its creation
+    as the model's seq 0; a retry answers the first request's future."""
+    svc = service()
+    model_id = f"{session.session_id}:train:{model_seq_id}"
+    record = ModelRecord(
+        model_id,
+        session.session_id,
+        source.name,
+        source.tokenizer_id,
+        create.lora,
+        body.get("user_metadata") or {},
+    )
+    if svc.registry.add_model(record) is not record and svc.registry.model(model_id).lora != (
+        create.lora
+    ):
+        raise UserError(f"model_seq_id {model_seq_id} of this session is already a different model")
+    svc.scheduler.open_model(model_id)
+    request_id = svc.scheduler.submit(model_id, 0, create, fingerprint(body))
+    return jsonify({"request_id": request_id, "model_id": model_id})

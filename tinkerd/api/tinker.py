@@ -18,10 +18,10 @@ from tinkerd.api import (
     get_str,
     json_body,
     service,
+    start_model,
     submit_ordered,
 )
 from tinkerd.base_models import TINY_MODEL, resolve_base_model
-from tinkerd.registry import ModelRecord
 from tinkerd.types import (
     AdamParams,
     CreateModel,
@@ -122,22 +122,7 @@ def create_model():
     optimizer = body.get("optimizer_config") or {"type": "adamw"}
     if not isinstance(optimizer, dict) or optimizer.get("type", "adamw") != "adamw":
         raise UserError(f"unsupported optimizer_config {optimizer!r}: tinkerd trains with adamw")
-    model_id = f"{session.session_id}:train:{model_seq_id}"
-    record = ModelRecord(
-        model_id,
-        session.session_id,
-        source.name,
-        source.tokenizer_id,
-        lora,
-        body.get("user_metadata") or {},
-    )
-    if svc.registry.add_model(record) is not record and svc.registry.model(model_id).lora != lora:
-        raise UserError(f"model_seq_id {model_seq_id} of this session is already a different model")
-    svc.scheduler.open_model(model_id)
-    request_id = svc.scheduler.submit(
-        model_id, 0, CreateModel(source.name, lora), fingerprint(body)
-    )
-    return jsonify({"request_id": request_id, "model_id": model_id})
+    return start_model(session, model_seq_id, source, CreateModel(source.name, lora), body)
 
 
 def _lora_config(raw: Any) -> LoraConfig:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, jsonify
+from flask import Blueprint
 
 from tinkerd.api import (
     fingerprint,
@@ -18,6 +18,7 @@ from tinkerd.api import (
     get_str,
     json_body,
     service,
+    start_model,
     submit_ordered,
 )
 from tinkerd.base_models import resolve_base_model
@@ -121,19 +122,7 @@ def _create_from_checkpoint(body: dict[str, Any]) -> Any:
         raise UserError(f"{path} has no optimizer state; load it without the optimizer")
     source = resolve_base_model(meta.base_model, svc.settings.data_dir)
     lora = LoraConfig(**meta.lora)
-    model_id = f"{session.session_id}:train:{model_seq_id}"
-    record = ModelRecord(
-        model_id,
-        session.session_id,
-        source.name,
-        source.tokenizer_id,
-        lora,
-        body.get("user_metadata") or {},
-    )
-    svc.registry.add_model(record)
-    svc.scheduler.open_model(model_id)
     create = CreateModel(
         source.name, lora, from_checkpoint=str(path), with_optimizer=with_optimizer
     )
-    request_id = svc.scheduler.submit(model_id, 0, create, fingerprint(body))
-    return jsonify({"request_id": request_id, "model_id": model_id})
+    return start_model(session, model_seq_id, source, create, body)
