@@ -35,16 +35,14 @@ import argparse
 import gc
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import warnings
 from pathlib import Path
+
+from live_server import ServerProcess
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -124,76 +122,6 @@ def run_in_process(
 # -- (b) through tinkerd -------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def tinkerd_command() -> list[str]:
-    exe = Path(sys.executable).parent / "tinkerd"
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which("tinkerd")
-    return [found] if found else [sys.executable, "-m", "tinkerd.cli"]
-
-
-class ServerProcess:
-    """`tinkerd serve` in a subprocess, up once /api/v1/healthz answers."""
-
-    def __init__(self, work_dir: Path, log_level: str, threads: int | None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = work_dir / "server.log"
-        command = [
-            *tinkerd_command(),
-            "serve",
-            "--port",
-            str(self.port),
-            "--data-dir",
-            str(work_dir / "data"),
-            "--device",
-            "cpu",
-            "--log-level",
-            log_level,
-        ]
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        env = dict(os.environ)
-        if threads:  # torch reads it at start-up: the server's intra-op threads
-            env["OMP_NUM_THREADS"] = str(threads)
-        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"tinkerd exited with {self.proc.returncode}:\n{self.log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(f"{self.url}/api/v1/healthz", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"tinkerd did not answer healthz in {timeout:.0f} s:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 30) -> str:
-        self._log.flush()
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
 def sample_round(sampler, prompts, params, max_tokens: int) -> float:
     """Seconds from submitting one sample request per prompt, all at once, to the last result."""
     start = time.perf_counter()
@@ -219,7 +147,9 @@ def run_through_server(
 
     vocab = AutoConfig.from_pretrained(model_dir).vocab_size
     params = types.SamplingParams(max_tokens=max_tokens, temperature=1.0, stop=[])
-    server = ServerProcess(work_dir, log_level, threads)
+    # torch reads OMP_NUM_THREADS at start-up: the server's intra-op threads
+    env = {"OMP_NUM_THREADS": str(threads)} if threads else None
+    server = ServerProcess(work_dir, [], log_level, env)
     rates = {}
     try:
         server.wait_ready()
