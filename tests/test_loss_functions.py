@@ -10,13 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from reference import RANK, SEED, lora_params, reference_logprobs, reference_model
 from tinker import types
 
 from tinkerd.loss_functions import LOSSES, get_loss, resolve_config
 from tinkerd.types import UserError
 
-RANK, SEED = 8, 0  # what the training_client fixture asks for
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 # A large eps makes Adam's first step lr * g / (|g| + eps), nearly linear in the gradient; with
 # the default tiny eps it would be lr * sign(g) and blind to the gradient's size.
 ADAM = types.AdamParams(learning_rate=0.1, eps=1.0)
@@ -140,31 +139,6 @@ def test_clip_thresholds_must_be_ordered(name):
 
 
 # -- through the server --------------------------------------------------------------------------
-
-
-def reference_model(model_dir):
-    """A fresh PeftModel with the adapter the server creates for (RANK, SEED)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = LoraConfig(r=RANK, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        return get_peft_model(base, config)
-
-
-def lora_params(model) -> dict[str, torch.nn.Parameter]:
-    return {n.replace(".default.", "."): p for n, p in model.named_parameters() if "lora_" in n}
-
-
-def reference_logprobs(model, seqs) -> list[torch.Tensor]:
-    """log_softmax(logits) at the targets, one unpadded sequence at a time."""
-    out = []
-    for tokens, targets in seqs:
-        logits = model(input_ids=torch.as_tensor(tokens)[None]).logits[0]
-        out.append(logits.log_softmax(-1).gather(-1, torch.as_tensor(targets)[:, None])[:, 0])
-    return out
 
 
 def make_datum(tokens, inputs: dict[str, np.ndarray]) -> types.Datum:
