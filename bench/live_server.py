@@ -10,7 +10,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -73,3 +76,26 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+
+
+@contextmanager
+def sdk_session(
+    work_dir: Path, extra_args: list[str], log_level: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[ServerProcess, Any]]:
+    """A ready `tinkerd serve` and an SDK ServiceClient on it; on failure the server's log tail
+    is printed, and both are always shut down."""
+    import tinker
+
+    server = ServerProcess(work_dir, extra_args, log_level, env)
+    try:
+        server.wait_ready()
+        client = tinker.ServiceClient(base_url=server.url, api_key="tml-bench")
+        try:
+            yield server, client
+        finally:
+            client.close("success").result()
+    except BaseException:
+        print(server.log_tail(), file=sys.stderr)
+        raise
+    finally:
+        server.stop()

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from live_server import ServerProcess
+from live_server import sdk_session
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -240,36 +240,23 @@ def sdk_batch(tokens) -> list[Any]:
 def run_through_server(model_dir: Path, tokens, rank: int, warmup: int, steps: int,
                        work_dir: Path, server_args: list[str], log_level: str,
                        server_env: dict[str, str] | None = None) -> Timing:
-    import tinker
     from tinker import types
 
-    server = ServerProcess(work_dir, server_args, log_level, server_env)
-    try:
-        server.wait_ready()
-        client = tinker.ServiceClient(base_url=server.url, api_key="tml-bench")
-        try:
-            training = client.create_lora_training_client(
-                base_model=str(model_dir), rank=rank, seed=0
-            ).result()
-            data = sdk_batch(tokens)
-            adam = types.AdamParams(learning_rate=LEARNING_RATE, beta1=0.9, beta2=0.95,
-                                    eps=1e-12, weight_decay=0.0)
+    with sdk_session(work_dir, server_args, log_level, server_env) as (server, client):
+        training = client.create_lora_training_client(
+            base_model=str(model_dir), rank=rank, seed=0
+        ).result()
+        data = sdk_batch(tokens)
+        adam = types.AdamParams(learning_rate=LEARNING_RATE, beta1=0.9, beta2=0.95,
+                                eps=1e-12, weight_decay=0.0)
 
-            def step() -> None:
-                fwdbwd = training.forward_backward(data, "cross_entropy")
-                optim = training.optim_step(adam)
-                fwdbwd.result()
-                optim.result()
+        def step() -> None:
+            fwdbwd = training.forward_backward(data, "cross_entropy")
+            optim = training.optim_step(adam)
+            fwdbwd.result()
+            optim.result()
 
-            timing = time_steps(step, warmup, steps, [os.getpid(), server.proc.pid])
-        finally:
-            client.close("success").result()
-    except BaseException:
-        print(server.log_tail(), file=sys.stderr)
-        raise
-    finally:
-        server.stop()
-    return timing
+        return time_steps(step, warmup, steps, [os.getpid(), server.proc.pid])
 
 
 # -- main -------------------------------------------------------------------------------------

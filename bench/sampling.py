@@ -42,7 +42,7 @@ import time
 import warnings
 from pathlib import Path
 
-from live_server import ServerProcess
+from live_server import sdk_session
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -141,7 +141,6 @@ def run_through_server(
     log_level: str,
     threads: int | None,
 ) -> dict[int, float]:
-    import tinker
     from tinker import types
     from transformers import AutoConfig
 
@@ -149,25 +148,14 @@ def run_through_server(
     params = types.SamplingParams(max_tokens=max_tokens, temperature=1.0, stop=[])
     # torch reads OMP_NUM_THREADS at start-up: the server's intra-op threads
     env = {"OMP_NUM_THREADS": str(threads)} if threads else None
-    server = ServerProcess(work_dir, [], log_level, env)
     rates = {}
-    try:
-        server.wait_ready()
-        client = tinker.ServiceClient(base_url=server.url, api_key="tml-bench")
-        try:
-            sampler = client.create_sampling_client(base_model=str(model_dir)).result()
-            for n in levels:
-                prompts = [types.ModelInput.from_ints(p) for p in make_prompts(n, vocab)]
-                sample_round(sampler, prompts, params, max_tokens)  # warm-up (loads the model)
-                times = [sample_round(sampler, prompts, params, max_tokens) for _ in range(rounds)]
-                rates[n] = median_rate(n * max_tokens, times)
-        finally:
-            client.close("success").result()
-    except BaseException:
-        print(server.log_tail(), file=sys.stderr)
-        raise
-    finally:
-        server.stop()
+    with sdk_session(work_dir, [], log_level, env) as (_, client):
+        sampler = client.create_sampling_client(base_model=str(model_dir)).result()
+        for n in levels:
+            prompts = [types.ModelInput.from_ints(p) for p in make_prompts(n, vocab)]
+            sample_round(sampler, prompts, params, max_tokens)  # warm-up (loads the model)
+            times = [sample_round(sampler, prompts, params, max_tokens) for _ in range(rounds)]
+            rates[n] = median_rate(n * max_tokens, times)
     return rates
 
 
