@@ -15,7 +15,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,6 @@ class _Adapter:
     params: list[nn.Parameter]
     optimizer: torch.optim.AdamW
     steps: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def lora_target_modules(model: nn.Module, lora: LoraConfig) -> list[str]:
