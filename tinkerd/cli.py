@@ -27,15 +27,34 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tinkerd", description="A self-hosted Tinker API server")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the API and a worker on this machine")
+    serve = commands.add_parser(
+        "serve",
+        help="run the API (and, without --redis, a worker) on this machine",
+        description="Without --redis: the API and a worker in one process, no other service. "
+        "With --redis: only the API, in gunicorn processes; `tinkerd worker` runs the models.",
+    )
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
-    serve.add_argument(
-        "--data-dir", help="data directory (default $TINKERD_DATA_DIR, else ~/.local/share/tinkerd)"
+    serve.add_argument("--threads", type=int, help="HTTP threads, without --redis (default 128)")
+    serve.add_argument("--api-workers", type=int, help="API processes, with --redis (default 2)")
+    worker = commands.add_parser(
+        "worker",
+        help="run a GPU worker of a scaled-out cluster",
+        description="A Celery worker that registers in Redis, holds models on one device and "
+        "runs the requests the API routes to it.",
     )
-    serve.add_argument("--device", help="cuda, cuda:N or cpu (default: a GPU if there is one)")
-    serve.add_argument("--threads", type=int, help="HTTP threads (default 128)")
-    serve.add_argument("--log-level", default="INFO")
+    worker.add_argument("--name", help="worker name in the cluster (default host-pid-device)")
+    for command in (serve, worker):
+        command.add_argument(
+            "--data-dir",
+            help="data directory, shared by API and workers "
+            "(default $TINKERD_DATA_DIR, else ~/.local/share/tinkerd)",
+        )
+        command.add_argument("--redis", help="Redis URL of the cluster, e.g. redis://host:6379/0")
+        command.add_argument(
+            "--device", help="cuda, cuda:N or cpu (default: a GPU if there is one)"
+        )
+        command.add_argument("--log-level", default="INFO")
 
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -43,18 +62,32 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if args.command == "serve":
+    settings = Settings.load(
+        host=getattr(args, "host", None),
+        port=getattr(args, "port", None),
+        threads=getattr(args, "threads", None),
+        api_workers=getattr(args, "api_workers", None),
+        worker_name=getattr(args, "name", None),
+        data_dir=args.data_dir,
+        device=args.device,
+        redis_url=args.redis,
+    )
+    if args.command == "serve" and settings.redis_url:
+        from tinkerd.cluster.api import serve as serve_api
+
+        serve_api(settings)
+    elif args.command == "serve":
         quiet_libraries()
         from tinkerd.serve import EmbeddedServer
 
-        settings = Settings.load(
-            host=args.host,
-            port=args.port,
-            data_dir=args.data_dir,
-            device=args.device,
-            threads=args.threads,
-        )
         EmbeddedServer(settings).serve_forever()
+    elif args.command == "worker":
+        if not settings.redis_url:
+            parser.error("tinkerd worker needs --redis URL (or TINKERD_REDIS_URL)")
+        quiet_libraries()
+        from tinkerd.cluster.worker import WorkerProcess
+
+        WorkerProcess(settings).run()
     return 0
 
 

@@ -29,6 +29,13 @@ class Settings:
         future_ttl_seconds: how long a settled result stays retrievable.
         checkpoint_sweep_seconds: how often checkpoints past their TTL are removed (they are
             refused as soon as they expire, swept or not).
+        redis_url: scaled out: the Redis that carries tasks (Celery's broker), futures,
+            sequencing and the registry. None runs API and worker in one process.
+        api_workers: API processes gunicorn runs (scaled-out mode).
+        worker_name: a worker's name in the cluster (default host-pid-device).
+        heartbeat_seconds: how often a worker renews its registration.
+        worker_ttl_seconds: a worker silent this long is lost: its queued and running requests
+            fail with a server error and its models are reported lost.
     """
 
     host: str = "127.0.0.1"
@@ -40,6 +47,11 @@ class Settings:
     connection_limit: int = 2000
     future_ttl_seconds: float = 3600.0
     checkpoint_sweep_seconds: float = 60.0
+    redis_url: str | None = None
+    api_workers: int = 2
+    worker_name: str | None = None
+    heartbeat_seconds: float = 2.0
+    worker_ttl_seconds: float = 15.0
 
     @classmethod
     def load(cls, **overrides: Any) -> Settings:
@@ -60,5 +72,8 @@ class Settings:
         settings.long_poll_seconds = float(settings.long_poll_seconds)
         settings.future_ttl_seconds = float(settings.future_ttl_seconds)
         settings.checkpoint_sweep_seconds = float(settings.checkpoint_sweep_seconds)
+        settings.api_workers = int(settings.api_workers)
+        settings.heartbeat_seconds = float(settings.heartbeat_seconds)
+        settings.worker_ttl_seconds = float(settings.worker_ttl_seconds)
         settings.data_dir = Path(settings.data_dir).expanduser().resolve()
         return settings

@@ -223,6 +223,16 @@ class HFBackend:
         if adapter is not None:
             self._delete_adapter(adapter.base, adapter.name)
 
+    def held(self) -> dict[str, Any]:
+        total, free = device_memory(self.device)
+        return {
+            "device": str(self.device),
+            "memory_total": total,
+            "memory_free": free,
+            "base_models": sorted(b.source.name for b in self._bases.values()),
+            "models": sorted(self._adapters),
+        }
+
     def _adapter(self, model_id: str) -> _Adapter:
         adapter = self._adapters.get(model_id)
         if adapter is None:
@@ -501,6 +511,19 @@ class HFBackend:
         cached = self._samplers.pop(key, None)
         if cached is not None:
             self._delete_adapter(*cached)
+
+
+def device_memory(device: torch.device) -> tuple[int, int]:
+    """(total, free) bytes of the device's memory: the GPU's, or the host's RAM for the CPU."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return int(total), int(free)
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return 0, 0
+    info = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in lines)}
+    return info.get("MemTotal", 0), info.get("MemAvailable", 0)
 
 
 def new_optimizer(params: list[nn.Parameter]) -> torch.optim.AdamW:

@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from tinkerd.storage import CheckpointStore
 from tinkerd.types import LoraConfig, NotFound, SamplerWeights
@@ -83,77 +83,137 @@ class SamplerRecord:
             body["model_path"] = self.weights.model_path
         return body
 
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> SamplerRecord:
+        return cls(**{**raw, "weights": SamplerWeights(**raw["weights"])})
+
+
+class RecordStore(Protocol):
+    """Where the registry keeps its records, as JSON objects by kind and id: this process's
+    memory (`LocalRecords`), or Redis when several API processes share them
+    (`cluster.RedisRecords`)."""
+
+    def get(self, kind: str, key: str) -> dict[str, Any] | None: ...
+
+    def put(self, kind: str, key: str, value: dict[str, Any]) -> None: ...
+
+    def add(self, kind: str, key: str, value: dict[str, Any]) -> dict[str, Any]:
+        """Store `value` unless `key` exists; returns what is stored."""
+        ...
+
+    def values(self, kind: str) -> list[dict[str, Any]]: ...
+
+
+class LocalRecords:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kinds: dict[str, dict[str, dict[str, Any]]] = {}
+
+    def get(self, kind: str, key: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._kinds.get(kind, {}).get(key)
+
+    def put(self, kind: str, key: str, value: dict[str, Any]) -> None:
+        with self._lock:
+            self._kinds.setdefault(kind, {})[key] = value
+
+    def add(self, kind: str, key: str, value: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            return self._kinds.setdefault(kind, {}).setdefault(key, value)
+
+    def values(self, kind: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._kinds.get(kind, {}).values())
+
 
 class Registry:
-    def __init__(self, store: CheckpointStore | None = None) -> None:
-        self._lock = threading.Lock()
+    """Sessions, live models, every training run (past ones too) and samplers.
+
+    Records are copied in and out of the record store as JSON, so a view that changes one
+    (a heartbeat, a finished session) goes through a method here."""
+
+    def __init__(self, store: CheckpointStore | None = None, records: RecordStore | None = None):
         self._store = store
-        self._sessions: dict[str, Session] = {}
-        self._models: dict[str, ModelRecord] = {}  # live in this server's lifetime
-        self._runs: dict[str, ModelRecord] = {}  # every run, past ones included
-        self._samplers: dict[str, SamplerRecord] = {}
+        self._records = records or LocalRecords()
         for raw in store.load_runs() if store else []:
             try:
                 record = ModelRecord.from_json(raw)
             except (KeyError, TypeError):
                 continue
-            self._runs[record.model_id] = record
+            self._records.add("run", record.model_id, record.to_json())
 
     def create_session(self, tags: list[str], user_metadata: dict[str, Any]) -> Session:
         session = Session(uuid.uuid4().hex[:16], tags, user_metadata)
-        with self._lock:
-            self._sessions[session.session_id] = session
+        self._records.put("session", session.session_id, asdict(session))
         return session
 
     def session(self, session_id: str) -> Session:
-        with self._lock:
-            session = self._sessions.get(session_id)
-        if session is None:
+        raw = self._records.get("session", session_id)
+        if raw is None:
             raise NotFound(f"unknown session_id {session_id!r}")
+        return Session(**raw)
+
+    def heartbeat(self, session_id: str) -> Session:
+        session = self.session(session_id)
+        if not session.finished:
+            session.touch()
+            self._records.put("session", session_id, asdict(session))
         return session
+
+    def finish_session(self, session_id: str, reason: str) -> None:
+        session = self.session(session_id)
+        session.finished = reason
+        self._records.put("session", session_id, asdict(session))
 
     def add_model(self, record: ModelRecord) -> ModelRecord:
         """Register `record`, or return the one already there (a retried create)."""
-        with self._lock:
-            existing = self._models.get(record.model_id)
-            if existing is not None:
-                return existing
-            self._models[record.model_id] = self._runs[record.model_id] = record
-        if self._store is not None:
-            self._store.save_run(record.model_id, record.to_json())
-        return record
+        stored = ModelRecord.from_json(
+            self._records.add("model", record.model_id, record.to_json())
+        )
+        if stored == record:
+            self._records.put("run", record.model_id, record.to_json())
+            if self._store is not None:
+                self._store.save_run(record.model_id, record.to_json())
+            return record
+        return stored
 
     def model(self, model_id: str) -> ModelRecord:
         """A model that is live in this server (its weights are held by a worker)."""
-        with self._lock:
-            record = self._models.get(model_id)
-        if record is None:
+        raw = self._records.get("model", model_id)
+        if raw is None:
             raise NotFound(f"unknown model_id {model_id!r}")
+        return ModelRecord.from_json(raw)
+
+    def touch_model(self, model_id: str) -> ModelRecord:
+        record = self.model(model_id)
+        record.touch()
+        self._records.put("model", model_id, record.to_json())
         return record
 
     def models(self) -> list[ModelRecord]:
-        with self._lock:
-            return list(self._models.values())
+        return [ModelRecord.from_json(raw) for raw in self._records.values("model")]
 
     def run(self, model_id: str) -> ModelRecord:
         """A training run, live or from before a restart."""
-        with self._lock:
-            record = self._runs.get(model_id)
-        if record is None:
+        raw = self._records.get("run", model_id)
+        if raw is None:
             raise NotFound(f"unknown training run {model_id!r}")
-        return record
+        return ModelRecord.from_json(raw)
 
     def runs(self) -> list[ModelRecord]:
-        with self._lock:
-            return sorted(self._runs.values(), key=lambda r: r.created_at)
+        runs = [ModelRecord.from_json(raw) for raw in self._records.values("run")]
+        return sorted(runs, key=lambda r: r.created_at)
 
     def add_sampler(self, record: SamplerRecord) -> SamplerRecord:
-        with self._lock:
-            return self._samplers.setdefault(record.sampler_id, record)
+        return SamplerRecord.from_json(
+            self._records.add("sampler", record.sampler_id, record.to_json())
+        )
 
     def sampler(self, sampler_id: str) -> SamplerRecord:
-        with self._lock:
-            record = self._samplers.get(sampler_id)
-        if record is None:
+        raw = self._records.get("sampler", sampler_id)
+        if raw is None:
             raise NotFound(f"unknown sampling session {sampler_id!r}")
-        return record
+        return SamplerRecord.from_json(raw)

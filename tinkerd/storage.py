@@ -34,6 +34,9 @@ from tinkerd.types import NotFound, ServerError, UserError
 
 KINDS = {"weights": "training", "sampler_weights": "sampler"}
 META_FILE = "tinkerd.json"
+# In a shared data directory, a temporary entry younger than this may be another process's write
+# in progress, not a crash's leftover.
+SHARED_STALE_SECONDS = 3600.0
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 
 
@@ -110,6 +113,13 @@ class CheckpointMeta:
         }
 
 
+def _age(path: Path, now: float) -> float:
+    try:
+        return now - path.stat().st_mtime
+    except OSError:
+        return 0.0  # gone already: someone else finished with it
+
+
 def iso_time(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat()
 
@@ -133,17 +143,23 @@ def _fsync_tree(directory: Path) -> int:
 class CheckpointStore:
     """The checkpoints and run records under `root` (the data directory's runs/)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, shared: bool = False) -> None:
+        """`shared`: other processes (a cluster's API and workers) write to the same directory,
+        so start-up recovery leaves alone what may be their writes in progress."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._recover()
+        self._recover(SHARED_STALE_SECONDS if shared else 0.0)
 
-    def _recover(self) -> None:
+    def _recover(self, min_age: float) -> None:
         """Finish what a crash interrupted: put back a checkpoint that an overwrite had moved
-        aside but not yet replaced, and remove half-written or half-deleted directories."""
+        aside but not yet replaced, and remove half-written or half-deleted directories (those
+        older than `min_age` seconds)."""
+        now = time.time()
         for entry in self.root.glob("*/*/.*"):
             if entry.parent.name not in KINDS or not entry.is_dir():
+                continue
+            if min_age and _age(entry, now) < min_age:
                 continue
             kind, _, rest = entry.name[1:].partition("-")
             name = rest[:-33]  # <name>-<uuid4 hex>
@@ -156,7 +172,8 @@ class CheckpointStore:
             except OSError:
                 continue  # left for the next start; never stops this one
         for tmp in self.root.glob("*/.run.json.*"):
-            tmp.unlink(missing_ok=True)
+            if not min_age or _age(tmp, now) >= min_age:
+                tmp.unlink(missing_ok=True)
 
     def run_dir(self, model_id: str) -> Path:
         if "/" in model_id or model_id in ("", ".", ".."):

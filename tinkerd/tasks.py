@@ -5,7 +5,10 @@ tasks are released to its worker strictly in seq_id order, however they arrive (
 1 of a large batch last), and a retried (model_id, seq_id) returns the first request's id instead of
 running twice. Workers settle futures with encoded bodies; the API long-polls them.
 
-`Scheduler` holds this state in process for `tinkerd serve`.
+`Scheduler` holds this state in process. Alone on one box (`tinkerd serve`) it is the whole queue;
+scaled out, the API's `cluster.RedisScheduler` does the sequencing and de-duplication in Redis and
+each worker process keeps a `Scheduler` that only orders what Celery delivers to it (`enqueue`),
+so the worker's loop is the same in both modes.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from tinkerd.types import NotFound, Payload, UserError
 
@@ -38,6 +42,23 @@ class Task:
     model_id: str
     seq_id: int
     payload: Payload
+
+
+class TaskQueue(Protocol):
+    """What the API needs from the queue to the workers: in-process `Scheduler`, or
+    `cluster.RedisScheduler` in front of Celery workers."""
+
+    def open_model(self, model_id: str) -> None: ...
+
+    def submit(self, model_id: str, seq_id: int, payload: Payload, fingerprint: str) -> str: ...
+
+    def submit_unordered(
+        self, key: str, seq_id: int, payload: Payload, fingerprint: str
+    ) -> str: ...
+
+    def wait(self, request_id: str, timeout: float) -> Result | None: ...
+
+    def queue_depth(self) -> int: ...
 
 
 @dataclass
@@ -137,12 +158,24 @@ class Scheduler:
             if seq_id > queue.next_seq + MAX_SEQ_AHEAD:
                 raise UserError(f"seq_id {seq_id} is too far ahead of {queue.next_seq}")
             request_id = self.futures.create()
-            queue.pending[seq_id] = Task(request_id, model_id, seq_id, payload)
             queue.seen[seq_id] = (request_id, fingerprint)
-            if seq_id == queue.next_seq:
-                self._ready.add(model_id)
-                self._cond.notify_all()
+            self._enqueue_locked(queue, Task(request_id, model_id, seq_id, payload))
             return request_id
+
+    def enqueue(self, task: Task) -> None:
+        """Queue a task that was already sequenced and de-duplicated upstream (a worker process
+        fed by Celery): it runs in its model's seq_id order; a redelivered one is dropped."""
+        with self._cond:
+            queue = self._queues.setdefault(task.model_id, _ModelQueue(next_seq=0))
+            if task.seq_id < queue.next_seq or task.seq_id in queue.pending:
+                return
+            self._enqueue_locked(queue, task)
+
+    def _enqueue_locked(self, queue: _ModelQueue, task: Task) -> None:
+        queue.pending[task.seq_id] = task
+        if task.seq_id == queue.next_seq:
+            self._ready.add(task.model_id)
+            self._cond.notify_all()
 
     def submit_unordered(self, key: str, seq_id: int, payload: Payload, fingerprint: str) -> str:
         """Queue work that needs no order (sampling), runnable at once; a retried (key, seq_id)
@@ -156,12 +189,18 @@ class Scheduler:
                     )
                 return seen[0]
             request_id = self.futures.create()
-            self._unordered.append(Task(request_id, key, seq_id, payload))
             self._unordered_seen[(key, seq_id)] = (request_id, fingerprint)
             while len(self._unordered_seen) > RETRY_WINDOW:
                 self._unordered_seen.popitem(last=False)
+            self._unordered.append(Task(request_id, key, seq_id, payload))
             self._cond.notify_all()
             return request_id
+
+    def enqueue_unordered(self, task: Task) -> None:
+        """Queue an unordered task that was de-duplicated upstream."""
+        with self._cond:
+            self._unordered.append(task)
+            self._cond.notify_all()
 
     def take_ready(self, timeout: float) -> list[list[Task]]:
         """Every model's runnable tasks, each list in seq order, then the unordered tasks as one
@@ -196,6 +235,9 @@ class Scheduler:
 
     def settle(self, request_id: str, result: Result) -> None:
         self.futures.settle(request_id, result)
+
+    def wait(self, request_id: str, timeout: float) -> Result | None:
+        return self.futures.wait(request_id, timeout)
 
     def queue_depth(self) -> int:
         with self._cond:

@@ -75,7 +75,7 @@ def submit_ordered(
     still takes its seq_id (as a Rejected task), so the model's later requests are not left
     waiting for it."""
     svc = service()
-    svc.registry.model(model_id).touch()
+    svc.registry.touch_model(model_id)
     try:
         payload = build()
     except UserError as e:
@@ -114,9 +114,7 @@ def start_model(
         create.lora,
         body.get("user_metadata") or {},
     )
-    if svc.registry.add_model(record) is not record and svc.registry.model(model_id).lora != (
-        create.lora
-    ):
+    if svc.registry.add_model(record).lora != create.lora:
         raise UserError(f"model_seq_id {model_seq_id} of this session is already a different model")
     svc.scheduler.open_model(model_id)
     request_id = svc.scheduler.submit(model_id, 0, create, fingerprint(body))

@@ -67,18 +67,17 @@ def create_session():
 
 @bp.post("/session_heartbeat")
 def session_heartbeat():
-    session = service().registry.session(get_str(json_body(), "session_id"))
+    session = service().registry.heartbeat(get_str(json_body(), "session_id"))
     if session.finished:  # 410 tells the SDK to stop heartbeating
         return jsonify({"error": "session is finished", "category": "user"}), 410
-    session.touch()
     return jsonify({})
 
 
 @bp.post("/sessions/<session_id>/finish")
 def finish_session(session_id: str):
     reason = json_body().get("reason") or {}
-    session = service().registry.session(session_id)
-    session.finished = reason.get("type", "success") if isinstance(reason, dict) else "success"
+    finished = reason.get("type", "success") if isinstance(reason, dict) else "success"
+    service().registry.finish_session(session_id, str(finished))
     return jsonify({})
 
 
@@ -195,7 +194,7 @@ def _adam_params(body: dict[str, Any]) -> AdamParams:
 def retrieve_future():
     svc = service()
     request_id = get_str(json_body(), "request_id")
-    result = svc.scheduler.futures.wait(request_id, svc.settings.long_poll_seconds)
+    result = svc.scheduler.wait(request_id, svc.settings.long_poll_seconds)
     if result is None:
         return jsonify({"type": "try_again", "request_id": request_id, "queue_state": "active"})
     return Response(result.body, content_type=result.content_type)

@@ -1,0 +1,101 @@
+"""`tinkerd serve --redis`: the API alone, in gunicorn processes that share one Redis.
+
+Each process builds the same Flask app as `tinkerd serve`, over `RedisScheduler` and the
+registry's records in Redis, so any process answers any request. gunicorn's gevent workers hold
+a waiting `retrieve_future` as a greenlet, not a thread: a thousand long-polls cost little.
+While Redis is unreachable every route answers 503 with a clear message, and the process
+recovers by itself when Redis is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from typing import TYPE_CHECKING
+
+from tinkerd.config import Settings
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+log = logging.getLogger(__name__)
+
+
+def create_cluster_app(settings: Settings) -> Flask:
+    # Imported here: the gunicorn master must not load redis or celery before its gevent
+    # workers patch the standard library.
+    import kombu.exceptions
+    import redis.exceptions
+    from flask import jsonify, request
+
+    from tinkerd.app import create_app
+    from tinkerd.cluster.celery_app import make_celery
+    from tinkerd.cluster.scheduler import Reaper, RedisScheduler
+    from tinkerd.cluster.state import RedisFutures, RedisRecords, connect
+    from tinkerd.registry import Registry
+    from tinkerd.storage import CheckpointStore
+
+    if not settings.redis_url:
+        raise ValueError("the cluster API needs a redis_url")
+    client = connect(settings.redis_url)
+    futures = RedisFutures(client, settings.future_ttl_seconds)
+    scheduler = RedisScheduler(client, make_celery(settings.redis_url), futures)
+    store = CheckpointStore(settings.data_dir / "runs", shared=True)
+    registry = Registry(store, RedisRecords(client))
+    app = create_app(settings, scheduler, registry, store)
+    app.extensions["tinkerd_reaper"] = Reaper(client, futures, settings.heartbeat_seconds).start()
+
+    def redis_down(e: Exception) -> Any:
+        log.warning("Redis unreachable: %s", e)
+        if request.path.endswith("/retrieve_future"):
+            time.sleep(1.0)  # the SDK re-polls a 5xx at once: keep that loop slow
+        body = {
+            "error": f"tinkerd's Redis at {_safe(settings.redis_url)} is unreachable ({e}); "
+            "the request was not taken, try again shortly",
+            "category": "server",
+        }
+        return jsonify(body), 503, {"Retry-After": "1"}
+
+    app.register_error_handler(redis.exceptions.ConnectionError, redis_down)
+    app.register_error_handler(redis.exceptions.TimeoutError, redis_down)
+    app.register_error_handler(kombu.exceptions.OperationalError, redis_down)
+    return app
+
+
+def _safe(url: str) -> str:
+    """The Redis URL without its password."""
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    return url
+
+
+def serve(settings: Settings) -> None:
+    """Run the cluster API under gunicorn with gevent workers."""
+    from gunicorn.app.base import BaseApplication
+
+    class API(BaseApplication):
+        def load_config(self) -> None:
+            self.cfg.set("bind", f"{settings.host}:{settings.port}")
+            self.cfg.set("workers", settings.api_workers)
+            self.cfg.set("worker_class", "gevent")
+            self.cfg.set("worker_connections", settings.connection_limit)
+            self.cfg.set("timeout", 120)  # a worker silent this long is restarted
+            self.cfg.set("graceful_timeout", 30)
+            self.cfg.set("keepalive", 75)
+            self.cfg.set("control_socket_disable", True)  # several APIs may share a host
+
+        def load(self) -> Flask:  # in each worker, after gevent has patched the process
+            return create_cluster_app(settings)
+
+    log.info(
+        "tinkerd API on %s:%s (%d processes), Redis %s, data in %s",
+        settings.host,
+        settings.port,
+        settings.api_workers,
+        _safe(settings.redis_url or ""),
+        settings.data_dir,
+    )
+    API().run()

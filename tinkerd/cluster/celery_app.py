@@ -1,0 +1,49 @@
+"""The Celery app: Redis as broker, one queue per worker, one task that hands work to the worker.
+
+The task is plain data: a payload dataclass as JSON (`codec`).
+Its handler only queues the work on the worker's local `tasks.Scheduler`, which orders each
+model's requests by seq_id whatever order Celery delivers them in; results do not go through
+Celery but straight to Redis (`state.RedisFutures`), where any API process finds them.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from tinkerd.cluster import codec
+from tinkerd.tasks import Scheduler, Task
+
+RUN_TASK = "tinkerd.run"
+
+
+def worker_queue(worker: str) -> str:
+    return f"tinkerd.worker.{worker}"
+
+
+def make_celery(redis_url: str) -> Celery:
+    app = Celery("tinkerd", broker=redis_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        task_acks_late=False,  # a lost worker's requests are failed by the reaper, not re-run
+        worker_prefetch_multiplier=256,
+        worker_hijack_root_logger=False,
+        worker_enable_remote_control=False,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # a worker outlives a Redis restart
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2},
+    )
+    return app
+
+
+def bind_scheduler(app: Celery, scheduler: Scheduler) -> None:
+    """Register the task on a worker: each delivery is queued on `scheduler`."""
+
+    @app.task(name=RUN_TASK)
+    def run(kind: str, request_id: str, key: str, seq_id: int, payload: dict) -> None:
+        task = Task(request_id, key, seq_id, codec.decode(payload))
+        if kind == "ordered":
+            scheduler.enqueue(task)
+        else:
+            scheduler.enqueue_unordered(task)

@@ -1,0 +1,77 @@
+"""Payloads as JSON for Celery: the payload dataclasses of `types`, numpy arrays (base64, with
+dtype and shape) and tuples, and nothing else.
+
+JSON rather than pickle: a message from Redis is data, never code, and only the listed types are
+built from it.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from tinkerd import types
+
+TYPES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (
+        types.LoraConfig,
+        types.AdamParams,
+        types.Datum,
+        types.CreateModel,
+        types.ForwardBackward,
+        types.OptimStep,
+        types.SaveWeights,
+        types.LoadWeights,
+        types.Rejected,
+        types.SamplingParams,
+        types.SamplerWeights,
+        types.Sample,
+    )
+}
+
+
+def encode(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        name = type(value).__name__
+        if TYPES.get(name) is not type(value):
+            raise TypeError(f"{name} is not a payload type")
+        fields = {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {"__type__": name, **fields}
+    if isinstance(value, np.ndarray):
+        array = np.ascontiguousarray(value)
+        return {
+            "__ndarray__": base64.b64encode(array.tobytes()).decode(),
+            "dtype": array.dtype.str,
+            "shape": list(array.shape),
+        }
+    if isinstance(value, tuple):
+        return {"__tuple__": [encode(v) for v in value]}
+    if isinstance(value, list):
+        return [encode(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): encode(v) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def decode(value: Any) -> Any:
+    if isinstance(value, list):
+        return [decode(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__type__" in value:
+        cls = TYPES[value["__type__"]]
+        return cls(**{k: decode(v) for k, v in value.items() if k != "__type__"})
+    if "__ndarray__" in value:
+        raw = base64.b64decode(value["__ndarray__"])
+        return np.frombuffer(raw, dtype=np.dtype(value["dtype"])).reshape(value["shape"]).copy()
+    if "__tuple__" in value:
+        return tuple(decode(v) for v in value["__tuple__"])
+    return {k: decode(v) for k, v in value.items()}

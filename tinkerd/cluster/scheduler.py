@@ -1,0 +1,345 @@
+"""The API side of the cluster: sequencing in Redis, placement, dispatch by Celery, the reaper.
+
+Any API process may take any request of any model, so the per-model state that `tasks.Scheduler`
+keeps in memory lives in Redis and changes only inside Lua scripts (atomic across processes):
+a retried (model_id, seq_id) returns the first request's id, a clash is refused, and each new
+request is recorded as in flight at its worker in the same step. The request then goes by Celery
+to the queue of the one worker that owns the model; the worker orders what arrives by seq_id.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+import redis
+from celery import Celery
+
+from tinkerd.cluster import codec
+from tinkerd.cluster.celery_app import RUN_TASK, worker_queue
+from tinkerd.cluster.state import (
+    LOST,
+    PLACEMENT,
+    REAPER_LOCK,
+    REQUEST_TTL,
+    WORKERS,
+    RedisFutures,
+    inflight_key,
+    live_workers,
+    request_key,
+)
+from tinkerd.tasks import MAX_SEQ_AHEAD, RETRY_WINDOW, Result
+from tinkerd.types import (
+    NotFound,
+    Payload,
+    Sample,
+    SaveWeights,
+    ServerError,
+    TinkerdError,
+    UserError,
+)
+
+log = logging.getLogger(__name__)
+
+# KEYS: seen hash, next key, request key, inflight set of the worker, workers set
+# ARGV: seq_id, fingerprint, new request id, worker, retry window, max ahead, request ttl
+SUBMIT_ORDERED = """
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if v then
+  local sep = string.find(v, '|', 1, true)
+  local rid = string.sub(v, 1, sep - 1)
+  if string.sub(v, sep + 1) ~= ARGV[2] then return {'clash', rid} end
+  return {'dup', rid}
+end
+local seq = tonumber(ARGV[1])
+local nxt = tonumber(redis.call('GET', KEYS[2]) or '0')
+if seq < nxt then return {'past', tostring(nxt)} end
+if seq > nxt + tonumber(ARGV[6]) then return {'ahead', tostring(nxt)} end
+if ARGV[4] ~= '' and redis.call('SISMEMBER', KEYS[5], ARGV[4]) == 0 then return {'lost', ''} end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3] .. '|' .. ARGV[2])
+if seq == nxt then
+  local window = tonumber(ARGV[5])
+  while redis.call('HEXISTS', KEYS[1], tostring(nxt)) == 1 do
+    if nxt >= window then redis.call('HDEL', KEYS[1], tostring(nxt - window)) end
+    nxt = nxt + 1
+  end
+  redis.call('SET', KEYS[2], nxt)
+end
+redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[7])
+if ARGV[4] ~= '' then redis.call('SADD', KEYS[4], ARGV[3]) end
+return {'new', ARGV[3]}
+"""
+
+# KEYS: seen hash of the sampler key, request key, inflight set of the worker, workers set
+# ARGV: seq_id, fingerprint, new request id, worker, retry window, request ttl
+SUBMIT_UNORDERED = """
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if v then
+  local sep = string.find(v, '|', 1, true)
+  local rid = string.sub(v, 1, sep - 1)
+  if string.sub(v, sep + 1) ~= ARGV[2] then return {'clash', rid} end
+  return {'dup', rid}
+end
+if redis.call('SISMEMBER', KEYS[4], ARGV[4]) == 0 then return {'lost', ''} end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3] .. '|' .. ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+local window = tonumber(ARGV[5])
+if redis.call('HLEN', KEYS[1]) > 2 * window then
+  local horizon = tonumber(ARGV[1]) - window
+  for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+    if tonumber(f) < horizon then redis.call('HDEL', KEYS[1], f) end
+  end
+end
+redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[6])
+redis.call('SADD', KEYS[3], ARGV[3])
+return {'new', ARGV[3]}
+"""
+
+
+class Unavailable(TinkerdError):
+    """The cluster cannot take the request now (no worker, Redis down): 503, try again."""
+
+    status = 503
+
+
+class RedisScheduler:
+    """`tasks.TaskQueue` for API processes: the same contract as the in-process Scheduler."""
+
+    def __init__(self, client: redis.Redis, celery: Celery, futures: RedisFutures) -> None:
+        self.redis = client
+        self.celery = celery
+        self.futures = futures
+        self._submit_ordered = client.register_script(SUBMIT_ORDERED)
+        self._submit_unordered = client.register_script(SUBMIT_UNORDERED)
+
+    # -- placement ------------------------------------------------------------------------------
+
+    def open_model(self, model_id: str) -> None:
+        """Place a new model on the live worker with the fewest models, then the most free
+        memory; a retried create keeps the first placement."""
+        if self.redis.hexists(PLACEMENT, model_id):
+            return
+        workers = live_workers(self.redis)
+        if not workers:
+            raise Unavailable(
+                "no tinkerd worker is running: start one with `tinkerd worker --redis URL`"
+            )
+        placed: dict[str, int] = {}
+        for owner in self.redis.hvals(PLACEMENT):
+            placed[owner.decode()] = placed.get(owner.decode(), 0) + 1
+        name = min(
+            workers,
+            key=lambda n: (placed.get(n, 0), -int(workers[n].get("memory_free", 0)), n),
+        )
+        self.redis.hsetnx(PLACEMENT, model_id, name)
+
+    def has_model(self, model_id: str) -> bool:
+        return bool(self.redis.hexists(PLACEMENT, model_id) or self.redis.hexists(LOST, model_id))
+
+    def worker_of(self, model_id: str) -> str | None:
+        owner = self.redis.hget(PLACEMENT, model_id)
+        return owner.decode() if owner is not None else None
+
+    def _sampling_worker(self, sample: Sample) -> str:
+        """A snapshot lives on its model's worker; anything else may run on any worker, best one
+        that already holds the base model, then the least busy."""
+        if sample.weights.snapshot_id is not None:
+            owner = self.worker_of(sample.weights.snapshot_id)
+            return owner or ""  # "" = lost: answered with the lost error below
+        workers = live_workers(self.redis)
+        if not workers:
+            raise Unavailable(
+                "no tinkerd worker is running: start one with `tinkerd worker --redis URL`"
+            )
+        pipe = self.redis.pipeline(transaction=False)
+        for name in workers:
+            pipe.scard(inflight_key(name))
+        busy = dict(zip(workers, pipe.execute(), strict=True))
+        return min(
+            workers,
+            key=lambda n: (
+                sample.weights.base_model not in workers[n].get("base_models", ()),
+                busy[n],
+                n,
+            ),
+        )
+
+    # -- submitting ------------------------------------------------------------------------------
+
+    def submit(self, model_id: str, seq_id: int, payload: Payload, fingerprint: str) -> str:
+        worker = self.worker_of(model_id)
+        lost = None
+        if worker is None:
+            lost = self.redis.hget(LOST, model_id)
+            if lost is None:
+                raise NotFound(f"unknown model_id {model_id!r}")
+        request_id = uuid.uuid4().hex
+        keys = [
+            f"tinkerd:seq:{model_id}",
+            f"tinkerd:next:{model_id}",
+            request_key(request_id),
+            inflight_key(worker or ""),
+            WORKERS,
+        ]
+        args = [
+            seq_id,
+            fingerprint,
+            request_id,
+            worker or "",
+            RETRY_WINDOW,
+            MAX_SEQ_AHEAD,
+            REQUEST_TTL,
+        ]
+        status, value = (_text(v) for v in self._submit_ordered(keys=keys, args=args))
+        if status == "lost":  # the worker was reaped after we read the placement
+            lost = self.redis.hget(LOST, model_id) or b"its worker was lost"
+            status, value = (
+                _text(v) for v in self._submit_ordered(keys=keys, args=[*args[:3], "", *args[4:]])
+            )
+        if status == "dup":
+            return value
+        if status == "clash":
+            raise UserError(
+                f"seq_id {seq_id} of {model_id} was already used by a different request"
+            )
+        if status == "past":
+            raise UserError(
+                f"seq_id {seq_id} is in the past: {model_id} is already at seq_id {value}"
+            )
+        if status == "ahead":
+            raise UserError(f"seq_id {seq_id} is too far ahead of {value}")
+        if lost is not None:
+            self.futures.settle_error(request_id, ServerError(_text(lost)), None)
+            return request_id
+        assert worker is not None
+        if isinstance(payload, SaveWeights) and payload.snapshot_id is not None:
+            self.redis.hset(PLACEMENT, payload.snapshot_id, worker)
+        self._send(worker, "ordered", request_id, model_id, seq_id, payload)
+        return request_id
+
+    def submit_unordered(self, key: str, seq_id: int, payload: Payload, fingerprint: str) -> str:
+        if not isinstance(payload, Sample):
+            raise ServerError(f"unordered {type(payload).__name__} is not supported")
+        worker = self._sampling_worker(payload)
+        request_id = uuid.uuid4().hex
+        keys = [f"tinkerd:useen:{key}", request_key(request_id), inflight_key(worker), WORKERS]
+        args = [seq_id, fingerprint, request_id, worker, RETRY_WINDOW, REQUEST_TTL]
+        status, value = (_text(v) for v in self._submit_unordered(keys=keys, args=args))
+        if status == "dup":
+            return value
+        if status == "clash":
+            raise UserError(f"seq_id {seq_id} of {key} was already used by a different request")
+        if status == "lost":
+            why = self.redis.hget(LOST, payload.weights.snapshot_id or "")
+            raise ServerError(
+                _text(why) if why else f"the worker chosen for {key} is gone; try again"
+            )
+        self._send(worker, "unordered", request_id, key, seq_id, payload)
+        return request_id
+
+    def _send(
+        self, worker: str, kind: str, request_id: str, key: str, seq_id: int, payload: Payload
+    ) -> None:
+        try:
+            self.celery.send_task(
+                RUN_TASK,
+                args=[kind, request_id, key, seq_id, codec.encode(payload)],
+                queue=worker_queue(worker),
+            )
+        except Exception as e:  # the broker went away between recording and sending
+            self.futures.settle_error(
+                request_id, ServerError(f"could not queue the request to {worker}: {e}"), worker
+            )
+
+    # -- futures ---------------------------------------------------------------------------------
+
+    def wait(self, request_id: str, timeout: float) -> Result | None:
+        return self.futures.wait(request_id, timeout)
+
+    def queue_depth(self) -> int:
+        names = [_text(n) for n in self.redis.smembers(WORKERS)]
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.scard(inflight_key(name))
+        return int(sum(pipe.execute())) if names else 0
+
+
+class Reaper:
+    """Finds workers whose heartbeat stopped and fails what they held, so no future stays
+    pending: their queued and running requests settle to a server error naming the worker, and
+    their models (and snapshots) are reported lost. Every API process runs one; a short Redis
+    lock lets one of them act per round. A worker counts as lost only when its registration
+    has been missing in two rounds a heartbeat apart (a Redis restart is not a lost worker)."""
+
+    def __init__(self, client: redis.Redis, futures: RedisFutures, interval: float) -> None:
+        self.redis = client
+        self.futures = futures
+        self.interval = interval
+        self._suspects: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._me = f"{socket.gethostname()}-{os.getpid()}"
+
+    def start(self) -> Reaper:
+        threading.Thread(target=self._run, name="tinkerd-reaper", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.reap_once()
+            except redis.RedisError as e:
+                log.debug("reaper skipped a round: %s", e)
+
+    def reap_once(self) -> list[str]:
+        """One round: returns the workers it declared lost."""
+        if not self.redis.set(REAPER_LOCK, self._me, nx=True, px=int(self.interval * 900)):
+            return []
+        names = {_text(n) for n in self.redis.smembers(WORKERS)}
+        alive = live_workers(self.redis)
+        now = time.monotonic()
+        lost = []
+        for name in sorted(names - set(alive)):
+            first_missed = self._suspects.setdefault(name, now)
+            if now - first_missed >= self.interval:
+                self.reap(name)
+                lost.append(name)
+        self._suspects = {n: t for n, t in self._suspects.items() if n in names - set(alive)}
+        return lost
+
+    def reap(self, name: str) -> None:
+        if not self.redis.srem(WORKERS, name):
+            return  # another API process got it
+        log.error("worker %s was lost: failing its requests and marking its models lost", name)
+        owned = [
+            _text(model)
+            for model, owner in self.redis.hgetall(PLACEMENT).items()
+            if _text(owner) == name
+        ]
+        for model_id in owned:
+            self.redis.hset(
+                LOST,
+                model_id,
+                f"model {model_id} was lost with worker {name}; restore it from its last "
+                "checkpoint (create_training_client_from_state)",
+            )
+            self.redis.hdel(PLACEMENT, model_id)
+        error = ServerError(f"worker {name} was lost before this request finished")
+        for request_id in self.redis.smembers(inflight_key(name)):
+            self.futures.settle_error(_text(request_id), error, name)
+        self.redis.delete(inflight_key(name))
+
+
+def lost_models(client: redis.Redis) -> dict[str, str]:
+    return {_text(k): _text(v) for k, v in client.hgetall(LOST).items()}
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,118 @@
+"""`tinkerd worker`: a Celery worker process that owns one device's models.
+
+It is `tinkerd serve`'s worker loop (`worker.Worker` over a local `tasks.Scheduler`) with Celery
+in front and Redis behind: Celery delivers each request to this worker's own queue, the local
+scheduler orders it among its model's requests, and results go to Redis for any API process to
+answer. A heartbeat thread renews the registration (host, device, memory, models held, queue) and
+resends results that could not be stored while Redis was away.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from tinkerd.cluster.celery_app import bind_scheduler, make_celery, worker_queue
+from tinkerd.cluster.state import WORKERS, RedisFutures, connect, worker_key
+from tinkerd.config import Settings
+from tinkerd.storage import CheckpointStore
+from tinkerd.tasks import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class WorkerProcess:
+    def __init__(self, settings: Settings) -> None:
+        from tinkerd.hf_backend import HFBackend
+        from tinkerd.worker import Worker
+
+        if not settings.redis_url:
+            raise ValueError("tinkerd worker needs --redis")
+        self.settings = settings
+        self.redis = connect(settings.redis_url)
+        store = CheckpointStore(settings.data_dir / "runs", shared=True)
+        self.backend = HFBackend(settings.data_dir, settings.device, store=store)
+        device = str(self.backend.device)
+        self.name = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}-{device}"
+        self.futures = RedisFutures(self.redis, settings.future_ttl_seconds, worker=self.name)
+        self.scheduler = Scheduler(self.futures)
+        self.worker = Worker(self.scheduler, self.backend)
+        self.celery = make_celery(settings.redis_url)
+        bind_scheduler(self.celery, self.scheduler)
+        self.started_at = time.time()
+        self._held: dict[str, Any] = {}
+        self._registered = False
+        self._stop = threading.Event()
+
+    def registration(self) -> dict[str, Any]:
+        try:
+            self._held = self.backend.held()
+        except RuntimeError:  # the worker thread changed what it holds mid-read: use the last
+            pass
+        return {
+            "name": self.name,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "queue": worker_queue(self.name),
+            "started_at": self.started_at,
+            "heartbeat_at": time.time(),
+            "queue_depth": self.scheduler.queue_depth(),
+            **self._held,
+        }
+
+    def heartbeat(self) -> None:
+        """Renew the registration and send any results Redis missed."""
+        ttl_ms = int(self.settings.worker_ttl_seconds * 1000)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(worker_key(self.name), json.dumps(self.registration()), px=ttl_ms)
+        pipe.sadd(WORKERS, self.name)
+        added = pipe.execute()[1]
+        if added and self._registered:
+            log.error("worker %s had been declared lost; its earlier models are gone", self.name)
+        self._registered = True
+        self.futures.flush()
+
+    def _heartbeat_forever(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_seconds):
+            try:
+                self.heartbeat()
+            except RedisError as e:
+                log.warning("heartbeat failed (%s); retrying", e)
+
+    def run(self) -> None:
+        """Register, then serve until SIGTERM/SIGINT (Celery's warm shutdown)."""
+        self.heartbeat()
+        self.worker.start()
+        threading.Thread(
+            target=self._heartbeat_forever, name="tinkerd-heartbeat", daemon=True
+        ).start()
+        log.info(
+            "worker %s on %s, queue %s", self.name, self.backend.device, worker_queue(self.name)
+        )
+        try:
+            self.celery.Worker(
+                hostname=f"{self.name}@{socket.gethostname()}",
+                queues=[worker_queue(self.name)],
+                pool_cls="solo",
+                concurrency=1,
+                without_heartbeat=True,
+                without_mingle=True,
+                without_gossip=True,
+                loglevel=logging.getLevelName(logging.getLogger().level),
+                quiet=True,
+            ).start()
+        finally:
+            self._stop.set()
+            self.worker.stop()
+            try:
+                self.futures.flush()
+                self.redis.delete(worker_key(self.name))  # the reaper takes it from here
+            except RedisError:
+                pass
