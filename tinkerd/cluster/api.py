@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tinkerd.config import Settings
 
