@@ -55,3 +55,27 @@ def training_client(service_client, tiny_model_dir):
     return service_client.create_lora_training_client(
         base_model=str(tiny_model_dir), rank=8, seed=0
     ).result()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real redis-server on a free loopback port for the cluster tests. Without redis-server
+    installed this errors (RedisServer raises): the cluster tests never skip."""
+    from tinkerd.local_cluster import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    """The session's redis-server, emptied for this test."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+    return redis_server.url

@@ -11,7 +11,9 @@ bp = Blueprint("ops", __name__)
 
 
 @bp.get("/healthz")
+@bp.get("/api/v1/healthz")
 def healthz():
+    """Ok when the queue to the workers answers (503 while a cluster's Redis is down)."""
     svc = service()
     return jsonify({"status": "ok", "queue_depth": svc.scheduler.queue_depth()})
 

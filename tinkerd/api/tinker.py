@@ -86,11 +86,6 @@ def telemetry():
     return jsonify({"status": "accepted"})
 
 
-@bp.get("/healthz")
-def healthz():
-    return jsonify({"status": "ok"})
-
-
 @bp.get("/get_server_capabilities")
 def server_capabilities():
     names = [TINY_MODEL] + sorted(

@@ -15,6 +15,9 @@ import numpy as np
 
 from tinkerd import types
 
+# Marker keys; a user's dict (user_metadata) that has one is wrapped as {"__dict__": {...}}.
+RESERVED = {"__type__", "__ndarray__", "__tuple__", "__dict__"}
+
 TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (
@@ -53,7 +56,8 @@ def encode(value: Any) -> Any:
     if isinstance(value, list):
         return [encode(v) for v in value]
     if isinstance(value, dict):
-        return {str(k): encode(v) for k, v in value.items()}
+        fields = {str(k): encode(v) for k, v in value.items()}
+        return {"__dict__": fields} if RESERVED & fields.keys() else fields
     if isinstance(value, np.generic):
         return value.item()
     if value is None or isinstance(value, str | int | float | bool):
@@ -66,6 +70,8 @@ def decode(value: Any) -> Any:
         return [decode(v) for v in value]
     if not isinstance(value, dict):
         return value
+    if "__dict__" in value:  # a user's dict that has one of our marker keys
+        return {k: decode(v) for k, v in value["__dict__"].items()}
     if "__type__" in value:
         cls = TYPES[value["__type__"]]
         return cls(**{k: decode(v) for k, v in value.items() if k != "__type__"})

@@ -130,8 +130,9 @@ class RedisScheduler:
                 "no tinkerd worker is running: start one with `tinkerd worker --redis URL`"
             )
         placed: dict[str, int] = {}
-        for owner in self.redis.hvals(PLACEMENT):
-            placed[owner.decode()] = placed.get(owner.decode(), 0) + 1
+        for held, owner in self.redis.hgetall(PLACEMENT).items():
+            if b":sample:" not in held:  # a snapshot rides on its model's adapter
+                placed[owner.decode()] = placed.get(owner.decode(), 0) + 1
         name = min(
             workers,
             key=lambda n: (placed.get(n, 0), -int(workers[n].get("memory_free", 0)), n),

@@ -110,6 +110,9 @@ class RedisFutures:
         pipe.publish(SETTLED, request_id)
         pipe.execute()
 
+    def _is_unsent(self, request_id: str) -> bool:
+        return any(unsent[0] == request_id for unsent in list(self._unsent))
+
     def flush(self) -> int:
         """Send the results that could not be stored earlier; returns how many are left."""
         while self._unsent:
@@ -134,8 +137,16 @@ class RedisFutures:
         result = self.get(request_id)
         if result is not None:
             return result
-        if not self.redis.exists(request_key(request_id)):
+        worker = self.redis.get(request_key(request_id))
+        if worker is None:
             raise NotFound(f"unknown request_id {request_id!r} (it may have expired)")
+        # Settling stores the result and leaves the worker's in-flight set in one step, so a
+        # request that is neither in flight nor settled had its result expire.
+        if worker and not self.redis.sismember(inflight_key(_text(worker)), request_id):
+            if (result := self.get(request_id)) is not None:
+                return result
+            if not self._is_unsent(request_id):
+                raise NotFound(f"the result of request {request_id!r} has expired")
         self._ensure_listener()
         event = threading.Event()
         with self._lock:
@@ -174,7 +185,7 @@ class RedisFutures:
                     message = pubsub.get_message(timeout=1.0)
                     if message is not None:
                         self._wake(_text(message["data"]))
-            except RedisError as e:
+            except Exception as e:  # noqa: BLE001 - the listener must outlive any error
                 log.warning("lost the settled channel (%s); reconnecting", e)
                 self._closed.wait(0.5)
             finally:

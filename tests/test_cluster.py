@@ -1,0 +1,267 @@
+"""The scaled-out topology with real processes: redis-server, two `tinkerd worker`s (Celery),
+`tinkerd serve --redis` under gunicorn, driven by the official SDK and raw HTTP.
+
+The same training through the cluster and through the embedded server gives the same numbers;
+order and de-duplication hold across API processes; and the faults of the issue: a worker killed
+with SIGKILL, Redis restarted, an API process restarted.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+import redis
+import tinker
+from tinker import types
+from tinker.proto.response_conv import deserialize_forward_backward_output
+
+from tinkerd.cluster.state import LOST, PLACEMENT
+from tinkerd.local_cluster import APIProcess, Cluster, wait_until
+
+pytestmark = pytest.mark.timeout(240)
+
+TOKENS = [5, 17, 42, 99, 300, 7, 8, 61, 23, 400, 12]
+ADAM = types.AdamParams(learning_rate=1e-2)
+# Short for tests: a worker is lost after 8 s without a heartbeat (the default is 15 s).
+ENV = {"TINKERD_WORKER_TTL_SECONDS": "8", "TINKERD_LONG_POLL_SECONDS": "5"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(tmp_path_factory.mktemp("cluster"), workers=2, api_workers=2, env=ENV)
+    try:
+        c.start()
+        yield c
+    except BaseException:
+        print(c.logs())
+        raise
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def client(cluster: Cluster) -> Iterator[tinker.ServiceClient]:
+    sc = tinker.ServiceClient(base_url=cluster.url, api_key="tml-test")
+    yield sc
+    sc.close("success").result()
+
+
+def rdb(cluster: Cluster) -> redis.Redis:
+    return redis.Redis.from_url(cluster.redis.url, decode_responses=True)
+
+
+def datum(tokens: list[int] = TOKENS) -> types.Datum:
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
+    )
+
+
+def train(tc: tinker.TrainingClient, steps: int) -> list[float]:
+    losses = []
+    for _ in range(steps):
+        fb = tc.forward_backward([datum()], "cross_entropy")
+        tc.optim_step(ADAM).result()
+        losses.append(fb.result().metrics["loss:sum"])
+    return losses
+
+
+def owner(cluster: Cluster, model_id: str) -> str:
+    return rdb(cluster).hget(PLACEMENT, model_id)
+
+
+def test_training_matches_the_embedded_server(cluster: Cluster, client, service_client) -> None:
+    """One code path: the same seed and data give the same losses in both modes."""
+    clustered = client.create_lora_training_client(
+        base_model="tinkerd/tiny", rank=8, seed=3
+    ).result()
+    embedded = service_client.create_lora_training_client(base_model="tinkerd/tiny", rank=8, seed=3)
+    a, b = train(clustered, 4), train(embedded, 4)
+    assert a[-1] < a[0]
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+def test_models_spread_over_workers_and_train_concurrently(cluster: Cluster, client) -> None:
+    first = client.create_lora_training_client(base_model="tinkerd/tiny", rank=8, seed=1).result()
+    second = client.create_lora_training_client(base_model="tinkerd/tiny", rank=8, seed=1).result()
+    placed = list(rdb(cluster).hgetall(PLACEMENT).values())
+    counts = [placed.count(name) for name in cluster.workers]
+    assert max(counts) - min(counts) <= 1, counts  # placed by load: evenly
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(lambda tc: train(tc, 3), [first, second])
+    np.testing.assert_allclose(a, b, rtol=1e-5)  # same seed, same data, different workers
+
+    def registered_with_their_models() -> bool:  # at the workers' next heartbeat
+        held = {n: set(info["models"]) for n, info in cluster.registered_workers().items()}
+        return all(tc.model_id in held[owner(cluster, tc.model_id)] for tc in (first, second))
+
+    wait_until(registered_with_their_models, 10, "the workers to report their models")
+    for info in cluster.registered_workers().values():
+        assert {"host", "device", "memory_total", "memory_free", "queue_depth"} <= set(info)
+
+
+def post(url: str, path: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{url}/api/v1/{path}", json=body, timeout=30)
+
+
+def result(url: str, request_id: str) -> dict:
+    """A settled future: JSON, or forward_backward's protobuf as a dict."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        r = post(url, "retrieve_future", {"request_id": request_id})
+        assert r.status_code == 200, r.text
+        if r.headers["content-type"] == "application/x-protobuf":
+            return {"metrics": deserialize_forward_backward_output(r.content).metrics}
+        if r.json().get("type") != "try_again":
+            return r.json()
+    raise AssertionError(f"{request_id} never settled")
+
+
+def forward_json(model_id: str, seq_id: int) -> dict:
+    return {
+        "model_id": model_id,
+        "seq_id": seq_id,
+        "forward_backward_input": {
+            "data": [
+                {
+                    "model_input": {"chunks": [{"type": "encoded_text", "tokens": TOKENS[:-1]}]},
+                    "loss_fn_inputs": {
+                        "target_tokens": {"data": TOKENS[1:], "dtype": "int64"},
+                        "weights": {"data": [1.0] * (len(TOKENS) - 1), "dtype": "float32"},
+                    },
+                }
+            ],
+            "loss_fn": "cross_entropy",
+        },
+    }
+
+
+def test_order_and_retries_hold_across_api_processes(cluster: Cluster, client) -> None:
+    """Requests of one model sent to two API processes, out of order: they run in seq order,
+    and a retry through the other process answers the first request's future."""
+    other = APIProcess(
+        ["--api-workers", "1", *cluster.common_args()],
+        cluster.work_dir / "api-2.log",
+        env=cluster.env,
+    ).wait_ready()
+    try:
+        tc = client.create_lora_training_client(base_model="tinkerd/tiny", rank=8, seed=5).result()
+        model_id, a, b = tc.model_id, cluster.url, other.url
+        adam = {"model_id": model_id, "adam_params": {"learning_rate": 1e-2}}
+        # seq 1 (the creation was 0): forward; 2: optim step; 3: forward. Sent 3, 2, 1.
+        third = post(a, "forward_backward", forward_json(model_id, 3)).json()["request_id"]
+        second = post(b, "optim_step", {**adam, "seq_id": 2}).json()["request_id"]
+        first = post(a, "forward_backward", forward_json(model_id, 1)).json()["request_id"]
+        retried = post(b, "forward_backward", forward_json(model_id, 1)).json()["request_id"]
+        assert retried == first
+        clash = post(b, "forward_backward", {**forward_json(model_id, 3), "seq_id": 2})
+        assert clash.status_code == 400 and "already used" in clash.json()["error"]
+        loss_1 = result(b, first)["metrics"]["loss:sum"]
+        assert "metrics" in result(a, second)
+        loss_3 = result(b, third)["metrics"]["loss:sum"]
+        assert loss_3 < loss_1  # the step ran between them
+    finally:
+        other.stop()
+
+
+def test_sampling_from_base_snapshot_and_checkpoint(cluster: Cluster, client) -> None:
+    tc = client.create_lora_training_client(base_model="tinkerd/tiny", rank=8, seed=2).result()
+    train(tc, 2)
+    prompt = types.ModelInput.from_ints(TOKENS[:4])
+    params = types.SamplingParams(max_tokens=6, seed=11, temperature=1.0)
+    path = tc.save_weights_for_sampler("s").result().path
+    samplers = [
+        client.create_sampling_client(base_model="tinkerd/tiny"),
+        tc.save_weights_and_get_sampling_client(),  # in memory, on the model's worker
+        client.create_sampling_client(model_path=path),  # from the shared data dir, any worker
+    ]
+    outs = [s.sample(prompt, 2, params).result() for s in samplers]
+    for out in outs:
+        assert len(out.sequences) == 2
+        assert all(len(s.tokens) == 6 for s in out.sequences)
+    # the snapshot and the checkpoint hold the same weights: same seed, same tokens
+    assert [s.tokens for s in outs[1].sequences] == [s.tokens for s in outs[2].sequences]
+
+
+# -- faults ----------------------------------------------------------------------------------
+
+
+def test_a_killed_worker_fails_its_requests_and_its_model_is_restored_elsewhere(
+    cluster: Cluster, client
+) -> None:
+    tc = client.create_lora_training_client(base_model="tinkerd/tiny", rank=8, seed=7).result()
+    train(tc, 2)
+    checkpoint = tc.save_state("before-crash").result().path
+    expected = tc.forward([datum()], "cross_entropy").result().metrics["loss:sum"]
+    victim = owner(cluster, tc.model_id)
+    big = [datum(TOKENS * 12) for _ in range(8)]
+    futures = [tc.forward_backward(big, "cross_entropy") for _ in range(30)]
+    time.sleep(0.3)
+    cluster.workers[victim].kill()
+    killed_at = time.monotonic()
+
+    failures = []
+    for future in futures:
+        try:
+            future.result(timeout=60)
+        except tinker.RequestFailedError as e:
+            failures.append(e)
+    assert time.monotonic() - killed_at < 60
+    assert failures, "every request finished before the kill: nothing was tested"
+    for e in failures:
+        assert victim in str(e) and "lost" in str(e)
+    assert tc.model_id in rdb(cluster).hgetall(LOST)
+    with pytest.raises(tinker.RequestFailedError, match="lost"):
+        tc.forward([datum()], "cross_entropy").result(timeout=30)
+
+    restored = client.create_training_client_from_state(checkpoint).result()
+    assert owner(cluster, restored.model_id) not in (None, victim)
+    loss = restored.forward([datum()], "cross_entropy").result().metrics["loss:sum"]
+    assert loss == pytest.approx(expected, rel=1e-5)
+    train(restored, 1)
+
+    cluster.add_worker()  # back to two workers for the tests that follow
+
+
+def test_redis_restart_answers_503_then_recovers(cluster: Cluster, client) -> None:
+    tc = client.create_lora_training_client(base_model="tinkerd/tiny", rank=8, seed=9).result()
+    before = train(tc, 1)
+    port, directory = cluster.redis.port, cluster.redis.directory
+    cluster.redis.stop()
+    try:
+        r = post(cluster.url, "create_session", {"tags": [], "user_metadata": {}})
+        assert r.status_code == 503
+        assert r.json()["category"] == "server" and "Redis" in r.json()["error"]
+        health = httpx.get(f"{cluster.url}/api/v1/healthz", timeout=10)
+        assert health.status_code == 503
+        # the SDK retries 5xx: a step submitted during the outage completes after it
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(train, tc, 1)
+            time.sleep(2)
+            assert not pending.done()
+            cluster.redis.start()
+            after = pending.result(timeout=120)
+    finally:
+        if cluster.redis.process is None or not cluster.redis.process.alive():
+            cluster.redis.start()
+    assert (cluster.redis.port, cluster.redis.directory) == (port, directory)
+    assert after[0] < before[0]
+    wait_until(lambda: httpx.get(f"{cluster.url}/api/v1/healthz").status_code == 200, 30, "API")
+    assert set(cluster.registered_workers()) == {n for n, w in cluster.workers.items() if w.alive()}
+
+
+def test_an_api_restart_keeps_futures(cluster: Cluster, client) -> None:
+    tc = client.create_lora_training_client(base_model="tinkerd/tiny", rank=8, seed=4).result()
+    futures = [tc.forward_backward([datum(TOKENS * 12)] * 8, "cross_entropy") for _ in range(10)]
+    assert cluster.api is not None
+    port = cluster.api.port
+    cluster.api.kill()
+    cluster.start_api(port=port)
+    losses = [f.result(timeout=120).metrics["loss:sum"] for f in futures]
+    assert len(losses) == 10 and all(np.isfinite(losses))
+    train(tc, 1)  # and the model keeps training through the new process
