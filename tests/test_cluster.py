@@ -188,6 +188,34 @@ def test_sampling_from_base_snapshot_and_checkpoint(cluster: Cluster, client) ->
     assert [s.tokens for s in outs[1].sequences] == [s.tokens for s in outs[2].sequences]
 
 
+def settled(future) -> bool:
+    try:
+        future.result(timeout=0.01)
+    except (TimeoutError, concurrent.futures.TimeoutError):
+        return False
+    return True
+
+
+def test_a_fast_model_is_not_stuck_behind_a_slow_one_on_another_worker(
+    cluster: Cluster, client
+) -> None:
+    slow = client.create_lora_training_client(base_model="tinkerd/tiny", rank=8, seed=1).result()
+    for _ in range(4):  # placement is by load: a next model soon lands on the other worker
+        fast = client.create_lora_training_client(base_model="tinkerd/tiny", rank=8).result()
+        if owner(cluster, fast.model_id) != owner(cluster, slow.model_id):
+            break
+    assert owner(cluster, fast.model_id) != owner(cluster, slow.model_id)
+    big = [datum(TOKENS * 12) for _ in range(8)]
+    backlog = [slow.forward_backward(big, "cross_entropy") for _ in range(40)]
+    time.sleep(0.5)  # the backlog is queued at the slow model's worker
+    fast.forward([datum()], "cross_entropy").result(timeout=60)
+    assert not all(settled(f) for f in backlog)  # the fast one did not wait its turn
+    for f in backlog:
+        f.result(timeout=120)
+    run = httpx.get(f"{cluster.url}/api/v1/training_runs/{fast.model_id}", timeout=10).json()
+    assert run["status"] == "active" and run["worker"] == owner(cluster, fast.model_id)
+
+
 # -- faults ----------------------------------------------------------------------------------
 
 
@@ -216,6 +244,8 @@ def test_a_killed_worker_fails_its_requests_and_its_model_is_restored_elsewhere(
     for e in failures:
         assert victim in str(e) and "lost" in str(e)
     assert tc.model_id in rdb(cluster).hgetall(LOST)
+    run = httpx.get(f"{cluster.url}/api/v1/training_runs/{tc.model_id}", timeout=10).json()
+    assert run["status"] == "lost" and victim in run["lost_reason"]
     with pytest.raises(tinker.RequestFailedError, match="lost"):
         tc.forward([datum()], "cross_entropy").result(timeout=30)
 

@@ -15,7 +15,7 @@ from werkzeug.exceptions import HTTPException
 from tinkerd.config import Settings
 from tinkerd.registry import Registry
 from tinkerd.storage import CheckpointStore
-from tinkerd.tasks import Scheduler
+from tinkerd.tasks import TaskQueue
 from tinkerd.types import TinkerdError
 
 log = logging.getLogger(__name__)
@@ -26,14 +26,14 @@ class Service:
     """What the views share: settings, the queue to the workers, and session/model metadata."""
 
     settings: Settings
-    scheduler: Scheduler
+    scheduler: TaskQueue
     registry: Registry
     store: CheckpointStore
 
 
 def create_app(
     settings: Settings,
-    scheduler: Scheduler,
+    scheduler: TaskQueue,
     registry: Registry | None = None,
     store: CheckpointStore | None = None,
 ) -> Flask:

@@ -60,6 +60,10 @@ class TaskQueue(Protocol):
 
     def queue_depth(self) -> int: ...
 
+    def model_status(self, model_id: str) -> dict[str, str]:
+        """{"status": "active"|"inactive"|"lost", and "worker" or "lost_reason"}."""
+        ...
+
 
 @dataclass
 class _ModelQueue:
@@ -135,6 +139,11 @@ class Scheduler:
     def has_model(self, model_id: str) -> bool:
         with self._cond:
             return model_id in self._queues
+
+    def model_status(self, model_id: str) -> dict[str, str]:
+        if self.has_model(model_id):
+            return {"status": "active", "worker": "local"}
+        return {"status": "inactive"}  # a run from before this server started
 
     def submit(self, model_id: str, seq_id: int, payload: Payload, fingerprint: str) -> str:
         """Queue `payload` as (model_id, seq_id); returns its request id (the first one's for a

@@ -16,7 +16,8 @@ bp = Blueprint("runs", __name__, url_prefix="/api/v1")
 
 
 def _run(record: ModelRecord) -> dict[str, Any]:
-    """The SDK's TrainingRun shape, with its latest checkpoints."""
+    """The SDK's TrainingRun shape, with its latest checkpoints, and where it runs: `status`
+    active (with its `worker`), inactive (from before a restart), or lost (`lost_reason`)."""
     checkpoints = service().store.list(record.model_id)
     last = {kind: None for kind in ("weights", "sampler_weights")}
     for meta in checkpoints:
@@ -34,6 +35,7 @@ def _run(record: ModelRecord) -> dict[str, Any]:
         "last_checkpoint": last["weights"],
         "last_sampler_checkpoint": last["sampler_weights"],
         "user_metadata": {k: str(v) for k, v in record.user_metadata.items()} or None,
+        **service().scheduler.model_status(record.model_id),
     }
 
 

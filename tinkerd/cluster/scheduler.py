@@ -142,6 +142,15 @@ class RedisScheduler:
     def has_model(self, model_id: str) -> bool:
         return bool(self.redis.hexists(PLACEMENT, model_id) or self.redis.hexists(LOST, model_id))
 
+    def model_status(self, model_id: str) -> dict[str, str]:
+        worker = self.worker_of(model_id)
+        if worker is not None:
+            return {"status": "active", "worker": worker}
+        lost = self.redis.hget(LOST, model_id)
+        if lost is not None:
+            return {"status": "lost", "lost_reason": _text(lost)}
+        return {"status": "inactive"}
+
     def worker_of(self, model_id: str) -> str | None:
         owner = self.redis.hget(PLACEMENT, model_id)
         return owner.decode() if owner is not None else None
