@@ -42,6 +42,7 @@ class Task:
     model_id: str
     seq_id: int
     payload: Payload
+    queued_at: float = field(default_factory=time.monotonic)
 
 
 class TaskQueue(Protocol):
@@ -179,6 +180,20 @@ class Scheduler:
             if task.seq_id < queue.next_seq or task.seq_id in queue.pending:
                 return
             self._enqueue_locked(queue, task)
+
+    def gaps(self, min_age: float) -> list[tuple[str, int]]:
+        """(model_id, seq_id) of each model whose next request has not arrived although a later
+        one has been waiting for `min_age` seconds. A worker process asks Redis about these: an
+        API process may have died between recording a request and sending it."""
+        now = time.monotonic()
+        with self._cond:
+            return [
+                (model_id, queue.next_seq)
+                for model_id, queue in self._queues.items()
+                if queue.pending
+                and queue.next_seq not in queue.pending
+                and now - min(t.queued_at for t in queue.pending.values()) >= min_age
+            ]
 
     def _enqueue_locked(self, queue: _ModelQueue, task: Task) -> None:
         queue.pending[task.seq_id] = task

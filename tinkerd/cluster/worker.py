@@ -23,9 +23,13 @@ from tinkerd.cluster.celery_app import bind_scheduler, make_celery, worker_queue
 from tinkerd.cluster.state import WORKERS, RedisFutures, connect, worker_key
 from tinkerd.config import Settings
 from tinkerd.storage import CheckpointStore
-from tinkerd.tasks import Scheduler
+from tinkerd.tasks import Scheduler, Task
+from tinkerd.types import Rejected, ServerError
 
 log = logging.getLogger(__name__)
+
+# A model's next request missing this long while later ones wait: ask Redis what became of it.
+GAP_SECONDS = 20.0
 
 
 class WorkerProcess:
@@ -79,10 +83,30 @@ class WorkerProcess:
         self._registered = True
         self.futures.flush()
 
+    def fill_gaps(self) -> list[str]:
+        """Fail the requests that were recorded in Redis but never reached this worker (their
+        API process died between the two steps), so the model's later requests can run. A gap
+        that Redis does not know is a request the client has not sent yet: it stays open."""
+        filled = []
+        for model_id, seq_id in self.scheduler.gaps(GAP_SECONDS):
+            seen = self.redis.hget(f"tinkerd:seq:{model_id}", str(seq_id))
+            if seen is None:
+                continue
+            request_id = seen.decode().partition("|")[0]
+            error = ServerError(
+                f"request {request_id} (seq_id {seq_id}) never reached worker {self.name}: "
+                "the API process that took it stopped first; send it again"
+            )
+            log.error("%s", error.message)
+            self.scheduler.enqueue(Task(request_id, model_id, seq_id, Rejected(error.to_json())))
+            filled.append(request_id)
+        return filled
+
     def _heartbeat_forever(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_seconds):
             try:
                 self.heartbeat()
+                self.fill_gaps()
             except RedisError as e:
                 log.warning("heartbeat failed (%s); retrying", e)
 

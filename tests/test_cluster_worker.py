@@ -1,0 +1,91 @@
+"""`tinkerd worker`'s own duties, in process against a real Redis: its registration, and the
+requests an API process recorded but died before sending (they fail; the model goes on)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_cluster_scheduler import delivered  # noqa: I001 - a sibling test module
+
+from tinkerd.cluster import worker as cluster_worker
+from tinkerd.cluster.celery_app import make_celery
+from tinkerd.cluster.scheduler import RedisScheduler
+from tinkerd.cluster.state import RedisFutures, connect, live_workers
+from tinkerd.cluster.worker import WorkerProcess
+from tinkerd.config import Settings
+from tinkerd.tasks import Task
+from tinkerd.types import CreateModel, Datum, ForwardBackward, LoraConfig
+from tinkerd.wire import make_forward_backward
+
+MODEL = "s:train:0"
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def worker(redis_url: str, tmp_path: Path) -> Iterator[WorkerProcess]:
+    settings = Settings.load(redis_url=redis_url, data_dir=tmp_path, device="cpu", worker_name="wg")
+    process = WorkerProcess(settings)
+    process.heartbeat()
+    yield process
+    process.celery.close()
+    process.redis.close()
+
+
+@pytest.fixture
+def api(redis_url: str) -> Iterator[RedisScheduler]:
+    client = connect(redis_url)
+    futures = RedisFutures(client, 60)
+    yield RedisScheduler(client, make_celery(redis_url), futures)
+    futures.close()
+
+
+def deliver(worker: WorkerProcess) -> None:
+    """What Celery does: the worker's queued messages onto its local scheduler."""
+    for _, request_id, key, seq_id, payload in reversed(delivered(worker.redis, worker.name)):
+        worker.scheduler.enqueue(Task(request_id, key, seq_id, payload))
+
+
+def forward() -> ForwardBackward:
+    tokens = np.array([5, 17, 42, 99], dtype=np.int64)
+    inputs = {"target_tokens": np.array([17, 42, 99, 7], dtype=np.int64),
+              "weights": np.ones(4, dtype=np.float32)}  # fmt: skip
+    return make_forward_backward([Datum(tokens, inputs)], "cross_entropy", {}, False)
+
+
+def test_registration_describes_the_worker(worker: WorkerProcess) -> None:
+    registered = live_workers(worker.redis)["wg"]
+    assert registered["device"] == "cpu" and registered["models"] == []
+    assert registered["memory_total"] > 0 and registered["queue"] == "tinkerd.worker.wg"
+    assert json.loads(worker.redis.get("tinkerd:worker:wg"))["pid"] == registered["pid"]
+
+
+def test_a_request_recorded_but_never_sent_fails_and_the_model_goes_on(
+    worker: WorkerProcess, api: RedisScheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api.open_model(MODEL)
+    created = api.submit(MODEL, 0, CreateModel("tinkerd/tiny", LoraConfig(rank=4, seed=0)), "c")
+    with monkeypatch.context() as m:  # the API process dies between recording and sending
+        m.setattr(api, "_send", lambda *args: None)
+        lost = api.submit(MODEL, 1, forward(), "f1")
+    after = api.submit(MODEL, 2, forward(), "f2")
+    deliver(worker)
+    worker.worker.run_cycle(timeout=1)
+    assert api.wait(created, 1) is not None and api.wait(after, 0.1) is None
+
+    monkeypatch.setattr(cluster_worker, "GAP_SECONDS", 0.0)
+    assert worker.fill_gaps() == [lost]
+    worker.worker.run_cycle(timeout=1)
+    error = json.loads(api.wait(lost, 1).body)
+    assert error["category"] == "server" and "never reached worker wg" in error["error"]
+    assert api.wait(after, 1).content_type == "application/x-protobuf"  # it ran
+
+    # a gap Redis does not know is a request not sent yet: it stays open
+    later = api.submit(MODEL, 4, forward(), "f4")
+    deliver(worker)
+    assert worker.fill_gaps() == []
+    worker.worker.run_cycle(timeout=0.1)
+    assert api.wait(later, 0.1) is None
