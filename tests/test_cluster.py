@@ -28,7 +28,11 @@ pytestmark = pytest.mark.timeout(240)
 TOKENS = [5, 17, 42, 99, 300, 7, 8, 61, 23, 400, 12]
 ADAM = types.AdamParams(learning_rate=1e-2)
 # Short for tests: a worker is lost after 8 s without a heartbeat (the default is 15 s).
-ENV = {"TINKERD_WORKER_TTL_SECONDS": "8", "TINKERD_LONG_POLL_SECONDS": "5"}
+ENV = {
+    "TINKERD_WORKER_TTL_SECONDS": "8",
+    "TINKERD_LONG_POLL_SECONDS": "5",
+    "TINKERD_CHECKPOINT_SWEEP_SECONDS": "1",
+}
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +218,15 @@ def test_a_fast_model_is_not_stuck_behind_a_slow_one_on_another_worker(
         f.result(timeout=120)
     run = httpx.get(f"{cluster.url}/api/v1/training_runs/{fast.model_id}", timeout=10).json()
     assert run["status"] == "active" and run["worker"] == owner(cluster, fast.model_id)
+
+
+def test_expired_checkpoints_are_swept(cluster: Cluster, client) -> None:
+    tc = client.create_lora_training_client(base_model="tinkerd/tiny", rank=8).result()
+    future = tc.save_weights_for_sampler("short-lived", ttl_seconds=1)
+    path = future.result().path
+    directory = cluster.data_dir / "runs" / tc.model_id / "sampler_weights" / "short-lived"
+    assert path.endswith("short-lived")
+    wait_until(lambda: not directory.exists(), 20, f"{directory} to be swept")
 
 
 # -- faults ----------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from waitress import wasyncore
 from waitress.server import create_server
@@ -19,6 +20,23 @@ from tinkerd.storage import CheckpointStore
 from tinkerd.tasks import FutureStore, Scheduler
 
 log = logging.getLogger(__name__)
+
+
+def sweep_checkpoints(
+    store: CheckpointStore,
+    interval: float,
+    stop: threading.Event,
+    may_sweep: Callable[[], bool] = lambda: True,
+) -> None:
+    """Remove checkpoints past their TTL every `interval` seconds until `stop` (in a cluster,
+    `may_sweep` lets one API process per round do it)."""
+    while not stop.wait(interval):
+        try:
+            if may_sweep():
+                for path in store.expire():
+                    log.info("checkpoint %s expired and was removed", path)
+        except Exception:  # noqa: BLE001 - a failed round must not end the sweeping
+            log.exception("checkpoint sweep failed")
 
 
 class EmbeddedServer:
@@ -55,17 +73,14 @@ class EmbeddedServer:
     def url(self) -> str:
         return f"http://{self.settings.host}:{self.port}"
 
-    def _sweep_checkpoints(self) -> None:
-        while not self._stop.wait(self.settings.checkpoint_sweep_seconds):
-            try:
-                for path in self.store.expire():
-                    log.info("checkpoint %s expired and was removed", path)
-            except OSError:
-                log.exception("checkpoint sweep failed")
-
     def _start_background(self) -> None:
         self.worker.start()
-        sweeper = threading.Thread(target=self._sweep_checkpoints, name="tinkerd-ttl", daemon=True)
+        sweeper = threading.Thread(
+            target=sweep_checkpoints,
+            args=(self.store, self.settings.checkpoint_sweep_seconds, self._stop),
+            name="tinkerd-ttl",
+            daemon=True,
+        )
         sweeper.start()
         self._threads.append(sweeper)
 

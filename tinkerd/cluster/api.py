@@ -10,6 +10,7 @@ recovers by itself when Redis is back.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +32,9 @@ def create_cluster_app(settings: Settings) -> Flask:
     from tinkerd.app import create_app
     from tinkerd.cluster.celery_app import make_celery
     from tinkerd.cluster.scheduler import Reaper, RedisScheduler
-    from tinkerd.cluster.state import RedisFutures, RedisRecords, connect
+    from tinkerd.cluster.state import SWEEPER_LOCK, RedisFutures, RedisRecords, connect
     from tinkerd.registry import Registry
+    from tinkerd.serve import sweep_checkpoints
     from tinkerd.storage import CheckpointStore
 
     if not settings.redis_url:
@@ -44,6 +46,17 @@ def create_cluster_app(settings: Settings) -> Flask:
     registry = Registry(store, RedisRecords(client))
     app = create_app(settings, scheduler, registry, store)
     app.extensions["tinkerd_reaper"] = Reaper(client, futures, settings.heartbeat_seconds).start()
+    interval = settings.checkpoint_sweep_seconds
+
+    def my_turn_to_sweep() -> bool:  # one API process per round
+        return bool(client.set(SWEEPER_LOCK, 1, nx=True, px=int(interval * 900)))
+
+    threading.Thread(
+        target=sweep_checkpoints,
+        args=(store, interval, threading.Event(), my_turn_to_sweep),
+        name="tinkerd-ttl",
+        daemon=True,
+    ).start()
 
     def redis_down(e: Exception) -> Any:
         log.warning("Redis unreachable: %s", e)

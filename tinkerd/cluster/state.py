@@ -38,6 +38,7 @@ PLACEMENT = PREFIX + "placement"
 LOST = PREFIX + "lost"
 SETTLED = PREFIX + "settled"
 REAPER_LOCK = PREFIX + "reaper"
+SWEEPER_LOCK = PREFIX + "sweeper"
 # A request record outlives its result, so a late poll learns "expired", not "unknown".
 REQUEST_TTL = 7 * 86400
 
