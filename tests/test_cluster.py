@@ -8,6 +8,7 @@ with SIGKILL, Redis restarted, an API process restarted.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import time
 from collections.abc import Iterator
@@ -171,6 +172,37 @@ def test_order_and_retries_hold_across_api_processes(cluster: Cluster, client) -
         assert loss_3 < loss_1  # the step ran between them
     finally:
         other.stop()
+
+
+def test_a_thousand_concurrent_long_polls(cluster: Cluster, client) -> None:
+    """Each waiting retrieve_future is a greenlet in the API, not a thread or a connection to
+    Redis: 1,000 at once are held for the whole long-poll and all answered."""
+    tc = client.create_lora_training_client(base_model="tinkerd/tiny", rank=8).result()
+    # seq 2 waits for seq 1, which is not sent until the polls are over: it stays pending
+    pending = post(cluster.url, "forward_backward", forward_json(tc.model_id, 2))
+    request_id = pending.json()["request_id"]
+
+    async def poll_all(n: int) -> list[int | str]:
+        limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+        async with httpx.AsyncClient(limits=limits, timeout=60) as http:
+
+            async def poll() -> int | str:
+                try:
+                    r = await http.post(
+                        f"{cluster.url}/api/v1/retrieve_future", json={"request_id": request_id}
+                    )
+                    return r.status_code if r.json().get("type") == "try_again" else r.text
+                except httpx.HTTPError as e:
+                    return repr(e)
+
+            return await asyncio.gather(*(poll() for _ in range(n)))
+
+    started = time.monotonic()
+    answers = asyncio.run(poll_all(1000))
+    assert answers == [200] * 1000, {str(a) for a in answers if a != 200}
+    assert time.monotonic() - started < 40  # held together, not one after another (5 s each)
+    post(cluster.url, "forward_backward", forward_json(tc.model_id, 1))
+    assert "metrics" in result(cluster.url, request_id)
 
 
 def test_sampling_from_base_snapshot_and_checkpoint(cluster: Cluster, client) -> None:

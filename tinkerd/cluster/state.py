@@ -59,12 +59,20 @@ def result_key(request_id: str) -> str:
     return f"{PREFIX}result:{request_id}"
 
 
-def connect(url: str) -> redis.Redis:
-    """A client for `url`. Short timeouts: while Redis is down the API answers 503 quickly
-    instead of holding requests; redis-py reconnects on the next command once it is back."""
-    return redis.Redis.from_url(
-        url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=15
+def connect(url: str, max_connections: int = 64) -> redis.Redis:
+    """A client for `url` with at most `max_connections` connections: a burst of requests
+    (a thousand long-polls arriving at once) waits for a free one rather than failing. Short
+    timeouts: while Redis is down the API answers 503 quickly instead of holding requests;
+    redis-py reconnects on the next command once it is back."""
+    pool = redis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=10,
+        socket_connect_timeout=2,
+        socket_timeout=10,
+        health_check_interval=15,
     )
+    return redis.Redis(connection_pool=pool)
 
 
 def _text(value: bytes | str) -> str:
