@@ -79,3 +79,13 @@ def redis_url(redis_server) -> str:
     finally:
         client.close()
     return redis_server.url
+
+
+@pytest.fixture
+def client(redis_url: str):
+    """A Redis client (as the cluster makes them) on this test's emptied Redis."""
+    from tinkerd.cluster.state import connect
+
+    c = connect(redis_url)
+    yield c
+    c.close()

@@ -53,13 +53,6 @@ BASE = "Qwen/Qwen3-8B"
 
 
 @pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = connect(redis_url)
-    yield c
-    c.close()
-
-
-@pytest.fixture
 def new_scheduler(redis_url: str) -> Iterator[Callable[[], RedisScheduler]]:
     """Makes the RedisScheduler of another API process: its own client, futures and Celery."""
     made: list[tuple[redis.Redis, RedisFutures, Any]] = []

@@ -34,13 +34,6 @@ MakeFutures = Callable[..., RedisFutures]
 
 
 @pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = connect(redis_url)
-    yield c
-    c.close()
-
-
-@pytest.fixture
 def make_futures(redis_url: str) -> Iterator[MakeFutures]:
     """RedisFutures over a client of its own, as in a separate process; closed after the test."""
     made: list[tuple[redis.Redis, RedisFutures]] = []

@@ -46,9 +46,10 @@ from tinkerd.types import (
 
 log = logging.getLogger(__name__)
 
-# KEYS: seen hash, next key, request key, inflight set of the worker, workers set
-# ARGV: seq_id, fingerprint, new request id, worker, retry window, max ahead, request ttl
-SUBMIT_ORDERED = """
+# The start of both submit scripts: a (key, seq_id) seen before answers its first request id (a
+# retry), or a clash when its content differs. KEYS[1]: the seen hash; ARGV[1], ARGV[2]: seq_id
+# and fingerprint.
+SEEN = """
 local v = redis.call('HGET', KEYS[1], ARGV[1])
 if v then
   local sep = string.find(v, '|', 1, true)
@@ -56,6 +57,13 @@ if v then
   if string.sub(v, sep + 1) ~= ARGV[2] then return {'clash', rid} end
   return {'dup', rid}
 end
+"""
+
+# KEYS: seen hash, next key, request key, inflight set of the worker, workers set
+# ARGV: seq_id, fingerprint, new request id, worker, retry window, max ahead, request ttl
+SUBMIT_ORDERED = (
+    SEEN
+    + """
 local seq = tonumber(ARGV[1])
 local nxt = tonumber(redis.call('GET', KEYS[2]) or '0')
 if seq < nxt then return {'past', tostring(nxt)} end
@@ -74,17 +82,13 @@ redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[7])
 if ARGV[4] ~= '' then redis.call('SADD', KEYS[4], ARGV[3]) end
 return {'new', ARGV[3]}
 """
+)
 
 # KEYS: seen hash of the sampler key, request key, inflight set of the worker, workers set
 # ARGV: seq_id, fingerprint, new request id, worker, retry window, request ttl
-SUBMIT_UNORDERED = """
-local v = redis.call('HGET', KEYS[1], ARGV[1])
-if v then
-  local sep = string.find(v, '|', 1, true)
-  local rid = string.sub(v, 1, sep - 1)
-  if string.sub(v, sep + 1) ~= ARGV[2] then return {'clash', rid} end
-  return {'dup', rid}
-end
+SUBMIT_UNORDERED = (
+    SEEN
+    + """
 if redis.call('SISMEMBER', KEYS[4], ARGV[4]) == 0 then return {'lost', ''} end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3] .. '|' .. ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[6])
@@ -99,6 +103,7 @@ redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[6])
 redis.call('SADD', KEYS[3], ARGV[3])
 return {'new', ARGV[3]}
 """
+)
 
 
 class Unavailable(TinkerdError):
