@@ -89,3 +89,23 @@ def test_a_request_recorded_but_never_sent_fails_and_the_model_goes_on(
     assert worker.fill_gaps() == []
     worker.worker.run_cycle(timeout=0.1)
     assert api.wait(later, 0.1) is None
+
+
+def test_a_restarted_worker_reports_its_earlier_models_lost(
+    worker: WorkerProcess, api: RedisScheduler, redis_url: str, tmp_path: Path
+) -> None:
+    api.open_model(MODEL)
+    created = api.submit(MODEL, 0, CreateModel("tinkerd/tiny", LoraConfig(rank=4, seed=0)), "c")
+    settings = Settings.load(redis_url=redis_url, data_dir=tmp_path, device="cpu", worker_name="wg")
+    again = WorkerProcess(settings)  # the same name, a new process: the old one's models are gone
+    try:
+        again.take_over_name()
+        error = json.loads(api.wait(created, 1).body)
+        assert error["category"] == "server" and "wg was lost" in error["error"]
+        assert api.model_status(MODEL)["status"] == "lost"
+        assert worker.redis.llen("tinkerd.worker.wg") == 0  # nothing left for the new process
+        later = json.loads(api.wait(api.submit(MODEL, 1, forward(), "f1"), 1).body)
+        assert "was lost with worker wg" in later["error"]
+    finally:
+        again.celery.close()
+        again.redis.close()

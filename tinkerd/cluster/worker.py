@@ -20,6 +20,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from tinkerd.cluster.celery_app import bind_scheduler, make_celery, worker_queue
+from tinkerd.cluster.scheduler import Reaper
 from tinkerd.cluster.state import WORKERS, RedisFutures, connect, worker_key
 from tinkerd.config import Settings
 from tinkerd.storage import CheckpointStore
@@ -110,8 +111,18 @@ class WorkerProcess:
             except RedisError as e:
                 log.warning("heartbeat failed (%s); retrying", e)
 
+    def take_over_name(self) -> None:
+        """A worker of this name registered before is an earlier process, now gone with its
+        models: settle its requests and report its models lost now, as the reaper would, and
+        drop what its queue still holds, before this process takes the name."""
+        if self.redis.sismember(WORKERS, self.name):
+            log.warning("worker %s restarted: its earlier models are lost", self.name)
+            Reaper(self.redis, self.futures, self.settings.heartbeat_seconds).reap(self.name)
+            self.redis.delete(worker_queue(self.name))
+
     def run(self) -> None:
         """Register, then serve until SIGTERM/SIGINT (Celery's warm shutdown)."""
+        self.take_over_name()
         self.heartbeat()
         self.worker.start()
         threading.Thread(
