@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "worker":
         if not settings.redis_url:
             parser.error("tinkerd worker needs --redis URL (or TINKERD_REDIS_URL)")
+        # Several workers (and an API) often share a host's cores: OpenMP threads that spin
+        # while waiting would starve the other processes' (set before torch loads OpenMP).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         quiet_libraries()
         from tinkerd.cluster.worker import WorkerProcess
 
