@@ -17,16 +17,26 @@ dispatch, not by the model):
    for one training client, then for two clients at once in two threads (aggregate steps/s).
    Scaled out, models are placed on the worker holding the fewest, so with two workers the two
    clients' models land on different workers (the placement read from Redis is printed);
-3. concurrent long-polls: N (default 1,000) `retrieve_future` polls held at once, over raw HTTP
-   (httpx, one connection each), for N forward requests that are queued but cannot run yet (seq
-   ids 2..N+1 of a model whose seq 1 is withheld). Phase "hold": every poll should be held for
-   `long_poll_seconds` and answered `{"type": "try_again"}` (a success). Phase "release": N
-   polls again, and seq 1 is sent while they wait, so all N requests run and every poll should
-   end with its result. Counted: polls answered, errors (non-200 or connection errors), the most
-   polls in flight at once (client side) and TCP connections open to the API (from
-   /proc/net/tcp), how many polls were held concurrently (answered within the first long-poll
-   window) and the slowest poll. `tinkerd serve` has 128 HTTP threads, and each held poll takes
-   one, so there the polls queue behind each other; its errors are printed, not fatal.
+3. concurrent long-polls: N (default 1,000) `retrieve_future` polls at once, in plain HTTP/1.1
+   over asyncio streams (one connection each), for N forward requests that are queued but
+   cannot run yet (seq ids 2..N+1 of a model whose seq 1 is withheld). Phase "hold": every poll
+   should be held for `long_poll_seconds` and answered `{"type": "try_again"}` (a success).
+   Phase "release": N polls again, and seq 1 is sent once they are all out, so all N requests
+   run and every poll should end with its result. Counted: polls answered, errors (non-200 or
+   connection errors), the most polls in flight (client side) and TCP connections open to the
+   API (from /proc/net/tcp) at once, how many polls the server held on time (answered within
+   1.5 x the long-poll of being sent, so not queued behind another held poll) and how many of
+   those at once, the slowest poll, and the
+   time from unblocking to the last result. `tinkerd serve` has 128 HTTP threads and each held
+   poll takes one, so there polls queue behind each other; its errors are printed, not fatal.
+
+The servers run with OMP_WAIT_POLICY=PASSIVE unless --omp-default is given. torch's OpenMP
+threads otherwise spin while they wait for each other, and here the API processes, Redis, one
+or two workers (two OpenMP threads each) and this client share the same cores: a thread that is
+descheduled mid-op leaves its peer spinning, and on a 2-core box a forward that takes 5 ms in
+`tinkerd worker` was seen to take 0.5-1.2 s (350 ms of it CPU time of the worker's own thread),
+which buries the dispatch cost this measures. --omp-default shows what a deployment with
+OpenMP's defaults gets on such a box instead.
 
 Each runs in three modes, one after another, each on fresh processes: `embedded` (`tinkerd
 serve`, via bench/live_server.py), `redis-1w` and `redis-2w` (`tinkerd.local_cluster.Cluster`: a
@@ -45,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import math
 import os
@@ -64,7 +75,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from live_server import sdk_session
+from live_server import sdk_client, sdk_session
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -76,7 +87,6 @@ MODES = ("embedded", "redis-1w", "redis-2w")
 BASE_MODEL = "tinkerd/tiny"
 RANK = 8
 API_KEY = "tml-bench"
-HEADERS = {"X-API-Key": API_KEY}
 SDK_POLL_TIMEOUT = 45.0  # the SDK gives up on one retrieve_future poll after this long
 LEARNING_RATE = 1e-4
 
@@ -130,13 +140,15 @@ class PollPhase:
     max_in_flight: int = 0  # client side
     max_connections: int | None = None  # established TCP connections to the API port
     sent_in: float = 0.0  # from the first poll sent to the last one sent
-    on_time: int = 0  # hold: answered try_again within long-poll + 1 s of being sent
+    on_time: int = 0  # hold: answered try_again within 1.5 x the long-poll of being sent
     held_at_once: int = 0  # hold: the most on-time polls outstanding at one moment
     late: int = 0  # answered after the SDK's 45 s poll timeout would have fired
     seconds: float = 0.0  # from the first poll sent to the last answered
     slowest: float = 0.0  # the longest single poll
     repolls: int = 0  # release: polls answered try_again and sent again
     drain: float | None = None  # release: from seq 1 sent to the last result
+    client_cpu: float = 0.0  # CPU cores this process used meanwhile
+    unblock_submit: float | None = None  # release: seconds the POST of seq 1 took to answer
 
 
 def most_at_once(intervals: list[tuple[float, float]]) -> int:
@@ -159,7 +171,7 @@ class ModeResult:
     hold: PollPhase | None = None
     release: PollPhase | None = None
     sdk_try_again: int = 0  # SDK polls of the training clients answered try_again
-    setup_error: str | None = None
+    error: str | None = None  # the mode failed: what came before it is kept
     poll_error: str | None = None
 
 
@@ -282,34 +294,116 @@ def open_connections(port: int) -> int | None:
     return count
 
 
+@dataclass
+class Reply:
+    status: int
+    content_type: str
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def is_json(self) -> bool:
+        return self.content_type.startswith("application/json")
+
+
+class HTTPError(Exception):
+    """A request that got no HTTP answer (connection refused or reset, timeout, bad reply)."""
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection over asyncio streams, for JSON POSTs. The polls use
+    this rather than a client library: in a trial with an httpx AsyncClient, the 1,000 polls of
+    the hold phase took up to 28 s against the cluster where these take about 6 s; the client,
+    not the server, was queueing them."""
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        self.host, self.port, self.timeout = host, port, timeout
+        self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def post(self, path: str, body: dict[str, Any]) -> Reply:
+        try:
+            return await asyncio.wait_for(self._post(path, body), self.timeout)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
+            self.close()
+            raise HTTPError(type(e).__name__) from e
+        except TimeoutError as e:
+            self.close()
+            raise HTTPError("Timeout") from e
+
+    async def _post(self, path: str, body: dict[str, Any]) -> Reply:
+        if self._streams is None:
+            self._streams = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self._streams
+        data = json.dumps(body).encode()
+        head = (
+            f"POST /api/v1/{path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"X-API-Key: {API_KEY}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n"
+        )
+        writer.write(head.encode() + data)
+        await writer.drain()
+        lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            if ":" in line:
+                key, value = line.split(":", 1)
+                headers[key.strip().lower()] = value.strip()
+        if "content-length" in headers:
+            payload = await reader.readexactly(int(headers["content-length"]))
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            payload = b""
+            while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                payload += (await reader.readexactly(size + 2))[:-2]
+            await reader.readuntil(b"\r\n")
+        else:
+            payload = await reader.read()
+            headers["connection"] = "close"
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+        return Reply(status, headers.get("content-type", ""), payload)
+
+    def close(self) -> None:
+        if self._streams is not None:
+            self._streams[1].close()
+            self._streams = None
+
+
 class PollStorm:
-    """N pending forward requests of one model and N concurrent retrieve_future polls on them."""
+    """N pending forward requests of one model and N concurrent retrieve_future polls on them,
+    one connection each."""
 
     def __init__(self, url: str, polls: int, long_poll: float, timeout: float) -> None:
-        import httpx
-
-        self.url = url
-        self.port = int(url.rsplit(":", 1)[1])
+        host_port = url.split("://", 1)[1]
+        self.host, port = host_port.rsplit(":", 1)
+        self.port = int(port)
         self.n = polls
         self.long_poll = long_poll
-        limits = httpx.Limits(max_connections=polls + 64, max_keepalive_connections=polls + 64)
-        self.http = httpx.AsyncClient(
-            base_url=f"{url}/api/v1", headers=HEADERS, limits=limits, timeout=timeout
-        )
+        self.timeout = timeout
         self.model_id = ""
         self.request_ids: list[str] = []
 
-    async def post(self, path: str, body: dict[str, Any]) -> Any:
-        r = await self.http.post(path, json=body)
-        if r.status_code != 200:
-            raise RuntimeError(f"{path} answered {r.status_code}: {r.text[:300]}")
+    def connection(self) -> Connection:
+        return Connection(self.host, self.port, self.timeout)
+
+    async def post(self, path: str, body: dict[str, Any]) -> Reply:
+        """A request outside the storm, on its own connection; anything but 200 is an error."""
+        conn = self.connection()
+        try:
+            r = await conn.post(path, body)
+        finally:
+            conn.close()
+        if r.status != 200:
+            raise RuntimeError(f"{path} answered {r.status}: {r.body[:300]!r}")
         return r
 
-    async def settle(self, request_id: str, limit: float = 300.0) -> Any:
+    async def settle(self, request_id: str, limit: float = 300.0) -> Reply:
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
             r = await self.post("retrieve_future", {"request_id": request_id})
-            if r.headers["content-type"].startswith("application/json"):
+            if r.is_json:
                 body = r.json()
                 if body.get("type") == "try_again":
                     continue
@@ -365,20 +459,26 @@ class PollStorm:
         )
         self.model_id = r.json()["model_id"]
         await self.settle(r.json()["request_id"])
-        gate = asyncio.Semaphore(32)
+        pending = iter(range(2, self.n + 2))
+        ids: dict[int, str] = {}
 
-        async def submit(seq_id: int) -> str:
-            async with gate:
-                r = await self.post("forward_backward", self.forward_body(seq_id))
-                return str(r.json()["request_id"])
+        async def submitter() -> None:  # 16 of these, each on one keep-alive connection
+            conn = self.connection()
+            try:
+                for seq_id in pending:
+                    r = await conn.post("forward_backward", self.forward_body(seq_id))
+                    if r.status != 200:
+                        raise RuntimeError(f"forward_backward answered {r.status}: {r.body!r}")
+                    ids[seq_id] = str(r.json()["request_id"])
+            finally:
+                conn.close()
 
-        self.request_ids = list(await asyncio.gather(*(submit(s) for s in range(2, self.n + 2))))
+        await asyncio.gather(*(submitter() for _ in range(16)))
+        self.request_ids = [ids[s] for s in range(2, self.n + 2)]
 
     async def storm(self, release: bool) -> PollPhase:
         """One poll per request id, all at once. With `release`, seq 1 is sent once every poll
         is out, and a poll answered try_again is sent again until its result."""
-        import httpx
-
         phase = PollPhase(self.n)
         in_flight = 0
         unsent = self.n
@@ -386,54 +486,59 @@ class PollStorm:
         done = asyncio.Event()
         held: list[tuple[float, float]] = []
         released_at: float | None = None
+        cpu0 = time.process_time()
         t0 = time.monotonic()
 
         async def poll(request_id: str) -> None:
             nonlocal in_flight, unsent
+            conn = self.connection()
             first = True
-            while True:
-                in_flight += 1
-                phase.max_in_flight = max(phase.max_in_flight, in_flight)
-                sent = time.monotonic()
-                if first:
-                    first = False
-                    unsent -= 1
-                    phase.sent_in = max(phase.sent_in, sent - t0)
-                    if unsent == 0:
-                        all_sent.set()
-                try:
-                    r = await self.http.post("retrieve_future", json={"request_id": request_id})
-                except httpx.HTTPError as e:
-                    phase.errors[type(e).__name__] += 1
-                    return
-                finally:
-                    in_flight -= 1
-                now = time.monotonic()
-                phase.slowest = max(phase.slowest, now - sent)
-                phase.late += now - sent > SDK_POLL_TIMEOUT
-                if r.status_code != 200:
-                    phase.errors[f"HTTP {r.status_code}"] += 1
-                    return
-                if r.headers["content-type"].startswith("application/json"):
-                    body = r.json()
-                    if "error" in body:
-                        phase.errors["error body"] += 1
+            try:
+                while True:
+                    in_flight += 1
+                    phase.max_in_flight = max(phase.max_in_flight, in_flight)
+                    sent = time.monotonic()
+                    if first:
+                        first = False
+                        unsent -= 1
+                        phase.sent_in = max(phase.sent_in, sent - t0)
+                        if unsent == 0:
+                            all_sent.set()
+                    try:
+                        r = await conn.post("retrieve_future", {"request_id": request_id})
+                    except HTTPError as e:
+                        phase.errors[str(e)] += 1
                         return
-                    if body.get("type") == "try_again":
-                        if release:
-                            phase.repolls += 1
-                            continue
-                        phase.ok += 1
-                        phase.try_again += 1
-                        if now - sent <= self.long_poll + 1.0:
-                            phase.on_time += 1
-                            held.append((sent, now))
+                    finally:
+                        in_flight -= 1
+                    now = time.monotonic()
+                    phase.slowest = max(phase.slowest, now - sent)
+                    phase.late += now - sent > SDK_POLL_TIMEOUT
+                    if r.status != 200:
+                        phase.errors[f"HTTP {r.status}"] += 1
                         return
-                phase.ok += 1
-                phase.results += 1
-                if released_at is not None:
-                    phase.drain = max(phase.drain or 0.0, now - released_at)
-                return
+                    if r.is_json:
+                        body = r.json()
+                        if "error" in body:
+                            phase.errors["error body"] += 1
+                            return
+                        if body.get("type") == "try_again":
+                            if release:
+                                phase.repolls += 1
+                                continue
+                            phase.ok += 1
+                            phase.try_again += 1
+                            if now - sent < 1.5 * self.long_poll:
+                                phase.on_time += 1
+                                held.append((sent, now))
+                            return
+                    phase.ok += 1
+                    phase.results += 1
+                    if released_at is not None:
+                        phase.drain = max(phase.drain or 0.0, now - released_at)
+                    return
+            finally:
+                conn.close()
 
         async def watch() -> None:
             while not done.is_set():
@@ -448,32 +553,28 @@ class PollStorm:
             await asyncio.sleep(min(1.0, self.long_poll / 2))
             released_at = time.monotonic()
             r = await self.post("forward_backward", self.forward_body(1))
+            phase.unblock_submit = time.monotonic() - released_at
             await self.settle(r.json()["request_id"])
 
         watcher = asyncio.create_task(watch())
         extra = [unblock()] if release else []
         await asyncio.gather(*(poll(rid) for rid in self.request_ids), *extra)
         phase.seconds = time.monotonic() - t0
+        phase.client_cpu = (time.process_time() - cpu0) / phase.seconds
         phase.held_at_once = most_at_once(held)
         done.set()
         await watcher
         return phase
-
-    async def close(self) -> None:
-        await self.http.aclose()
 
 
 async def run_polls(
     url: str, polls: int, long_poll: float, timeout: float
 ) -> tuple[PollPhase, PollPhase]:
     storm = PollStorm(url, polls, long_poll, timeout)
-    try:
-        await storm.prepare()
-        hold = await storm.storm(release=False)
-        release = await storm.storm(release=True)
-        return hold, release
-    finally:
-        await storm.close()
+    await storm.prepare()
+    hold = await storm.storm(release=False)
+    release = await storm.storm(release=True)
+    return hold, release
 
 
 # -- the modes -----------------------------------------------------------------------------------
@@ -483,27 +584,19 @@ async def run_polls(
 def cluster_session(
     work_dir: Path, workers: int, api_workers: int, log_level: str, env: dict[str, str]
 ) -> Iterator[tuple[Any, Any]]:
-    """A started local Cluster and an SDK ServiceClient on its API; both always shut down, and
-    the processes' log tails printed on failure."""
-    import tinker
-
+    """A started local Cluster and an SDK ServiceClient on its API."""
     from tinkerd.local_cluster import Cluster
 
     cluster = Cluster(
         work_dir, workers=workers, api_workers=api_workers, log_level=log_level, env=env
     )
-    try:
+
+    def start() -> str:
         cluster.start()
-        client = tinker.ServiceClient(base_url=cluster.url, api_key=API_KEY)
-        try:
-            yield cluster, client
-        finally:
-            client.close("success").result()
-    except BaseException:
-        print(cluster.logs(), file=sys.stderr)
-        raise
-    finally:
-        cluster.stop()
+        return cluster.url
+
+    with sdk_client(start, cluster.logs, cluster.stop) as client:
+        yield cluster, client
 
 
 def placement(cluster: Any) -> dict[str, str]:
@@ -519,9 +612,10 @@ def placement(cluster: Any) -> dict[str, str]:
 
 
 def run_mode(
-    mode: str, args: argparse.Namespace, work_dir: Path, env: dict[str, str]
-) -> ModeResult:
-    result = ModeResult(mode)
+    result: ModeResult, args: argparse.Namespace, work_dir: Path, env: dict[str, str]
+) -> None:
+    """Fills `result` as the measurements finish, so that a failure keeps what came before."""
+    mode = result.mode
     data = training_batch(args.batch, args.seq_len)
     mode_dir = work_dir / mode
     mode_dir.mkdir()
@@ -579,7 +673,6 @@ def run_mode(
                 result.poll_error = f"{type(e).__name__}: {e}"
                 print(f"[{mode}] the poll test failed: {result.poll_error}", flush=True)
                 traceback.print_exc()
-    return result
 
 
 def describe(phase: PollPhase) -> str:
@@ -595,8 +688,14 @@ def describe(phase: PollPhase) -> str:
             f", {phase.on_time} held the long-poll on time, at most {phase.held_at_once} at once"
         )
     else:
-        text += f", last result {phase.drain:.1f} s after seq 1 was sent, {phase.repolls} re-polls"
-    text += f"; {phase.seconds:.1f} s in all, slowest poll {phase.slowest:.1f} s"
+        text += (
+            f", seq 1's submission answered in {phase.unblock_submit or 0.0:.1f} s, last result "
+            f"{phase.drain:.1f} s after it was sent, {phase.repolls} re-polls"
+        )
+    text += (
+        f"; {phase.seconds:.1f} s in all, slowest poll {phase.slowest:.1f} s, this client used "
+        f"{phase.client_cpu:.2f} cores"
+    )
     if phase.late:
         text += f", {phase.late} slower than the SDK's {SDK_POLL_TIMEOUT:.0f} s poll timeout"
     return text
@@ -660,6 +759,9 @@ def report(results: list[ModeResult], args: argparse.Namespace) -> None:
             line += f"{cell(value, digits):>10} {ratio(value, base_value):>6}"
         print(line)
     for r in results:
+        if r.error:
+            print(f"{r.mode} FAILED: {r.error}")
+    for r in results:
         if r.placement:
             print(
                 f"placement ({r.mode}): "
@@ -675,7 +777,7 @@ def report(results: list[ModeResult], args: argparse.Namespace) -> None:
         header = (
             f"{'mode':<10} {'phase':<8} {'ok':>5} {'errors':>6} {'in flight':>9} {'conns':>5} "
             f"{'sent s':>6} {'on time':>7} {'held':>5} {'drain s':>7} {'total s':>7} "
-            f"{'slowest':>7} {'>45 s':>5}"
+            f"{'slowest':>7} {'>45 s':>5} {'client':>6}"
         )
         print(header)
         print("-" * len(header))
@@ -691,15 +793,17 @@ def report(results: list[ModeResult], args: argparse.Namespace) -> None:
                 print(
                     f"{r.mode:<10} {name:<8} {p.ok:>5} {sum(p.errors.values()):>6} "
                     f"{p.max_in_flight:>9} {conns:>5} {p.sent_in:>6.1f} {on_time:>7} {held:>5} "
-                    f"{drain:>7} {p.seconds:>7.1f} {p.slowest:>7.1f} {p.late:>5}"
+                    f"{drain:>7} {p.seconds:>7.1f} {p.slowest:>7.1f} {p.late:>5} "
+                    f"{p.client_cpu:>6.2f}"
                 )
         print(
             "ok: answered 200 with try_again (hold) or the result (release). conns: most "
             "established TCP connections to the API seen at once. sent s: until the last poll "
-            "was sent. on time: hold polls answered try_again within the long-poll + 1 s of "
-            "being sent, i.e. not queued behind other polls; held: the most of those "
-            "outstanding at one moment. drain s: from sending seq 1 (which unblocks every "
-            "request) to the last result. >45 s: polls the SDK would have timed out."
+            "was sent. on time: hold polls answered try_again within 1.5 x the long-poll of "
+            "being sent, i.e. held by the server, not queued behind another held poll; held: "
+            "the most of those outstanding at one moment. drain s: from sending seq 1 (which "
+            "unblocks every request) to the last result. >45 s: polls the SDK would have timed "
+            "out. client: CPU cores this benchmark process used meanwhile."
         )
 
 
@@ -758,11 +862,11 @@ def main(argv: list[str] | None = None) -> int:
         help="environment variable for every server process (repeatable)",
     )
     parser.add_argument(
-        "--omp-passive",
+        "--omp-default",
         action="store_true",
-        help="OMP_WAIT_POLICY=PASSIVE for every server process: idle OpenMP threads sleep "
-        "instead of spinning, which they otherwise do on the cores the API, Redis and this "
-        "client need",
+        help="leave the servers' OpenMP wait policy at its default (spinning) instead of "
+        "OMP_WAIT_POLICY=PASSIVE: on a small box their idle threads then take the cores the "
+        "API, Redis and this client need",
     )
     parser.add_argument("--server-log-level", default="WARNING")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
@@ -782,7 +886,7 @@ def main(argv: list[str] | None = None) -> int:
 
         args.api_workers = Settings().api_workers
     env = {"TINKERD_LONG_POLL_SECONDS": str(args.long_poll)}
-    if args.omp_passive:
+    if not args.omp_default:
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     env.update(item.split("=", 1) for item in args.server_env)
 
@@ -801,13 +905,15 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     try:
         for mode in [m for m in MODES if m in args.modes]:
+            result = ModeResult(mode)
+            results.append(result)
             try:
-                results.append(run_mode(mode, args, work_dir, env))
+                run_mode(result, args, work_dir, env)
             except Exception as e:
                 failed = True
-                print(f"[{mode}] FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                result.error = f"{type(e).__name__}: {e}"
+                print(f"[{mode}] FAILED: {result.error}", file=sys.stderr, flush=True)
                 traceback.print_exc()
-                results.append(ModeResult(mode, setup_error=str(e)))
     finally:
         if args.keep:
             print(f"kept {work_dir}")

@@ -3,48 +3,48 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def tinkerd_command() -> list[str]:
-    exe = Path(sys.executable).parent / "tinkerd"
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which("tinkerd")
-    return [found] if found else [sys.executable, "-m", "tinkerd.cli"]
+from tinkerd.local_cluster import free_port, tinkerd_command
 
 
 class ServerProcess:
     """`tinkerd serve` in a subprocess, up once /api/v1/healthz answers."""
 
-    def __init__(self, data_dir: Path, extra_args: list[str], log_level: str,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        extra_args: list[str],
+        log_level: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir / "server.log"
         command = tinkerd_command() + [
-            "serve", "--port", str(self.port), "--data-dir", str(data_dir / "data"),
-            "--device", "cpu", "--log-level", log_level, *extra_args,
+            "serve",
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(data_dir / "data"),
+            "--device",
+            "cpu",
+            "--log-level",
+            log_level,
+            *extra_args,
         ]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(
+            command, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
@@ -79,23 +79,34 @@ class ServerProcess:
 
 
 @contextmanager
-def sdk_session(
-    work_dir: Path, extra_args: list[str], log_level: str, env: dict[str, str] | None = None
-) -> Iterator[tuple[ServerProcess, Any]]:
-    """A ready `tinkerd serve` and an SDK ServiceClient on it; on failure the server's log tail
-    is printed, and both are always shut down."""
+def sdk_client(start: Callable[[], str], logs: Callable[[], str], stop: Callable[[], None]):
+    """Start a server (`start` returns its URL) and yield an SDK ServiceClient on it; on failure
+    the server's logs are printed, and both are always shut down."""
     import tinker
 
-    server = ServerProcess(work_dir, extra_args, log_level, env)
     try:
-        server.wait_ready()
-        client = tinker.ServiceClient(base_url=server.url, api_key="tml-bench")
+        client = tinker.ServiceClient(base_url=start(), api_key="tml-bench")
         try:
-            yield server, client
+            yield client
         finally:
             client.close("success").result()
     except BaseException:
-        print(server.log_tail(), file=sys.stderr)
+        print(logs(), file=sys.stderr)
         raise
     finally:
-        server.stop()
+        stop()
+
+
+@contextmanager
+def sdk_session(
+    work_dir: Path, extra_args: list[str], log_level: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[ServerProcess, Any]]:
+    """A ready `tinkerd serve` and an SDK ServiceClient on it."""
+    server = ServerProcess(work_dir, extra_args, log_level, env)
+
+    def start() -> str:
+        server.wait_ready()
+        return server.url
+
+    with sdk_client(start, server.log_tail, server.stop) as client:
+        yield server, client

@@ -73,8 +73,13 @@ SIZES = (
     Size("tiny", {}, batch=4, seq_len=32),
     Size(
         "small",
-        {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 640,
-         "vocab_size": 4096},
+        {
+            "hidden_size": 256,
+            "num_layers": 4,
+            "num_heads": 4,
+            "intermediate_size": 640,
+            "vocab_size": 4096,
+        },
         batch=8,
         seq_len=128,
     ),
@@ -197,14 +202,20 @@ def run_in_process(model_dir: Path, tokens, rank: int, warmup: int, steps: int) 
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval().requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
-                        target_modules=lora_targets(model), bias="none")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=LORA_ALPHA,
+        lora_dropout=0.0,
+        target_modules=lora_targets(model),
+        bias="none",
+    )
     torch.manual_seed(0)
     model = get_peft_model(model, config)
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, betas=(0.9, 0.95), eps=1e-12,
-                                  weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        params, lr=LEARNING_RATE, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0
+    )
     batch = torch.from_numpy(tokens)
     inputs, targets = batch[:, :-1], batch[:, 1:]
 
@@ -237,9 +248,17 @@ def sdk_batch(tokens) -> list[Any]:
     ]
 
 
-def run_through_server(model_dir: Path, tokens, rank: int, warmup: int, steps: int,
-                       work_dir: Path, server_args: list[str], log_level: str,
-                       server_env: dict[str, str] | None = None) -> Timing:
+def run_through_server(
+    model_dir: Path,
+    tokens,
+    rank: int,
+    warmup: int,
+    steps: int,
+    work_dir: Path,
+    server_args: list[str],
+    log_level: str,
+    server_env: dict[str, str] | None = None,
+) -> Timing:
     from tinker import types
 
     with sdk_session(work_dir, server_args, log_level, server_env) as (server, client):
@@ -247,8 +266,9 @@ def run_through_server(model_dir: Path, tokens, rank: int, warmup: int, steps: i
             base_model=str(model_dir), rank=rank, seed=0
         ).result()
         data = sdk_batch(tokens)
-        adam = types.AdamParams(learning_rate=LEARNING_RATE, beta1=0.9, beta2=0.95,
-                                eps=1e-12, weight_decay=0.0)
+        adam = types.AdamParams(
+            learning_rate=LEARNING_RATE, beta1=0.9, beta2=0.95, eps=1e-12, weight_decay=0.0
+        )
 
         def step() -> None:
             fwdbwd = training.forward_backward(data, "cross_entropy")
@@ -268,29 +288,54 @@ def _load(t: Timing) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int,
-                        help="timed steps per run (default 30; 8 with --quick)")
-    parser.add_argument("--warmup", type=int,
-                        help="untimed steps first (default 5; 2 with --quick)")
-    parser.add_argument("--quick", action="store_true",
-                        help="few steps, one round: a smoke run, noisy figures")
-    parser.add_argument("--repeat", type=int, default=None,
-                        help="rounds of (a) then (b) per size; the best round of each is "
-                        "reported, which discounts other load on the machine (default 2; 1 "
-                        "with --quick)")
-    parser.add_argument("--wait-idle", type=float, default=None, metavar="SECONDS",
-                        help="before each round, wait up to this long for other processes to "
-                        "leave the CPUs idle (default 120; 0 with --quick)")
+    parser.add_argument(
+        "--steps", type=int, help="timed steps per run (default 30; 8 with --quick)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, help="untimed steps first (default 5; 2 with --quick)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="few steps, one round: a smoke run, noisy figures"
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="rounds of (a) then (b) per size; the best round of each is "
+        "reported, which discounts other load on the machine (default 2; 1 "
+        "with --quick)",
+    )
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="before each round, wait up to this long for other processes to "
+        "leave the CPUs idle (default 120; 0 with --quick)",
+    )
     parser.add_argument("--size", choices=[s.name for s in SIZES] + ["all"], default="all")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
-    parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
-                        help="extra argument for `tinkerd serve` (repeatable)")
-    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
-                        help="environment variable for the server only (repeatable)")
-    parser.add_argument("--omp-passive", action="store_true",
-                        help="OMP_WAIT_POLICY=PASSIVE on both sides: idle OpenMP threads sleep "
-                        "instead of spinning, which keeps the figures usable on a busy machine "
-                        "(and costs some speed on an idle one)")
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for `tinkerd serve` (repeatable)",
+    )
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment variable for the server only (repeatable)",
+    )
+    parser.add_argument(
+        "--omp-passive",
+        action="store_true",
+        help="OMP_WAIT_POLICY=PASSIVE on both sides: idle OpenMP threads sleep "
+        "instead of spinning, which keeps the figures usable on a busy machine "
+        "(and costs some speed on an idle one)",
+    )
     parser.add_argument("--server-log-level", default="WARNING")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
@@ -309,10 +354,12 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="tinkerd-bench-"))
     omp = os.environ.get("OMP_WAIT_POLICY", "default")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads (OMP_WAIT_POLICY {omp}), "
-          f"{os.cpu_count()} cpus; "
-          f"LoRA rank {args.rank}, alpha {LORA_ALPHA}; {warmup} warm-up + {steps} timed steps, "
-          f"best of {repeat} round(s)")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads (OMP_WAIT_POLICY {omp}), "
+        f"{os.cpu_count()} cpus; "
+        f"LoRA rank {args.rank}, alpha {LORA_ALPHA}; {warmup} warm-up + {steps} timed steps, "
+        f"best of {repeat} round(s)"
+    )
     rows = []
     try:
         for size in sizes:
@@ -324,20 +371,38 @@ def main(argv: list[str] | None = None) -> int:
                 if wait > 0:
                     load = wait_idle(wait)
                     if load is not None and load >= 0.1:
-                        print(f"[{size.name}] the machine is busy ({load:.2f} cores used by "
-                              "other processes): the figures will be disturbed (see "
-                              "--omp-passive)", flush=True)
+                        print(
+                            f"[{size.name}] the machine is busy ({load:.2f} cores used by "
+                            "other processes): the figures will be disturbed (see "
+                            "--omp-passive)",
+                            flush=True,
+                        )
                 a = run_in_process(model_dir, tokens, args.rank, warmup, steps)
                 gc.collect()  # free (a)'s model before the server starts
-                print(f"[{size.name}] (a) in-process: {a.steps_per_second:7.2f} steps/s, median "
-                      f"step {a.median_ms:6.1f} ms, other load {_load(a)} cores", flush=True)
+                print(
+                    f"[{size.name}] (a) in-process: {a.steps_per_second:7.2f} steps/s, median "
+                    f"step {a.median_ms:6.1f} ms, other load {_load(a)} cores",
+                    flush=True,
+                )
                 run_dir = work / f"server-{size.name}-{round_}"
                 run_dir.mkdir()
-                b = run_through_server(model_dir, tokens, args.rank, warmup, steps, run_dir,
-                                       args.server_arg, args.server_log_level, server_env)
-                print(f"[{size.name}] (b) tinkerd:    {b.steps_per_second:7.2f} steps/s, median "
-                      f"step {b.median_ms:6.1f} ms, other load {_load(b)} cores; this round's "
-                      f"b/a {b.steps_per_second / a.steps_per_second:.3f}", flush=True)
+                b = run_through_server(
+                    model_dir,
+                    tokens,
+                    args.rank,
+                    warmup,
+                    steps,
+                    run_dir,
+                    args.server_arg,
+                    args.server_log_level,
+                    server_env,
+                )
+                print(
+                    f"[{size.name}] (b) tinkerd:    {b.steps_per_second:7.2f} steps/s, median "
+                    f"step {b.median_ms:6.1f} ms, other load {_load(b)} cores; this round's "
+                    f"b/a {b.steps_per_second / a.steps_per_second:.3f}",
+                    flush=True,
+                )
                 if best_a is None or a.steps_per_second > best_a.steps_per_second:
                     best_a = a
                 if best_b is None or b.steps_per_second > best_b.steps_per_second:
@@ -351,27 +416,35 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     print()
-    header = (f"{'model':<6} {'batch':>7} {'(a) steps/s':>12} {'(a) ms/step':>12} "
-              f"{'(b) steps/s':>12} {'(b) ms/step':>12} {'b/a':>6} {'overhead ms':>12} "
-              f"{'other load':>11}")
+    header = (
+        f"{'model':<6} {'batch':>7} {'(a) steps/s':>12} {'(a) ms/step':>12} "
+        f"{'(b) steps/s':>12} {'(b) ms/step':>12} {'b/a':>6} {'overhead ms':>12} "
+        f"{'other load':>11}"
+    )
     print(header)
     print("-" * len(header))
     for size, a, b in rows:
         overhead = 1000 * (b.seconds - a.seconds) / steps
         load = max((t.other_load for t in (a, b) if t.other_load is not None), default=None)
-        print(f"{size.name:<6} {f'{size.batch}x{size.seq_len}':>7} {a.steps_per_second:12.2f} "
-              f"{1000 / a.steps_per_second:12.1f} {b.steps_per_second:12.2f} "
-              f"{1000 / b.steps_per_second:12.1f} {b.steps_per_second / a.steps_per_second:6.3f} "
-              f"{overhead:12.1f} {'n/a' if load is None else f'{load:.2f}':>11}")
-    print("(ms/step = 1000 / steps/s; overhead = (b) - (a) per step; other load = CPU cores used "
-          "by other processes during the timed steps, max of (a) and (b): above ~0.1 the figures "
-          "are disturbed)")
+        print(
+            f"{size.name:<6} {f'{size.batch}x{size.seq_len}':>7} {a.steps_per_second:12.2f} "
+            f"{1000 / a.steps_per_second:12.1f} {b.steps_per_second:12.2f} "
+            f"{1000 / b.steps_per_second:12.1f} {b.steps_per_second / a.steps_per_second:6.3f} "
+            f"{overhead:12.1f} {'n/a' if load is None else f'{load:.2f}':>11}"
+        )
+    print(
+        "(ms/step = 1000 / steps/s; overhead = (b) - (a) per step; other load = CPU cores used "
+        "by other processes during the timed steps, max of (a) and (b): above ~0.1 the figures "
+        "are disturbed)"
+    )
     for size, a, b in rows:
         if size.name == "small":
             ratio = b.steps_per_second / a.steps_per_second
             verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
-            print(f"\ntarget b/a >= {TARGET_RATIO} on the small model: {verdict} ({ratio:.3f}); "
-                  f"in-process small step: median {a.median_ms:.1f} ms")
+            print(
+                f"\ntarget b/a >= {TARGET_RATIO} on the small model: {verdict} ({ratio:.3f}); "
+                f"in-process small step: median {a.median_ms:.1f} ms"
+            )
     return 0
 
 
