@@ -22,7 +22,7 @@
 # The data directory is --data-dir, else $TINKERD_DATA_DIR, else ~/.local/share/tinkerd. Other
 # settings come from TINKERD_* variables as usual (tinkerd/config.py).
 set -euo pipefail
-cd "$(dirname "$0")"
+here=$(cd "$(dirname "$0")" && pwd)
 
 cluster=${TINKERD_CLUSTER:-0}
 [[ $cluster == 1 || $cluster == true || $cluster == yes ]] && cluster=1 || cluster=0
@@ -30,17 +30,14 @@ for arg in "$@"; do
   [[ $arg == --cluster ]] && cluster=1
 done
 
-bash scripts/setup.sh
-
 if [[ $cluster == 0 ]]; then
+  cd "$here"
+  bash scripts/setup.sh
   exec .venv/bin/tinkerd serve "$@"
 fi
 
 # -- cluster mode ----------------------------------------------------------------------------
-TINKERD=$PWD/.venv/bin/tinkerd
-PY=$PWD/.venv/bin/python
 die() { echo "run_server.sh: $*" >&2; exit 2; }
-
 n_workers=""
 port=${TINKERD_PORT:-8000}
 host=${TINKERD_HOST:-127.0.0.1}
@@ -70,13 +67,13 @@ done
 [[ -z $n_workers || $n_workers =~ ^[1-9][0-9]*$ ]] || die "--workers needs a positive number"
 [[ $port =~ ^[0-9]+$ ]] || die "--port needs a number"
 mkdir -p "$data_dir"
-data_dir=$(cd "$data_dir" && pwd)
+data_dir=$(cd "$data_dir" && pwd)  # absolute, relative to where the script was started
 export TINKERD_DATA_DIR=$data_dir
 
-# The cluster's Python dependencies (Celery, the Redis client, gunicorn with gevent).
-if ! "$PY" -c 'import celery, redis, gunicorn, gevent' 2>/dev/null; then
-  "$PY" -m pip install -q celery redis gunicorn gevent
-fi
+cd "$here"
+bash scripts/setup.sh
+TINKERD=$PWD/.venv/bin/tinkerd
+PY=$PWD/.venv/bin/python
 
 pids=()     # every child, in start order: for the watch at the end
 names=()    # what each is, for messages
@@ -133,8 +130,10 @@ start() {  # start NAME COMMAND...: a child in the background, recorded for stop
 if [[ -n ${TINKERD_REDIS_URL:-} ]]; then
   redis_url=$TINKERD_REDIS_URL
 else
-  command -v redis-server >/dev/null || die "redis-server is not installed (apt install redis-server), or set TINKERD_REDIS_URL"
-  redis_port=${REDIS_PORT:-$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+  command -v redis-server >/dev/null ||
+    die "redis-server is not installed (apt install redis-server); or set TINKERD_REDIS_URL"
+  free_port='import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+  redis_port=${REDIS_PORT:-$("$PY" -c "$free_port")}
   mkdir -p "$data_dir/redis"
   start redis-server redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$data_dir/redis" \
     --appendonly yes --appendfsync everysec --save "" --logfile "$data_dir/redis/redis.log"
@@ -142,7 +141,10 @@ else
 fi
 export TINKERD_REDIS_URL=$redis_url
 
-redis_ok() { "$PY" -c 'import redis, sys; redis.Redis.from_url(sys.argv[1], socket_timeout=2).ping()' "$redis_url" 2>/dev/null; }
+redis_ok() {
+  "$PY" -c 'import redis, sys; redis.Redis.from_url(sys.argv[1], socket_timeout=2).ping()' \
+    "$redis_url" 2>/dev/null
+}
 for _ in $(seq 100); do
   redis_ok && break
   if [[ -n $redis_pid ]] && ! kill -0 "$redis_pid" 2>/dev/null; then
@@ -179,7 +181,8 @@ start api "$TINKERD" serve --redis "$redis_url" --host "$host" --port "$port" \
 check_host=$host
 [[ $check_host == 0.0.0.0 || $check_host == :: || $check_host == "" ]] && check_host=127.0.0.1
 ready() {  # the API answers, and each of our workers has registered (by host and pid)
-  "$PY" - "$redis_url" "http://$check_host:$port/api/v1/healthz" "${worker_pids[@]}" <<'EOF' 2>/dev/null
+  local url=http://$check_host:$port/api/v1/healthz
+  "$PY" - "$redis_url" "$url" "${worker_pids[@]}" 2>/dev/null <<'EOF'
 import json, socket, sys, urllib.request
 import redis
 urllib.request.urlopen(sys.argv[2], timeout=2).read()

@@ -122,6 +122,8 @@ class WorkerProcess:
 
     def run(self) -> None:
         """Register, then serve until SIGTERM/SIGINT (Celery's warm shutdown)."""
+        for chatty in ("celery.worker.strategy", "celery.app.trace"):  # a line per request
+            logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
         self.take_over_name()
         self.heartbeat()
         self.worker.start()
