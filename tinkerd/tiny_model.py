@@ -19,8 +19,11 @@ _WORDS = (
     "into over under near far is was are were has had will can may must yes no what why how "
     "who where when answer question user assistant system number add plus minus equals"
 ).split()
-_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
-_CHAT_TEMPLATE = (
+EOS_TOKEN = "<|endoftext|>"
+_SPECIAL = [EOS_TOKEN, "<|im_start|>", "<|im_end|>", "<|pad|>"]
+VOCAB_SIZE = 1024
+MAX_POSITIONS = 2048
+CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{{ message['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -41,10 +44,10 @@ def _corpus(n_lines: int = 4000, seed: int = 0) -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int):
-    """A byte-level BPE tokenizer (every byte encodable) as a transformers fast tokenizer."""
+def train_tokenizer(vocab_size: int = VOCAB_SIZE):
+    """A byte-level BPE tokenizer (every byte encodable), trained on the built-in corpus: the
+    same every time. `tokenizers` only, so the API can build it without torch."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -56,12 +59,19 @@ def build_tokenizer(vocab_size: int):
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
+    return tok
+
+
+def build_tokenizer(vocab_size: int = VOCAB_SIZE):
+    """The trained tokenizer as a transformers fast tokenizer, with its chat template."""
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|endoftext|>",
-        bos_token="<|endoftext|>",
+        tokenizer_object=train_tokenizer(vocab_size),
+        eos_token=EOS_TOKEN,
+        bos_token=EOS_TOKEN,
         pad_token="<|pad|>",
-        chat_template=_CHAT_TEMPLATE,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -72,8 +82,8 @@ def build_tiny_model(
     num_layers: int = 2,
     num_heads: int = 4,
     intermediate_size: int | None = None,
-    vocab_size: int = 1024,
-    max_positions: int = 2048,
+    vocab_size: int = VOCAB_SIZE,
+    max_positions: int = MAX_POSITIONS,
     seed: int = 0,
 ) -> Path:
     """Write a random-weight Llama model and its tokenizer to `path` (atomically) and return it."""
