@@ -230,6 +230,18 @@ def test_in_order_submits_reach_the_owning_worker(
     assert client.smembers(inflight_key("w2")) == {i.encode() for i in ids}
 
 
+def test_submit_next_takes_consecutive_seq_ids_across_api_processes(
+    client: redis.Redis, new_scheduler: Callable[[], RedisScheduler]
+) -> None:
+    register(client, "w1")
+    first, second = new_scheduler(), new_scheduler()
+    open_and_create(first)
+    ids = [s.submit_next(MODEL, optim(i)) for i, s in enumerate([first, second, first, second])]
+    assert len(set(ids)) == 4
+    seqs = [(seq, payload) for _, _, _, seq, payload in delivered(client, "w1")]
+    assert seqs[1:] == [(1, optim(0)), (2, optim(1)), (3, optim(2)), (4, optim(3))]
+
+
 def test_out_of_order_submits_are_sent_at_once_and_sequenced_when_the_gap_fills(
     client: redis.Redis, scheduler: RedisScheduler
 ) -> None:

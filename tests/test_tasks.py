@@ -56,6 +56,17 @@ def test_out_of_order_tasks_are_released_in_seq_order(scheduler: Scheduler) -> N
     assert len(set(ids.values())) == 3
 
 
+def test_submit_next_takes_the_next_seq_after_any_submitted(scheduler: Scheduler) -> None:
+    scheduler.submit_next(MODEL, payload("one"))
+    scheduler.submit(MODEL, 3, payload("three"), "fp3")
+    scheduler.submit_next(MODEL, payload("four"))
+    assert released(scheduler) == [(MODEL, 1, "one")]  # 2 was never sent: 3 and 4 wait
+    scheduler.submit(MODEL, 2, payload("two"), "fp2")
+    assert released(scheduler) == [(MODEL, 2, "two"), (MODEL, 3, "three"), (MODEL, 4, "four")]
+    with pytest.raises(NotFound):
+        scheduler.submit_next("nope:train:0", payload("x"))
+
+
 def test_gap_holds_back_only_later_tasks(scheduler: Scheduler) -> None:
     scheduler.submit(MODEL, 1, payload("one"), "fp1")
     scheduler.submit(MODEL, 3, payload("three"), "fp3")

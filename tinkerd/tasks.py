@@ -53,6 +53,11 @@ class TaskQueue(Protocol):
 
     def submit(self, model_id: str, seq_id: int, payload: Payload, fingerprint: str) -> str: ...
 
+    def submit_next(self, model_id: str, payload: Payload) -> str:
+        """Queue `payload` as the model's next request, the server choosing its seq_id (for
+        clients that send no seq_ids: the simple JSON API, the CLI)."""
+        ...
+
     def submit_unordered(
         self, key: str, seq_id: int, payload: Payload, fingerprint: str
     ) -> str: ...
@@ -171,6 +176,14 @@ class Scheduler:
             queue.seen[seq_id] = (request_id, fingerprint)
             self._enqueue_locked(queue, Task(request_id, model_id, seq_id, payload))
             return request_id
+
+    def submit_next(self, model_id: str, payload: Payload) -> str:
+        with self._cond:
+            queue = self._queues.get(model_id)
+            if queue is None:
+                raise NotFound(f"unknown model_id {model_id!r}")
+            seq_id = max(queue.next_seq, max(queue.seen, default=-1) + 1)
+            return self.submit(model_id, seq_id, payload, uuid.uuid4().hex)
 
     def enqueue(self, task: Task) -> None:
         """Queue a task that was already sequenced and de-duplicated upstream (a worker process

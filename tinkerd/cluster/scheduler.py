@@ -237,6 +237,18 @@ class RedisScheduler:
         self._send(worker, "ordered", request_id, model_id, seq_id, payload)
         return request_id
 
+    def submit_next(self, model_id: str, payload: Payload) -> str:
+        """The lowest seq_id not yet taken; if another API process takes it first (a clash of
+        fingerprints, each being new), the next one."""
+        fingerprint = uuid.uuid4().hex
+        while True:
+            seq_id = int(self.redis.get(f"tinkerd:next:{model_id}") or 0)
+            try:
+                return self.submit(model_id, seq_id, payload, fingerprint)
+            except UserError as e:
+                if "already used" not in e.message and "in the past" not in e.message:
+                    raise
+
     def submit_unordered(self, key: str, seq_id: int, payload: Payload, fingerprint: str) -> str:
         if not isinstance(payload, Sample):
             raise ServerError(f"unordered {type(payload).__name__} is not supported")
