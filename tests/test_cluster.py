@@ -340,3 +340,45 @@ def test_an_api_restart_keeps_futures(cluster: Cluster, client) -> None:
     losses = [f.result(timeout=120).metrics["loss:sum"] for f in futures]
     assert len(losses) == 10 and all(np.isfinite(losses))
     train(tc, 1)  # and the model keeps training through the new process
+
+
+def test_the_simple_json_api_on_the_cluster(cluster: Cluster) -> None:
+    """The simple JSON API scaled out: an adapter placed on a worker trains on chat data and
+    samples there, and removing it frees it on that worker and drops its placement."""
+    url, name = cluster.url, f"simple-{time.monotonic_ns()}"
+
+    def call(path: str, body: dict) -> dict:
+        r = httpx.post(f"{url}{path}", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def settled(request_id: str) -> dict:
+        while (out := call("/retrieve_future", {"request_id": request_id})).get("type"):
+            assert out["type"] == "try_again", out
+        return out
+
+    run_id = call("/add_lora", {"model_id": name, "rank": 8})["training_run_id"]
+    worker = owner(cluster, run_id)
+    chat = [[{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]]
+    losses = []
+    for _ in range(3):
+        fwd = call("/fwdbwd", {"model_id": name, "data": chat})
+        opt = call("/optim_step", {"model_id": name, "learning_rate": 1e-2})
+        out = settled(fwd["request_id"])
+        assert "grad_norm" in settled(opt["request_id"])["metrics"]
+        losses.append(out["loss"])
+    assert losses[-1] < losses[0] and out["metrics"]["num_weighted_tokens"] > 0
+    sampled = call("/sample", {"model_id": name, "messages": chat[0][:1], "max_tokens": 4})
+    assert 1 <= len(sampled["samples"][0]["tokens"]) <= 4
+    snapshot = f"{run_id}:sample:latest"
+    assert owner(cluster, snapshot) == worker  # sampled on the adapter's worker
+
+    def held() -> list[str]:
+        return cluster.registered_workers()[worker]["models"]
+
+    wait_until(lambda: run_id in held(), 10, "the worker to report the adapter")
+    assert call("/remove_lora", {"model_id": name})["freed"] is True
+    assert owner(cluster, run_id) is None and owner(cluster, snapshot) is None
+    wait_until(lambda: run_id not in held(), 10, "the worker to free the adapter")
+    assert name not in [a["model_id"] for a in httpx.get(f"{url}/adapters").json()["adapters"]]
+    assert httpx.post(f"{url}/optim_step", json={"model_id": name}).status_code == 404

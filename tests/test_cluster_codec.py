@@ -23,6 +23,7 @@ from tinkerd.types import (
     LoraConfig,
     OptimStep,
     Rejected,
+    RemoveModel,
     Sample,
     SampledSequence,
     SampleResult,
@@ -98,6 +99,7 @@ PAYLOADS: dict[str, Any] = {
         user_metadata={"step": "1", "nested": {"a": [1, 2.5, None, True]}},
     ),
     "LoadWeights": LoadWeights("tinker://s:train:0/weights/step-1", with_optimizer=True),
+    "RemoveModel": RemoveModel(),
     "Rejected": Rejected({"error": "datum 0 has no tokens", "category": "user"}),
     "SamplingParams": SamplingParams(
         max_tokens=16,

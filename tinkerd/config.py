@@ -19,6 +19,8 @@ class Settings:
     Attributes:
         host, port: where the API listens.
         data_dir: the home of the built-in model, checkpoints and run metadata.
+        base_model: the base model of the simple JSON API's adapters when a request names none
+            (`tinkerd/tiny`, a local model directory or a hub name).
         device: "cuda", "cuda:1", "cpu", or None to pick the GPU when there is one.
         long_poll_seconds: how long retrieve_future holds a request before `try_again`; the SDK
             gives up on a poll after 45 s, so stay well under that.
@@ -41,6 +43,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     data_dir: Path = field(default_factory=default_data_dir)
+    base_model: str = "tinkerd/tiny"
     device: str | None = None
     long_poll_seconds: float = 25.0
     threads: int = 128

@@ -13,9 +13,10 @@ import itertools
 import logging
 import re
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,7 @@ class _Adapter:
     params: list[nn.Parameter]
     optimizer: torch.optim.AdamW
     steps: int = 0
+    snapshots: set[str] = field(default_factory=set)  # its in-memory sampler snapshots
 
 
 def lora_target_modules(model: nn.Module, lora: LoraConfig) -> list[str]:
@@ -198,7 +200,9 @@ class HFBackend:
 
     def _delete_adapter(self, base: _Base, name: str) -> None:
         if base.peft is not None and name in base.peft.peft_config:
-            base.peft.delete_adapter(name)
+            with warnings.catch_warnings():  # "Adapter m1 was active which is now deleted"
+                warnings.simplefilter("ignore", UserWarning)
+                base.peft.delete_adapter(name)
         base.active = None
 
     def create_model(self, model_id: str, request: CreateModel) -> dict[str, Any]:
@@ -216,11 +220,14 @@ class HFBackend:
                 self._delete_adapter(base, name)
                 raise
         self._adapters[model_id] = adapter
-        return {"model_id": model_id}
+        return {"model_id": model_id, "trainable_params": sum(p.numel() for p in params)}
 
     def remove_model(self, model_id: str) -> None:
+        """Free the model's adapter, optimizer state and sampler snapshots."""
         adapter = self._adapters.pop(model_id, None)
         if adapter is not None:
+            for key in adapter.snapshots:
+                self._drop_sampler(key)
             self._delete_adapter(adapter.base, adapter.name)
 
     def held(self) -> dict[str, Any]:
@@ -363,6 +370,7 @@ class HFBackend:
             )
             set_peft_model_state_dict(peft, state, adapter_name=name)
             self._cache_sampler(request.snapshot_id, base, name)
+            adapter.snapshots.add(request.snapshot_id)
             return {"sampling_session_id": request.snapshot_id}
         assert request.path is not None
         path = CheckpointPath.parse(request.path)

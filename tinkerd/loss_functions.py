@@ -3,7 +3,10 @@
 Each loss takes the target-token logprobs of the training model, `logprobs` (B, T) or (B, T, K)
 for K targets per position, the datums' loss inputs stacked and padded the same way, its config,
 and `mask` (B, T), true at real (not padding) positions. It returns a scalar loss, which is a SUM
-over datums and tokens as in Tinker (never a mean), and metrics named `name:reduction`.
+over datums and tokens as in Tinker (never a mean), and metrics named `name:reduction`: every loss
+reports `loss:sum` and `num_tokens:sum` (real positions), cross_entropy `num_weighted_tokens:sum`
+(positions with a non-zero weight), the RL losses `advantage:mean`, and `ratio:mean` and
+`clip_fraction:mean` where they have them, over the positions with a non-zero advantage.
 
 This module uses only tensor methods, so the API can import the registry without torch.
 """
@@ -43,7 +46,12 @@ def cross_entropy(logprobs: Tensor, inputs: dict[str, Tensor], config: dict, mas
     weights), so this is also the backward pass of any client-side loss.
     """
     loss = -(logprobs * inputs["weights"]).sum()
-    return loss, {"loss:sum": loss.item()}
+    weighted = (inputs["weights"] != 0) & _expand(mask, logprobs)
+    return loss, {
+        "loss:sum": loss.item(),
+        "num_tokens:sum": float(mask.sum().item()),
+        "num_weighted_tokens:sum": float(weighted.sum().item()),
+    }
 
 
 def _ratio(logprobs: Tensor, inputs: dict[str, Tensor]) -> Tensor:
@@ -57,7 +65,7 @@ def importance_sampling(logprobs: Tensor, inputs: dict[str, Tensor], config: dic
     """
     ratio = _ratio(logprobs, inputs)
     loss = -(ratio * inputs["advantages"]).sum()
-    return loss, {"loss:sum": loss.item(), **_ratio_metrics(ratio, mask)}
+    return loss, {"loss:sum": loss.item(), **_rl_metrics(inputs, mask, ratio)}
 
 
 def ppo(logprobs: Tensor, inputs: dict[str, Tensor], config: dict, mask: Tensor):
@@ -71,7 +79,7 @@ def ppo(logprobs: Tensor, inputs: dict[str, Tensor], config: dict, mask: Tensor)
     adv = inputs["advantages"]
     clipped = ratio.clamp(low, high)
     loss = -(ratio * adv).minimum(clipped * adv).sum()
-    return loss, {"loss:sum": loss.item(), **_ratio_metrics(ratio, mask, low, high)}
+    return loss, {"loss:sum": loss.item(), **_rl_metrics(inputs, mask, ratio, low, high)}
 
 
 def cispo(logprobs: Tensor, inputs: dict[str, Tensor], config: dict, mask: Tensor):
@@ -85,7 +93,7 @@ def cispo(logprobs: Tensor, inputs: dict[str, Tensor], config: dict, mask: Tenso
     _check_clip(low, high)
     weight = ratio.detach().clamp(low, high)
     loss = -(weight * inputs["advantages"] * logprobs).sum()
-    return loss, {"loss:sum": loss.item(), **_ratio_metrics(ratio, mask, low, high)}
+    return loss, {"loss:sum": loss.item(), **_rl_metrics(inputs, mask, ratio, low, high)}
 
 
 def dro(logprobs: Tensor, inputs: dict[str, Tensor], config: dict, mask: Tensor):
@@ -95,7 +103,7 @@ def dro(logprobs: Tensor, inputs: dict[str, Tensor], config: dict, mask: Tensor)
     """
     penalty = (logprobs - inputs["logprobs"]) ** 2
     loss = -(logprobs * inputs["advantages"] - 0.5 * config["beta"] * penalty).sum()
-    return loss, {"loss:sum": loss.item()}
+    return loss, {"loss:sum": loss.item(), **_rl_metrics(inputs, mask)}
 
 
 def _check_clip(low: float, high: float) -> None:
@@ -103,18 +111,38 @@ def _check_clip(low: float, high: float) -> None:
         raise UserError(f"need 0 <= clip_low_threshold <= clip_high_threshold, got {low}, {high}")
 
 
-def _ratio_metrics(
-    ratio: Tensor, mask: Tensor, low: float | None = None, high: float | None = None
-):
-    """Mean ratio, and the fraction of tokens outside the clip range, over real tokens."""
-    ratio = ratio.detach()
-    if ratio.dim() == 3:
-        mask = mask.unsqueeze(-1).expand_as(ratio)
-    n = max(int(mask.sum().item()), 1)
-    metrics = {"ratio:mean": (ratio * mask).sum().item() / n}
-    if low is not None and high is not None:
-        clipped = ((ratio < low) | (ratio > high)) & mask
-        metrics["clip_fraction:mean"] = clipped.sum().item() / n
+def _expand(mask: Tensor, like: Tensor) -> Tensor:
+    """The (B, T) mask shaped like `like`, (B, T) or (B, T, K)."""
+    return mask.unsqueeze(-1).expand_as(like) if like.dim() == 3 else mask
+
+
+def _rl_metrics(
+    inputs: dict[str, Tensor],
+    mask: Tensor,
+    ratio: Tensor | None = None,
+    low: float | None = None,
+    high: float | None = None,
+) -> dict[str, float]:
+    """`num_tokens:sum` (real positions) and, over the positions the loss acts on, the mean
+    advantage, ratio and fraction of ratios outside [low, high]. The loss acts on the real
+    positions with a non-zero advantage (a prompt's positions carry advantage 0 and a
+    placeholder sampler logprob, whose ratio means nothing); on all real ones if there are none.
+    """
+    advantages = inputs["advantages"]
+    real = _expand(mask, advantages)
+    acting = real & (advantages != 0)
+    if not bool(acting.any()):
+        acting = real
+    n = max(int(acting.sum().item()), 1)
+    metrics = {
+        "num_tokens:sum": float(mask.sum().item()),
+        "advantage:mean": advantages[acting].sum().item() / n,
+    }
+    if ratio is not None:
+        ratio = ratio.detach()[acting]
+        metrics["ratio:mean"] = ratio.sum().item() / n
+        if low is not None and high is not None:
+            metrics["clip_fraction:mean"] = ((ratio < low) | (ratio > high)).sum().item() / n
     return metrics
 
 

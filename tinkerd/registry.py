@@ -68,6 +68,19 @@ class ModelRecord:
 
 
 @dataclass
+class ModelName:
+    """A user's name for a live model: the simple JSON API names its adapters (`my-model`) and
+    keeps the model id (`simple:my-model:<hex>`) to itself."""
+
+    name: str
+    model_id: str
+    create_request_id: str  # the future of the model's creation
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
 class SamplerRecord:
     sampler_id: str
     session_id: str
@@ -106,6 +119,8 @@ class RecordStore(Protocol):
 
     def values(self, kind: str) -> list[dict[str, Any]]: ...
 
+    def delete(self, kind: str, key: str) -> None: ...
+
 
 class LocalRecords:
     def __init__(self) -> None:
@@ -127,6 +142,10 @@ class LocalRecords:
     def values(self, kind: str) -> list[dict[str, Any]]:
         with self._lock:
             return list(self._kinds.get(kind, {}).values())
+
+    def delete(self, kind: str, key: str) -> None:
+        with self._lock:
+            self._kinds.get(kind, {}).pop(key, None)
 
 
 class Registry:
@@ -195,6 +214,34 @@ class Registry:
 
     def models(self) -> list[ModelRecord]:
         return [ModelRecord.from_json(raw) for raw in self._records.values("model")]
+
+    def remove_model(self, model_id: str) -> None:
+        """Forget a live model (its worker is told separately); its run stays listed."""
+        self._records.delete("model", model_id)
+        self._records.delete("created", model_id)
+
+    def set_created(self, model_id: str, outcome: dict[str, Any]) -> None:
+        """Keep what the worker answered to a model's creation (it never changes)."""
+        self._records.add("created", model_id, outcome)
+
+    def created(self, model_id: str) -> dict[str, Any] | None:
+        return self._records.get("created", model_id)
+
+    def add_name(self, entry: ModelName) -> ModelName:
+        """Give `entry.model_id` its name, unless the name is taken: returns the stored entry."""
+        return ModelName(**self._records.add("name", entry.name, entry.to_json()))
+
+    def named(self, name: str) -> ModelName:
+        raw = self._records.get("name", name)
+        if raw is None:
+            raise NotFound(f"unknown model_id {name!r}")
+        return ModelName(**raw)
+
+    def remove_name(self, name: str) -> None:
+        self._records.delete("name", name)
+
+    def names(self) -> list[ModelName]:
+        return [ModelName(**raw) for raw in self._records.values("name")]
 
     def run(self, model_id: str) -> ModelRecord:
         """A training run, live or from before a restart."""

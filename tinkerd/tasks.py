@@ -20,7 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from tinkerd.types import NotFound, Payload, UserError
+from tinkerd.types import NotFound, Payload, RemoveModel, UserError
 
 # How far ahead of a model's next seq_id a request may arrive (buffered until its turn).
 MAX_SEQ_AHEAD = 100_000
@@ -78,6 +78,7 @@ class _ModelQueue:
     seen: dict[int, tuple[str, str]] = field(
         default_factory=dict
     )  # seq_id -> (request_id, fingerprint)
+    removed: bool = False  # a RemoveModel is queued: the model takes no more requests
 
 
 class FutureStore:
@@ -156,7 +157,7 @@ class Scheduler:
         retry)."""
         with self._cond:
             queue = self._queues.get(model_id)
-            if queue is None:
+            if queue is None or queue.removed:
                 raise NotFound(f"unknown model_id {model_id!r}")
             if seq_id in queue.seen:
                 request_id, first_fingerprint = queue.seen[seq_id]
@@ -174,13 +175,15 @@ class Scheduler:
                 raise UserError(f"seq_id {seq_id} is too far ahead of {queue.next_seq}")
             request_id = self.futures.create()
             queue.seen[seq_id] = (request_id, fingerprint)
+            if isinstance(payload, RemoveModel):
+                queue.removed = True
             self._enqueue_locked(queue, Task(request_id, model_id, seq_id, payload))
             return request_id
 
     def submit_next(self, model_id: str, payload: Payload) -> str:
         with self._cond:
             queue = self._queues.get(model_id)
-            if queue is None:
+            if queue is None or queue.removed:
                 raise NotFound(f"unknown model_id {model_id!r}")
             seq_id = max(queue.next_seq, max(queue.seen, default=-1) + 1)
             return self.submit(model_id, seq_id, payload, uuid.uuid4().hex)
@@ -248,12 +251,16 @@ class Scheduler:
             batches = []
             for model_id in sorted(self._ready):
                 queue = self._queues[model_id]
-                tasks = []
+                tasks: list[Task] = []
                 while queue.next_seq in queue.pending:
                     tasks.append(queue.pending.pop(queue.next_seq))
                     queue.next_seq += 1
+                    if isinstance(tasks[-1].payload, RemoveModel):
+                        break
                 batches.append(tasks)
-                if len(queue.seen) > 2 * RETRY_WINDOW:
+                if tasks and isinstance(tasks[-1].payload, RemoveModel):  # its last: forget it
+                    del self._queues[model_id]
+                elif len(queue.seen) > 2 * RETRY_WINDOW:
                     horizon = queue.next_seq - RETRY_WINDOW
                     queue.seen = {k: v for k, v in queue.seen.items() if k >= horizon}
             self._ready.clear()

@@ -118,6 +118,12 @@ class LoadWeights:
 
 
 @dataclass
+class RemoveModel:
+    """Free a model on its worker (adapter, optimizer, in-memory sampler snapshots): the last
+    request of its sequence; the scheduler forgets the model once it is taken."""
+
+
+@dataclass
 class Rejected:
     """A request the API refused: it still takes its seq_id so the model's later work can run."""
 
@@ -176,7 +182,16 @@ class SampleResult:
     topk_prompt_logprobs: tuple[np.ndarray, np.ndarray] | None = None  # ids, logprobs: (P, K)
 
 
-Payload = CreateModel | ForwardBackward | OptimStep | SaveWeights | LoadWeights | Sample | Rejected
+Payload = (
+    CreateModel
+    | ForwardBackward
+    | OptimStep
+    | SaveWeights
+    | LoadWeights
+    | Sample
+    | RemoveModel
+    | Rejected
+)
 
 
 @dataclass

@@ -7,12 +7,15 @@ so the two can never drift. Decoding validates shapes and values: what comes out
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import math
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 from google.protobuf.message import DecodeError
-from tinker.proto import tinker_public_pb2 as pb
 
 from tinkerd.loss_functions import get_loss, resolve_config
 from tinkerd.types import (
@@ -20,11 +23,34 @@ from tinkerd.types import (
     ForwardBackward,
     ForwardBackwardResult,
     Sample,
+    SampledSequence,
     SampleResult,
     SamplerWeights,
     SamplingParams,
     UserError,
 )
+
+
+def _sdk_schema() -> ModuleType:
+    """The SDK's tinker_public_pb2, loaded without running `tinker/__init__.py`, which imports
+    the whole SDK and with it torch where torch is installed: the API must not import torch.
+    Registered under its own name, so a later `import tinker` reuses it."""
+    name = "tinker.proto.tinker_public_pb2"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec("tinker")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the tinker SDK is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "proto" / "tinker_public_pb2.py"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    module_spec.loader.exec_module(module)
+    return module
+
+
+pb: Any = _sdk_schema()
 
 _PB_DTYPES: dict[int, np.dtype] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
@@ -88,7 +114,7 @@ def parse_forward_backward_json(body: dict[str, Any]) -> ForwardBackward:
         raw_inputs = d.get("loss_fn_inputs") or {}
         if not isinstance(raw_inputs, dict):
             raise UserError(f"datum {i}: loss_fn_inputs must be an object")
-        inputs = {k: _tensor_from_json(v, k, f"datum {i} {k}") for k, v in raw_inputs.items()}
+        inputs = {k: tensor_from_json(v, k, f"datum {i} {k}") for k, v in raw_inputs.items()}
         datums.append(_datum(tokens, inputs))
     loss_fn, config = fbi.get("loss_fn", ""), fbi.get("loss_fn_config") or {}
     if not isinstance(loss_fn, str) or not isinstance(config, dict):
@@ -135,9 +161,10 @@ def parse_sample(body: dict[str, Any], weights: SamplerWeights) -> Sample:
     )
 
 
-def parse_sampling_params(raw: Any) -> SamplingParams:
+def parse_sampling_params(raw: Any, where: str = "sampling_params.") -> SamplingParams:
+    """Check SamplingParams; `where` prefixes the names in errors (empty for top-level keys)."""
     if not isinstance(raw, dict):
-        raise UserError("sampling_params must be an object")
+        raise UserError(f"{where.rstrip('.') or 'the request'} must be an object")
 
     def number(key: str, default: float) -> float:
         value = raw.get(key, default)
@@ -147,26 +174,26 @@ def parse_sampling_params(raw: Any) -> SamplingParams:
             or not isinstance(value, int | float)
             or not math.isfinite(value)
         ):
-            raise UserError(f"sampling_params.{key} must be a finite number, got {value!r}")
+            raise UserError(f"{where}{key} must be a finite number, got {value!r}")
         return float(value)
 
     def integer(key: str, default: int | None) -> int | None:
         value = raw.get(key, default)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise UserError(f"sampling_params.{key} must be an integer, got {value!r}")
+            raise UserError(f"{where}{key} must be an integer, got {value!r}")
         return value
 
     max_tokens = integer("max_tokens", None)
     if max_tokens is not None and max_tokens < 1:
-        raise UserError(f"sampling_params.max_tokens must be at least 1, got {max_tokens}")
+        raise UserError(f"{where}max_tokens must be at least 1, got {max_tokens}")
     temperature, top_p = number("temperature", 1.0), number("top_p", 1.0)
     if temperature < 0:
-        raise UserError(f"sampling_params.temperature must be >= 0, got {temperature}")
+        raise UserError(f"{where}temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
-        raise UserError(f"sampling_params.top_p must be in (0, 1], got {top_p}")
+        raise UserError(f"{where}top_p must be in (0, 1], got {top_p}")
     top_k = integer("top_k", -1)
     if top_k is None or top_k < -1:
-        raise UserError(f"sampling_params.top_k must be -1 (no limit) or positive, got {top_k}")
+        raise UserError(f"{where}top_k must be -1 (no limit) or positive, got {top_k}")
     stop = raw.get("stop")
     stop_strings: tuple[str, ...] = ()
     stop_tokens: tuple[int, ...] | None = None
@@ -179,9 +206,9 @@ def parse_sampling_params(raw: Any) -> SamplingParams:
     ):
         stop_tokens = tuple(stop)  # [] disables even the implicit EOS
     elif stop is not None:
-        raise UserError("sampling_params.stop must be a string, a list of strings or of token ids")
+        raise UserError(f"{where}stop must be a string, a list of strings or of token ids")
     if any(not s for s in stop_strings):
-        raise UserError("sampling_params.stop strings must not be empty")
+        raise UserError(f"{where}stop strings must not be empty")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -215,6 +242,40 @@ def encode_sample_response(result: SampleResult) -> bytes:
             )
         )
     return out.SerializeToString()
+
+
+def decode_sample_response(body: bytes) -> SampleResult:
+    """The SampleResult in a worker's SampleResponse (encode_sample_response's inverse), for the
+    API's text routes, which answer text rather than the SDK's bytes."""
+    msg = pb.SampleResponse()
+    msg.ParseFromString(body)
+    result = SampleResult(
+        [
+            SampledSequence(
+                np.frombuffer(seq.tokens, dtype="<i4").astype(np.int64),
+                np.frombuffer(seq.logprobs, dtype="<f4").astype(np.float32),
+                "stop" if seq.stop_reason == pb.STOP_REASON_STOP else "length",
+            )
+            for seq in msg.sequences
+        ]
+    )
+    if msg.HasField("prompt_logprobs"):
+        result.prompt_logprobs = np.frombuffer(msg.prompt_logprobs, dtype="<f4").copy()
+    if msg.HasField("topk_prompt_logprobs"):
+        topk = msg.topk_prompt_logprobs
+        shape = (topk.length, topk.k)
+        result.topk_prompt_logprobs = (
+            np.frombuffer(topk.token_ids, dtype="<i4").reshape(shape).copy(),
+            np.frombuffer(topk.logprobs, dtype="<f4").reshape(shape).copy(),
+        )
+    return result
+
+
+def decode_forward_backward_metrics(body: bytes) -> dict[str, float]:
+    """The metrics of a worker's ForwardBackwardOutput, for the API's JSON routes."""
+    msg = pb.ForwardBackwardOutput()
+    msg.ParseFromString(body)
+    return dict(msg.metrics)
 
 
 def make_forward_backward(
@@ -295,7 +356,9 @@ def _tensor_from_proto(t: pb.Tensor, name: str, where: str) -> np.ndarray:
     return _check_values(name, arr, where)
 
 
-def _tensor_from_json(value: Any, name: str, where: str) -> np.ndarray:
+def tensor_from_json(value: Any, name: str, where: str) -> np.ndarray:
+    """A loss input from JSON: a plain list (token ids for target_tokens, else numbers) or
+    TensorData; checked (finite values, non-negative integer token ids)."""
     if isinstance(value, list):  # plain list, coerced by key as the SDK does
         dtype = _JSON_DTYPES["int64" if name in _INT_INPUTS else "float32"]
         return _check_values(name, _array(value, dtype, where), where)

@@ -24,6 +24,7 @@ from tinkerd.types import (
     LoadWeights,
     OptimStep,
     Rejected,
+    RemoveModel,
     Sample,
     SaveWeights,
     ServerError,
@@ -120,6 +121,10 @@ class Worker:
         payload = task.payload
         if isinstance(payload, Rejected):
             return json_result(payload.error)
+        if isinstance(payload, RemoveModel):  # also a model whose creation failed
+            self.backend.remove_model(task.model_id)
+            self.failed_models.pop(task.model_id, None)
+            return json_result({"model_id": task.model_id, "removed": True})
         self._check_alive(task.model_id)
         if isinstance(payload, CreateModel):
             try:

@@ -12,7 +12,9 @@ from flask import Response, current_app, jsonify, request
 
 from tinkerd.base_models import BaseModelSource
 from tinkerd.registry import ModelRecord, Session
-from tinkerd.types import CreateModel, Payload, Rejected, UserError
+from tinkerd.types import AdamParams, CreateModel, LoraConfig, Payload, Rejected, UserError
+
+MAX_LORA_RANK = 1024
 
 
 def service():
@@ -66,6 +68,40 @@ def get_bool(body: dict[str, Any], key: str, default: bool) -> bool:
     if not isinstance(value, bool):
         raise UserError(f"{key!r} must be true or false, got {value!r}")
     return value
+
+
+def lora_config(raw: Any) -> LoraConfig:
+    """A checked LoRA config from the SDK's `lora_config` object (rank 32 when absent)."""
+    if not isinstance(raw, dict):
+        raise UserError("lora_config must be an object")
+    rank = get_int(raw, "rank", 32, minimum=1)
+    if rank > MAX_LORA_RANK:
+        raise UserError(f"lora rank must be at most {MAX_LORA_RANK}, got {rank}")
+    seed = raw.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise UserError(f"lora seed must be an integer, got {seed!r}")
+    return LoraConfig(
+        rank=rank,
+        seed=seed,
+        train_mlp=get_bool(raw, "train_mlp", True),
+        train_attn=get_bool(raw, "train_attn", True),
+        train_unembed=get_bool(raw, "train_unembed", True),
+    )
+
+
+def adam_params(raw: Any) -> AdamParams:
+    """Checked AdamParams from the SDK's `adam_params` object; absent fields take the defaults."""
+    if not isinstance(raw, dict):
+        raise UserError("adam_params must be an object")
+    defaults = AdamParams()
+    return AdamParams(
+        learning_rate=get_float(raw, "learning_rate", defaults.learning_rate),
+        beta1=get_float(raw, "beta1", defaults.beta1, below=1.0),
+        beta2=get_float(raw, "beta2", defaults.beta2, below=1.0),
+        eps=get_float(raw, "eps", defaults.eps),
+        weight_decay=get_float(raw, "weight_decay", defaults.weight_decay),
+        grad_clip_norm=get_float(raw, "grad_clip_norm", defaults.grad_clip_norm),
+    )
 
 
 def submit_ordered(

@@ -21,6 +21,8 @@ def healthz():
 @bp.get("/loss_functions")
 @bp.get("/api/v1/loss_functions")
 def loss_functions():
+    """Each loss with its inputs, config and formula; also in the simple JSON API's shape
+    (`available_loss_functions`, and `descriptions` by name: the first line of each)."""
     return jsonify(
         {
             "loss_functions": [
@@ -31,6 +33,10 @@ def loss_functions():
                     "loss_fn_config": loss.config,
                 }
                 for loss in LOSSES.values()
-            ]
+            ],
+            "available_loss_functions": list(LOSSES),
+            "descriptions": {
+                name: loss.description.split("\n", 1)[0] for name, loss in LOSSES.items()
+            },
         }
     )

@@ -11,24 +11,18 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 
 from tinkerd.api import (
+    adam_params,
     fingerprint,
-    get_bool,
-    get_float,
     get_int,
     get_str,
     json_body,
+    lora_config,
     service,
     start_model,
     submit_ordered,
 )
 from tinkerd.base_models import TINY_MODEL, resolve_base_model
-from tinkerd.types import (
-    AdamParams,
-    CreateModel,
-    LoraConfig,
-    OptimStep,
-    UserError,
-)
+from tinkerd.types import AdamParams, CreateModel, OptimStep, UserError
 from tinkerd.wire import (
     forward_backward_from_proto,
     parse_forward_backward_json,
@@ -36,8 +30,6 @@ from tinkerd.wire import (
 )
 
 bp = Blueprint("tinker", __name__, url_prefix="/api/v1")
-
-MAX_LORA_RANK = 1024
 
 
 # -- bootstrap and sessions ------------------------------------------------------------------
@@ -88,8 +80,9 @@ def telemetry():
 
 @bp.get("/get_server_capabilities")
 def server_capabilities():
+    svc = service()
     names = [TINY_MODEL] + sorted(
-        {m.base_model for m in service().registry.models()} - {TINY_MODEL}
+        {svc.settings.base_model, *(m.base_model for m in svc.registry.models())} - {TINY_MODEL}
     )
     return jsonify(
         {
@@ -112,29 +105,11 @@ def create_model():
         raise UserError(f"session {session.session_id} is finished; create a new ServiceClient")
     model_seq_id = get_int(body, "model_seq_id")
     source = resolve_base_model(body.get("base_model"), svc.settings.data_dir)
-    lora = _lora_config(body.get("lora_config") or {})
+    lora = lora_config(body.get("lora_config") or {})
     optimizer = body.get("optimizer_config") or {"type": "adamw"}
     if not isinstance(optimizer, dict) or optimizer.get("type", "adamw") != "adamw":
         raise UserError(f"unsupported optimizer_config {optimizer!r}: tinkerd trains with adamw")
     return start_model(session, model_seq_id, source, CreateModel(source.name, lora), body)
-
-
-def _lora_config(raw: Any) -> LoraConfig:
-    if not isinstance(raw, dict):
-        raise UserError("lora_config must be an object")
-    rank = get_int(raw, "rank", 32, minimum=1)
-    if rank > MAX_LORA_RANK:
-        raise UserError(f"lora rank must be at most {MAX_LORA_RANK}, got {rank}")
-    seed = raw.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise UserError(f"lora seed must be an integer, got {seed!r}")
-    return LoraConfig(
-        rank=rank,
-        seed=seed,
-        train_mlp=get_bool(raw, "train_mlp", True),
-        train_attn=get_bool(raw, "train_attn", True),
-        train_unembed=get_bool(raw, "train_unembed", True),
-    )
 
 
 @bp.post("/get_info")
@@ -168,18 +143,7 @@ def optim_step():
 def _adam_params(body: dict[str, Any]) -> AdamParams:
     if "optimizer_params" in body and "adam_params" not in body:
         raise UserError("only adam_params are supported (the model was created with adamw)")
-    raw = body.get("adam_params")
-    if not isinstance(raw, dict):
-        raise UserError("adam_params must be an object")
-    defaults = AdamParams()
-    return AdamParams(
-        learning_rate=get_float(raw, "learning_rate", defaults.learning_rate),
-        beta1=get_float(raw, "beta1", defaults.beta1, below=1.0),
-        beta2=get_float(raw, "beta2", defaults.beta2, below=1.0),
-        eps=get_float(raw, "eps", defaults.eps),
-        weight_decay=get_float(raw, "weight_decay", defaults.weight_decay),
-        grad_clip_norm=get_float(raw, "grad_clip_norm", defaults.grad_clip_norm),
-    )
+    return adam_params(body.get("adam_params"))
 
 
 # -- futures ---------------------------------------------------------------------------------

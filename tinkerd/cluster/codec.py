@@ -29,6 +29,7 @@ TYPES: dict[str, type] = {
         types.OptimStep,
         types.SaveWeights,
         types.LoadWeights,
+        types.RemoveModel,
         types.Rejected,
         types.SamplingParams,
         types.SamplerWeights,

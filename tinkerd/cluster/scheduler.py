@@ -37,6 +37,7 @@ from tinkerd.tasks import MAX_SEQ_AHEAD, RETRY_WINDOW, Result
 from tinkerd.types import (
     NotFound,
     Payload,
+    RemoveModel,
     Sample,
     SaveWeights,
     ServerError,
@@ -228,6 +229,8 @@ class RedisScheduler:
             )
         if status == "ahead":
             raise UserError(f"seq_id {seq_id} is too far ahead of {value}")
+        if isinstance(payload, RemoveModel):
+            self._forget(model_id)
         if lost is not None:
             self.futures.settle_error(request_id, ServerError(_text(lost)), None)
             return request_id
@@ -236,6 +239,16 @@ class RedisScheduler:
             self.redis.hset(PLACEMENT, payload.snapshot_id, worker)
         self._send(worker, "ordered", request_id, model_id, seq_id, payload)
         return request_id
+
+    def _forget(self, model_id: str) -> None:
+        """A model being removed takes no more requests (they are answered 404) and no longer
+        counts in placement; its worker still gets the RemoveModel, after its queued work."""
+        snapshots = list(self.redis.hscan_iter(PLACEMENT, match=f"{model_id}:sample:*"))
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hdel(PLACEMENT, model_id, *(key for key, _ in snapshots))
+        pipe.hdel(LOST, model_id)
+        pipe.delete(f"tinkerd:seq:{model_id}", f"tinkerd:next:{model_id}")
+        pipe.execute()
 
     def submit_next(self, model_id: str, payload: Payload) -> str:
         """The lowest seq_id not yet taken; if another API process takes it first (a clash of

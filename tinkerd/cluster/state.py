@@ -248,6 +248,9 @@ class RedisRecords:
     def values(self, kind: str) -> list[dict[str, Any]]:
         return [json.loads(raw) for raw in self.redis.hvals(self._key(kind))]
 
+    def delete(self, kind: str, key: str) -> None:
+        self.redis.hdel(self._key(kind), key)
+
 
 def live_workers(client: redis.Redis) -> dict[str, dict[str, Any]]:
     """name -> registration of every worker whose heartbeat is current."""
