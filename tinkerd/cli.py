@@ -1,4 +1,6 @@
-"""The `tinkerd` command line."""
+"""The `tinkerd` command line: `serve` and `worker` run a server; the client commands
+(create, list, sample, save, delete, checkpoints, status, loss-functions, export) talk to one
+(see client_cli.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import logging
 import os
 import sys
 
+from tinkerd.client_cli import add_client_commands
 from tinkerd.config import Settings
 
 
@@ -24,8 +27,12 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tinkerd", description="A self-hosted Tinker API server")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="tinkerd",
+        description="A self-hosted Tinker API server, and a command line client for it",
+        epilog="`tinkerd COMMAND --help` describes each command.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser(
         "serve",
@@ -37,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
     serve.add_argument("--threads", type=int, help="HTTP threads, without --redis (default 128)")
     serve.add_argument("--api-workers", type=int, help="API processes, with --redis (default 2)")
+    serve.add_argument(
+        "--base-model",
+        help="base model of the simple JSON API's adapters (default tinkerd/tiny)",
+    )
     worker = commands.add_parser(
         "worker",
         help="run a GPU worker of a scaled-out cluster",
@@ -55,8 +66,11 @@ def main(argv: list[str] | None = None) -> int:
             "--device", help="cuda, cuda:N or cpu (default: a GPU if there is one)"
         )
         command.add_argument("--log-level", default="INFO")
+    add_client_commands(commands)
 
     args = parser.parse_args(argv)
+    if hasattr(args, "client_command"):
+        return args.client_command(args)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -67,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         port=getattr(args, "port", None),
         threads=getattr(args, "threads", None),
         api_workers=getattr(args, "api_workers", None),
+        base_model=getattr(args, "base_model", None),
         worker_name=getattr(args, "name", None),
         data_dir=args.data_dir,
         device=args.device,

@@ -1,16 +1,20 @@
-"""REST for training runs and their checkpoints (what RestClient and the cookbook call)."""
+"""REST for training runs and their checkpoints (what RestClient and the cookbook call), and
+what the `tinkerd` command line adds: saving a run without seq_ids, a checkpoint as a tar file."""
 
 from __future__ import annotations
 
+import os
+import re
+import tarfile
 from typing import Any
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 
-from tinkerd.api import get_str, json_body, service
+from tinkerd.api import get_bool, get_optional_float, get_str, json_body, service
 from tinkerd.api.weights import checkpoint_meta
 from tinkerd.registry import ModelRecord
-from tinkerd.storage import CheckpointPath, iso_time
-from tinkerd.types import UserError
+from tinkerd.storage import KINDS, CheckpointPath, check_name, iso_time
+from tinkerd.types import NotFound, SaveWeights, UserError
 
 bp = Blueprint("runs", __name__, url_prefix="/api/v1")
 
@@ -109,3 +113,92 @@ def weights_info():
             "train_attn": meta.lora.get("train_attn"),
         }
     )
+
+
+@bp.post("/training_runs/<run_id>/save")
+def save_training_run(run_id: str):
+    """Save a live run's weights for a client that tracks no seq_ids (`tinkerd save`): queued as
+    the run's next request, the server choosing its seq_id; answers the future to poll with
+    retrieve_future. Body: {name, kind ("weights" | "sampler_weights"), ttl_seconds, overwrite}.
+
+    An SDK TrainingClient that is still driving the run numbers its own requests, so saving its
+    run from elsewhere takes a seq_id that client will then also send."""
+    body = json_body()
+    svc = service()
+    try:
+        svc.registry.touch_model(run_id)
+    except NotFound:
+        svc.registry.run(run_id)  # 404 for a run this server never had
+        raise UserError(
+            f"training run {run_id} is not loaded in this server (it ran before a restart); "
+            "resume it with create_training_client_from_state from its last checkpoint"
+        ) from None
+    kind = body.get("kind", "weights")
+    if kind not in KINDS:
+        raise UserError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    metadata = body.get("user_metadata") or {}
+    if not isinstance(metadata, dict):
+        raise UserError("user_metadata must be an object")
+    path = CheckpointPath(run_id, kind, check_name(body.get("name")))
+    save = SaveWeights(
+        path=str(path),
+        kind=kind,
+        ttl_seconds=get_optional_float(body, "ttl_seconds"),
+        overwrite=get_bool(body, "overwrite", False),
+        user_metadata=metadata,
+    )
+    request_id = svc.scheduler.submit_next(run_id, save)
+    return jsonify({"request_id": request_id, "model_id": run_id, "path": str(path)})
+
+
+OPTIMIZER_FILE = "optimizer.pt"  # checkpoint_io.OPTIMIZER_STATE (that module imports torch)
+_CHUNK = 1 << 20
+
+
+@bp.get("/checkpoints/archive")
+def checkpoint_archive():
+    """A checkpoint's files as an uncompressed tar stream, under a directory named after the
+    checkpoint (what `tinkerd export` downloads): the PEFT adapter and tinkerd.json, and the
+    optimizer state only with `optimizer=true`. 404 for a missing, deleted or expired one."""
+    path, _ = checkpoint_meta(request.args.get("path"))
+    with_optimizer = request.args.get("optimizer", "false").lower() in ("1", "true", "yes")
+    directory = service().store.directory(path)
+    members = []  # (tar header, open file, size): opened now, so a delete cannot cut the stream
+    opened = []
+    try:
+        for f in sorted(directory.iterdir()):
+            if f.name.startswith(".") or not f.is_file():
+                continue
+            if f.name == OPTIMIZER_FILE and not with_optimizer:
+                continue
+            fh = open(f, "rb")  # noqa: SIM115 - closed when the response closes
+            opened.append(fh)
+            stat = os.fstat(fh.fileno())
+            info = tarfile.TarInfo(f"{path.name}/{f.name}")
+            info.size, info.mtime, info.mode = stat.st_size, int(stat.st_mtime), 0o644
+            members.append((info.tobuf(tarfile.GNU_FORMAT), fh, info.size))
+    except OSError:
+        for fh in opened:
+            fh.close()
+        raise NotFound(f"checkpoint {path} not found") from None
+
+    def stream():
+        for header, fh, size in members:
+            yield header
+            left = size
+            while left > 0:
+                chunk = fh.read(min(_CHUNK, left))
+                if not chunk:
+                    raise OSError(f"{fh.name} shrank while it was sent")
+                left -= len(chunk)
+                yield chunk
+            yield b"\0" * (-size % tarfile.BLOCKSIZE)
+        yield b"\0" * (2 * tarfile.BLOCKSIZE)  # end of archive
+
+    length = sum(len(h) + size + (-size % tarfile.BLOCKSIZE) for h, _, size in members)
+    response = Response(stream(), mimetype="application/x-tar")
+    response.headers["Content-Length"] = str(length + 2 * tarfile.BLOCKSIZE)
+    filename = re.sub(r"[^A-Za-z0-9._-]", "_", f"{path.model_id}-{path.kind}-{path.name}.tar")
+    response.headers["Content-Disposition"] = f'attachment; filename="{filename}"'
+    response.call_on_close(lambda: [fh.close() for fh in opened])
+    return response
