@@ -4,7 +4,6 @@ weights_info, delete, TTL expiry and the sweeper; and checkpoints and run record
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 import tinker
 from tinker import types
 
+from tinkerd.local_cluster import serve_process
 from tinkerd.storage import CheckpointPath
 
 pytestmark = pytest.mark.timeout(180)
@@ -294,40 +294,11 @@ def test_expired_checkpoints_are_swept(tmp_path, tiny_model_dir) -> None:
 # -- restarts --------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def tinkerd_serve(data_dir: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     """`tinkerd serve` as a process on `data_dir`; stopped with SIGTERM unless already dead."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [str(TINKERD), "serve", "--host", "127.0.0.1", "--port", str(port)]
-        + ["--data-dir", str(data_dir), "--device", "cpu", "--log-level", "WARNING"],
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, "tinkerd serve exited early"
-            try:
-                if httpx.get(f"{url}/api/v1/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "tinkerd serve never became healthy"
-            time.sleep(0.1)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()  # SIGTERM
-        proc.wait(20)
+    with serve_process(data_dir.parent, ["--data-dir", str(data_dir)]) as server:
+        yield server.url, server.proc
 
 
 @contextmanager

@@ -37,7 +37,7 @@ def create_app(
     registry: Registry | None = None,
     store: CheckpointStore | None = None,
 ) -> Flask:
-    from tinkerd.api import ops, runs, sampling, tinker, weights
+    from tinkerd.api import openai, ops, runs, sampling, simple, tinker, weights
 
     store = store or CheckpointStore(settings.data_dir / "runs")
     app = Flask(__name__)
@@ -60,6 +60,6 @@ def create_app(
             {"error": f"internal error: {type(e).__name__}: {e}", "category": "server"}
         ), 500
 
-    for blueprint in (tinker.bp, weights.bp, sampling.bp, runs.bp, ops.bp):
+    for blueprint in (tinker.bp, weights.bp, sampling.bp, runs.bp, ops.bp, openai.bp, simple.bp):
         app.register_blueprint(blueprint)
     return app

@@ -17,7 +17,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,25 @@ class APIProcess(TinkerdProcess):
 
         wait_until(ready, timeout, f"tinkerd API on {self.url}")
         return self
+
+
+@contextmanager
+def serve_process(
+    work_dir: Path, args: list[str] | None = None, env: dict[str, str] | None = None
+) -> Iterator[APIProcess]:
+    """`tinkerd serve` (embedded) as a process on a free port, data in `work_dir`/data, ready
+    when yielded; its log tail is printed if anything fails, and it is always stopped."""
+    base = ["--data-dir", str(work_dir / "data"), "--device", "cpu", "--log-level", "WARNING"]
+    server = APIProcess(
+        base + (args or []), work_dir / "server.log", env={"HF_HUB_OFFLINE": "1", **(env or {})}
+    )
+    try:
+        yield server.wait_ready()
+    except BaseException:
+        print(server.log_tail(), file=sys.stderr)
+        raise
+    finally:
+        server.stop()
 
 
 class Cluster:
