@@ -98,6 +98,20 @@ class TextCodec:
             before = upto
         return tokens, weights
 
+    def end_of_turn(self) -> tuple[int, ...]:
+        """The special token the chat template closes an assistant message with (`<|im_end|>`,
+        `<|eot_id|>`, ...): a chat reply stops there as it does at EOS. () if there is none."""
+        user = [{"role": "user", "content": "hi"}]
+        try:
+            prompt = self.render(user, add_generation_prompt=True)
+            full = self.render(user + [{"role": "assistant", "content": "ok"}])
+        except Exception:  # noqa: BLE001 - a template that cannot render this has no marker
+            return ()
+        if not full.startswith(prompt + "ok"):
+            return ()
+        tail = self.encode(full[len(prompt) + 2 :])
+        return tuple(tail[:1]) if tail and self.decode(tail[:1]) == "" else ()
+
     def check_length(self, n_tokens: int, what: str = "the prompt") -> None:
         if n_tokens > self.context_length:
             raise UserError(
@@ -161,7 +175,7 @@ def _load(location: str) -> TextCodec:
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     config = _read_json(directory / "tokenizer_config.json")
     model_config = _read_json(directory / "config.json")
-    template = config.get("chat_template")
+    template = config.get("chat_template") or _saved_template(directory)
     if isinstance(template, list):  # named templates: the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     eos_ids = set()
@@ -181,13 +195,28 @@ def _load(location: str) -> TextCodec:
     )
 
 
+def _saved_template(directory: Path) -> str | list | None:
+    """The chat template that newer transformers save beside tokenizer_config.json."""
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    return _read_json(directory / "chat_template.json").get("chat_template")
+
+
 def _hub_files(name: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
         return Path(
             snapshot_download(
-                name, allow_patterns=["tokenizer.json", "tokenizer_config.json", "config.json"]
+                name,
+                allow_patterns=[
+                    "tokenizer.json",
+                    "tokenizer_config.json",
+                    "config.json",
+                    "chat_template.jinja",
+                    "chat_template.json",
+                ],
             )
         )
     except Exception as e:  # noqa: BLE001 - offline, unknown model: one clear error

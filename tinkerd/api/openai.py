@@ -205,21 +205,6 @@ def check_length(target: Target, prompt: list[int], max_tokens: int | None, para
         raise OpenAIError(e.message, param=param, code="context_length_exceeded") from None
 
 
-def end_of_turn(codec: TextCodec) -> tuple[int, ...]:
-    """The special token the chat template closes an assistant message with (`<|im_end|>`,
-    `<|eot_id|>`, ...): a chat reply stops there as it does at EOS. () if there is none."""
-    user = [{"role": "user", "content": "hi"}]
-    try:
-        prompt = codec.render(user, add_generation_prompt=True)
-        full = codec.render(user + [{"role": "assistant", "content": "ok"}])
-    except Exception:  # noqa: BLE001 - a template that cannot render this has no marker to find
-        return ()
-    if not full.startswith(prompt + "ok"):
-        return ()
-    tail = codec.encode(full[len(prompt) + 2 :])
-    return tuple(tail[:1]) if tail and codec.decode(tail[:1]) == "" else ()
-
-
 # -- sampling --------------------------------------------------------------------------------
 
 
@@ -375,7 +360,7 @@ def chat_completions():
     target = resolve_target(body.get("model"))
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     params, n = sampling_params(body, key, default_max=None)  # up to the context, as OpenAI
-    params = replace(params, stop_tokens=end_of_turn(target.codec) or None)
+    params = replace(params, stop_tokens=target.codec.end_of_turn() or None)
     logprobs = _option(body, "logprobs", False, lambda: get_bool(body, "logprobs", False))
     if _option(body, "top_logprobs", 0, lambda: get_int(body, "top_logprobs")):
         raise OpenAIError(

@@ -17,7 +17,7 @@ import re
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -424,6 +424,8 @@ def sample():
     keys = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
     raw = {k: body[k] for k in keys if body.get(k) is not None}
     params = parse_sampling_params({"max_tokens": DEFAULT_MAX_TOKENS, **raw}, where="")
+    if body.get("messages") is not None:  # a reply ends with its turn, as at EOS
+        params = replace(params, stop_tokens=codec.end_of_turn() or None)
     num_samples = get_int(body, "num_samples", 1, minimum=1)
     if num_samples > MAX_NUM_SAMPLES:
         raise UserError(f"num_samples must be at most {MAX_NUM_SAMPLES}, got {num_samples}")
