@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -382,3 +383,34 @@ def test_the_simple_json_api_on_the_cluster(cluster: Cluster) -> None:
     wait_until(lambda: run_id not in held(), 10, "the worker to free the adapter")
     assert name not in [a["model_id"] for a in httpx.get(f"{url}/adapters").json()["adapters"]]
     assert httpx.post(f"{url}/optim_step", json={"model_id": name}).status_code == 404
+
+
+def test_a_cookbook_recipe_runs_unmodified_on_the_cluster(
+    cluster: Cluster, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """tinker-cookbook's chat_sl, as its README runs it, with the cluster's API as base_url."""
+    from test_cookbook import arithmetic_chats, checkpoints, metrics, run_recipe
+
+    log_path = tmp_path / "run"
+    args = [
+        "-m",
+        "tinker_cookbook.recipes.chat_sl.train",
+        f"base_url={cluster.url}",
+        f"model_name={tiny_model_dir}",
+        "renderer_name=role_colon",
+        f"dataset={arithmetic_chats(tmp_path / 'chats.jsonl', 48)}",
+        f"log_path={log_path}",
+        "batch_size=8",
+        "learning_rate=5e-3",
+        "lr_schedule=constant",
+        "lora_rank=8",
+        "max_length=128",
+        "save_every=3",
+        "eval_every=0",
+        "num_epochs=1",
+    ]
+    run_recipe(args, tmp_path / "recipe.log")
+    rows = metrics(log_path)
+    assert sorted(rows) == list(range(6))
+    assert rows[5]["train_mean_nll"] < rows[0]["train_mean_nll"]
+    assert checkpoints(log_path), "the recipe saved no checkpoint"
