@@ -304,6 +304,26 @@ def test_a_killed_worker_fails_its_requests_and_its_model_is_restored_elsewhere(
     cluster.add_worker()  # back to two workers for the tests that follow
 
 
+def test_a_worker_stopped_with_sigterm_finishes_its_queued_work_first(
+    cluster: Cluster, client
+) -> None:
+    tc = client.create_lora_training_client(base_model="tinkerd/tiny", rank=8, seed=8).result()
+    stopping = owner(cluster, tc.model_id)
+    big = [datum(TOKENS * 12) for _ in range(8)]
+    futures = [tc.forward_backward(big, "cross_entropy") for _ in range(15)]
+    saved = tc.save_state("at-shutdown")
+    time.sleep(0.5)  # queued at the worker
+    cluster.workers[stopping].proc.terminate()  # SIGTERM: Celery's warm shutdown, then drain
+    for future in futures:  # all ran: the work queued before SIGTERM is not lost
+        assert np.isfinite(future.result(timeout=120).metrics["loss:sum"])
+    path = saved.result(timeout=120).path
+    assert cluster.workers[stopping].proc.wait(60) == 0
+    restored = client.create_training_client_from_state(path).result()  # the save is complete
+    assert owner(cluster, restored.model_id) not in (None, stopping)
+    wait_until(lambda: tc.model_id in rdb(cluster).hgetall(LOST), 30, "the model reported lost")
+    cluster.add_worker()  # back to two workers
+
+
 def test_redis_restart_answers_503_then_recovers(cluster: Cluster, client) -> None:
     tc = client.create_lora_training_client(base_model="tinkerd/tiny", rank=8, seed=9).result()
     before = train(tc, 1)
@@ -414,3 +434,75 @@ def test_a_cookbook_recipe_runs_unmodified_on_the_cluster(
     assert sorted(rows) == list(range(6))
     assert rows[5]["train_mean_nll"] < rows[0]["train_mean_nll"]
     assert checkpoints(log_path), "the recipe saved no checkpoint"
+
+
+def test_monitoring_is_cluster_wide(cluster: Cluster, client) -> None:
+    """/metrics adds up every API process's requests and every worker's steps and tokens;
+    system status lists both workers with their memory; a run's events come from its worker."""
+    from tinkerd.metrics import parse
+
+    def scrape() -> dict:
+        r = httpx.get(f"{cluster.url}/metrics", timeout=30)
+        assert r.status_code == 200
+        return parse(r.text)
+
+    def total(samples: dict, name: str, **labels) -> float:
+        want = {(k, str(v)) for k, v in labels.items()}
+        return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
+
+    before = scrape()
+    tc = client.create_lora_training_client(base_model="tinkerd/tiny", rank=8, seed=5).result()
+    losses = train(tc, 3)
+    path = tc.save_state("monitored").result().path
+    worker = owner(cluster, tc.model_id)
+    sampler = tc.save_weights_and_get_sampling_client().result()
+    sampler.sample(
+        types.ModelInput.from_ints(TOKENS[:4]), 1, types.SamplingParams(max_tokens=3, seed=0)
+    ).result()
+
+    def counted() -> bool:  # API processes and workers send their counts every half second
+        after = scrape()
+        return (
+            total(after, "tinkerd_optim_steps_total", worker=worker)
+            - total(before, "tinkerd_optim_steps_total", worker=worker)
+            == 3
+            and total(after, "tinkerd_sampled_tokens_total")
+            > total(before, "tinkerd_sampled_tokens_total")
+            and total(after, "tinkerd_http_requests_total", route="/api/v1/optim_step")
+            - total(before, "tinkerd_http_requests_total", route="/api/v1/optim_step")
+            == 3
+        )
+
+    wait_until(counted, 15, "the cluster's counters")
+    after = scrape()
+    tokens = total(after, "tinkerd_forward_backward_tokens_total", worker=worker) - total(
+        before, "tinkerd_forward_backward_tokens_total", worker=worker
+    )
+    assert tokens == 3 * (len(TOKENS) - 1)
+    live = set(cluster.registered_workers())  # an earlier test replaced a killed worker
+    assert total(after, "tinkerd_workers") == len(live) == 2
+    for name in live:
+        assert ("tinkerd_worker_queue_depth", frozenset({("worker", name)})) in after
+        assert total(after, "tinkerd_worker_memory_total_bytes", worker=name) > 0
+    assert ("tinkerd_queue_depth", frozenset()) in after
+
+    status = httpx.get(f"{cluster.url}/api/v1/system/status", timeout=30).json()
+    assert status["mode"] == "cluster"
+    assert {w["name"] for w in status["workers"]} == live
+    for w in status["workers"]:
+        assert w["memory_total"] >= w["memory_free"] > 0 and isinstance(w["queue_depth"], int)
+    assert status["host"]["cpu_count"] >= 1
+
+    def events() -> list[dict]:
+        r = httpx.get(f"{cluster.url}/api/v1/training_runs/{tc.model_id}/events", timeout=30)
+        assert r.status_code == 200
+        return r.json()["events"]
+
+    wait_until(lambda: any(e["type"] == "save_weights" for e in events()), 15, "the events")
+    kinds = [e["type"] for e in events()]
+    assert kinds[:8] == ["created"] + ["forward_backward", "optim_step"] * 3 + ["save_weights"]
+    steps = [e for e in events() if e["type"] == "forward_backward"]
+    np.testing.assert_allclose([e["loss"] for e in steps], losses, rtol=1e-6)
+    assert [e for e in events() if e["type"] == "save_weights"][0]["path"] == path
+    r = httpx.get(f"{cluster.url}/api/v1/training_runs/nope/events", timeout=30)
+    assert r.status_code == 404 and r.json()["category"] == "user"

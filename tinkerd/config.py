@@ -12,6 +12,15 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("TINKERD_DATA_DIR") or Path.home() / ".local" / "share" / "tinkerd")
 
 
+@dataclass(frozen=True)
+class InputLimits:
+    """How much one request may carry (`Settings.max_*`), checked while it is decoded."""
+
+    max_datums: int = 4096
+    max_sequence_tokens: int = 131_072
+    max_request_tokens: int = 4 * 1024 * 1024
+
+
 @dataclass
 class Settings:
     """What a tinkerd process needs to know.
@@ -38,6 +47,14 @@ class Settings:
         heartbeat_seconds: how often a worker renews its registration.
         worker_ttl_seconds: a worker silent this long is lost: its queued and running requests
             fail with a server error and its models are reported lost.
+        max_request_bytes: the largest request body accepted (413 with a JSON body above it).
+        max_datums_per_request: datums in one forward/backward request. The SDK splits a batch
+            into requests of at most 1024 datums (and about 5 MB), so the default never refuses
+            one of its requests.
+        max_sequence_tokens: tokens in one datum or prompt (the SDK never splits a sequence).
+        max_tokens_per_request: tokens over all datums of one forward/backward request.
+        drain_seconds: on SIGTERM, how long the worker may take to finish its running and
+            queued work before what is left fails with a server error.
     """
 
     host: str = "127.0.0.1"
@@ -55,6 +72,17 @@ class Settings:
     worker_name: str | None = None
     heartbeat_seconds: float = 2.0
     worker_ttl_seconds: float = 15.0
+    max_request_bytes: int = 256 * 1024 * 1024
+    max_datums_per_request: int = 4096
+    max_sequence_tokens: int = 131_072
+    max_tokens_per_request: int = 4 * 1024 * 1024
+    drain_seconds: float = 300.0
+
+    @property
+    def input_limits(self) -> InputLimits:
+        return InputLimits(
+            self.max_datums_per_request, self.max_sequence_tokens, self.max_tokens_per_request
+        )
 
     @classmethod
     def load(cls, **overrides: Any) -> Settings:
@@ -78,5 +106,10 @@ class Settings:
         settings.api_workers = int(settings.api_workers)
         settings.heartbeat_seconds = float(settings.heartbeat_seconds)
         settings.worker_ttl_seconds = float(settings.worker_ttl_seconds)
+        settings.max_request_bytes = int(settings.max_request_bytes)
+        settings.max_datums_per_request = int(settings.max_datums_per_request)
+        settings.max_sequence_tokens = int(settings.max_sequence_tokens)
+        settings.max_tokens_per_request = int(settings.max_tokens_per_request)
+        settings.drain_seconds = float(settings.drain_seconds)
         settings.data_dir = Path(settings.data_dir).expanduser().resolve()
         return settings

@@ -231,11 +231,19 @@ class HFBackend:
             self._delete_adapter(adapter.base, adapter.name)
 
     def held(self) -> dict[str, Any]:
+        from tinkerd.metrics import nvml_stats
+
         total, free = device_memory(self.device)
+        gpu = {}
+        if self.device.type == "cuda":  # torch's own share, and NVML's utilisation if present
+            gpu["memory_allocated"] = int(torch.cuda.memory_allocated(self.device))
+            gpu["memory_reserved"] = int(torch.cuda.memory_reserved(self.device))
+            gpu.update(nvml_stats(str(self.device)))
         return {
             "device": str(self.device),
             "memory_total": total,
             "memory_free": free,
+            **gpu,
             "base_models": sorted(b.source.name for b in self._bases.values()),
             "models": sorted(self._adapters),
         }

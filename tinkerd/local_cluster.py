@@ -222,10 +222,9 @@ class Cluster:
 
     def start(self) -> Cluster:
         self.redis.start()
-        for _ in range(self.n_workers):
-            self.add_worker(wait=False)
+        names = [self.add_worker(wait=False) for _ in range(self.n_workers)]
         self.start_api()
-        self.wait_workers()
+        self.wait_workers(names)
         return self
 
     def add_worker(self, wait: bool = True) -> str:
@@ -237,7 +236,7 @@ class Cluster:
             self.env,
         )
         if wait:
-            self.wait_workers()
+            self.wait_workers([name])
         return name
 
     def start_api(self, port: int | None = None) -> APIProcess:
@@ -260,13 +259,15 @@ class Cluster:
         finally:
             client.close()
 
-    def wait_workers(self, timeout: float = 120.0) -> None:
+    def wait_workers(self, names: list[str] | None = None, timeout: float = 120.0) -> None:
+        """Until the named workers (default: all started ones still running) have registered;
+        one that exits meanwhile is an error, with its log."""
+        names = names or [n for n, w in self.workers.items() if w.alive()]
+
         def registered() -> bool:
-            for worker in self.workers.values():
-                if worker.alive() is False and worker.proc.returncode not in (-9, None):
-                    worker.check_alive()
-            live = {n for n, w in self.workers.items() if w.alive()}
-            return live <= set(self.registered_workers())
+            for name in names:
+                self.workers[name].check_alive()
+            return set(names) <= set(self.registered_workers())
 
         wait_until(registered, timeout, "the workers to register", interval=0.2)
 

@@ -6,20 +6,31 @@ exactly as a remote worker would. A sweeper thread removes checkpoints past thei
 
 from __future__ import annotations
 
+import json
 import logging
+import signal
 import threading
+import time
 from collections.abc import Callable
 
 from waitress import wasyncore
+from waitress.channel import HTTPChannel
 from waitress.server import create_server
+from waitress.task import ErrorTask
 
 from tinkerd.app import create_app
 from tinkerd.config import Settings
+from tinkerd.metrics import LocalMonitor
 from tinkerd.registry import Registry
 from tinkerd.storage import CheckpointStore
 from tinkerd.tasks import FutureStore, Scheduler
 
 log = logging.getLogger(__name__)
+
+# After a drain, how long the finished requests' results stay retrievable before the server
+# closes: a client's long-poll is answered the moment its request settles, the SDK re-polls at
+# once.
+DRAIN_GRACE_SECONDS = 2.0
 
 
 def sweep_checkpoints(
@@ -39,6 +50,25 @@ def sweep_checkpoints(
             log.exception("checkpoint sweep failed")
 
 
+class JsonErrorTask(ErrorTask):
+    """waitress's own refusals (a body over max_request_body_size, a malformed request line,
+    headers too large, bad chunked encoding) in tinkerd's JSON error shape, not plain text."""
+
+    def execute(self) -> None:
+        e = self.request.error
+        category = "user" if e.code < 500 else "server"
+        body = json.dumps({"error": f"{e.reason}: {e.body}", "category": category}).encode()
+        self.status = f"{e.code} {e.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class JsonErrorChannel(HTTPChannel):
+    error_task_class = JsonErrorTask
+
+
 class EmbeddedServer:
     """API + worker in this process. `port=0` in settings picks a free port."""
 
@@ -51,8 +81,13 @@ class EmbeddedServer:
         self.store = CheckpointStore(settings.data_dir / "runs")
         self.scheduler = Scheduler(FutureStore(settings.future_ttl_seconds))
         self.backend = HFBackend(settings.data_dir, settings.device, store=self.store)
-        self.worker = Worker(self.scheduler, self.backend)
-        self.app = create_app(settings, self.scheduler, Registry(self.store), self.store)
+        self.monitor = LocalMonitor(
+            worker=lambda: {**self.backend.held(), "queue_depth": self.scheduler.queue_depth()}
+        )
+        self.worker = Worker(self.scheduler, self.backend, monitor=self.monitor)
+        self.app = create_app(
+            settings, self.scheduler, Registry(self.store), self.store, self.monitor
+        )
         self._http = create_server(
             self.app,
             host=settings.host,
@@ -61,9 +96,15 @@ class EmbeddedServer:
             connection_limit=settings.connection_limit,
             channel_timeout=120,
             ident="tinkerd",
+            # waitress refuses a body of this size or more itself: one byte over Flask's limit,
+            # so both draw the line at max_request_bytes.
+            max_request_body_size=settings.max_request_bytes + 1,
         )
+        self._http.channel_class = JsonErrorChannel  # type: ignore[union-attr]
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._drain_lock = threading.Lock()
+        self._drainer: threading.Thread | None = None
 
     @property
     def port(self) -> int:
@@ -99,11 +140,36 @@ class EmbeddedServer:
             self.backend.device,
             self.settings.data_dir,
         )
+        signal.signal(signal.SIGTERM, lambda *_: self.begin_drain())
         try:
             self._http.run()
         finally:
             self._stop.set()
             self.worker.stop()
+        log.info("tinkerd stopped")
+
+    def begin_drain(self) -> None:
+        """Drain in the background (the HTTP loop keeps answering meanwhile); once only."""
+        with self._drain_lock:
+            if self._drainer is None:
+                self._drainer = threading.Thread(target=self.drain, name="tinkerd-drain")
+                self._drainer.start()
+
+    def drain(self) -> None:
+        """SIGTERM: take no new work (503), finish what is running and queued (checkpoints
+        included) within `drain_seconds`, fail what is left with a server error, give clients
+        waiting on futures a moment to collect their results, then stop."""
+        log.warning(
+            "draining: no new work; finishing %d queued request(s) (at most %.0f s)",
+            self.scheduler.queue_depth(),
+            self.settings.drain_seconds,
+        )
+        self.scheduler.close(
+            "tinkerd is shutting down and takes no new work; send it again once it is back"
+        )
+        self.worker.drain(self.settings.drain_seconds)
+        time.sleep(DRAIN_GRACE_SECONDS)
+        self.stop()
 
     def stop(self) -> None:
         """Close the listener and every open connection, then stop the worker and sweeper."""

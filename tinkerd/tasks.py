@@ -20,7 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from tinkerd.types import NotFound, Payload, RemoveModel, UserError
+from tinkerd.types import NotFound, Payload, RemoveModel, ServerError, UserError
 
 # How far ahead of a model's next seq_id a request may arrive (buffered until its turn).
 MAX_SEQ_AHEAD = 100_000
@@ -137,10 +137,39 @@ class Scheduler:
         self._ready: set[str] = set()
         self._unordered: list[Task] = []
         self._unordered_seen: OrderedDict[tuple[str, int], tuple[str, str]] = OrderedDict()
+        self._closed: str | None = None
+
+    def close(self, reason: str) -> None:
+        """Refuse new work from now on (503 with `reason`): the server is draining."""
+        with self._cond:
+            self._closed = reason
+
+    def _check_open(self) -> None:
+        if self._closed is not None:
+            raise ServerError(self._closed, 503)
+
+    def has_ready(self) -> bool:
+        """Whether some queued work can run now (not counting work waiting for a seq_id)."""
+        with self._cond:
+            return bool(self._ready or self._unordered)
+
+    def fail_pending(self, result: Result) -> list[str]:
+        """Settle every queued task with `result` and forget them; their request ids."""
+        with self._cond:
+            tasks = [t for q in self._queues.values() for t in q.pending.values()]
+            tasks += self._unordered
+            for queue in self._queues.values():
+                queue.pending.clear()
+            self._unordered = []
+            self._ready.clear()
+        for task in tasks:
+            self.futures.settle(task.request_id, result)
+        return [t.request_id for t in tasks]
 
     def open_model(self, model_id: str) -> None:
         """Start a model's sequence: its creation is seq 0, the client's requests follow from 1."""
         with self._cond:
+            self._check_open()
             self._queues.setdefault(model_id, _ModelQueue(next_seq=0))
 
     def has_model(self, model_id: str) -> bool:
@@ -156,6 +185,7 @@ class Scheduler:
         """Queue `payload` as (model_id, seq_id); returns its request id (the first one's for a
         retry)."""
         with self._cond:
+            self._check_open()
             queue = self._queues.get(model_id)
             if queue is None or queue.removed:
                 raise NotFound(f"unknown model_id {model_id!r}")
@@ -221,6 +251,7 @@ class Scheduler:
         """Queue work that needs no order (sampling), runnable at once; a retried (key, seq_id)
         returns the first request's id."""
         with self._cond:
+            self._check_open()
             seen = self._unordered_seen.get((key, seq_id))
             if seen is not None:
                 if seen[1] != fingerprint:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from tinkerd.config import InputLimits
 from tinkerd.loss_functions import get_loss, resolve_config
 from tinkerd.types import (
     Datum,
@@ -63,6 +64,7 @@ _INT_INPUTS = {"target_tokens"}
 # The most cells a sparse (CSR) input may expand to: CSR lets a tiny body claim a huge shape.
 MAX_CSR_CELLS = 1 << 26
 MAX_NUM_SAMPLES = 1024
+DEFAULT_LIMITS = InputLimits()
 MAX_TOPK = 1024
 
 
@@ -78,8 +80,11 @@ def parse_forward_backward_proto(body: bytes) -> tuple[pb.ForwardBackwardRequest
     return msg, hashlib.sha256(msg.SerializeToString(deterministic=True)).hexdigest()
 
 
-def forward_backward_from_proto(msg: pb.ForwardBackwardRequest) -> ForwardBackward:
+def forward_backward_from_proto(
+    msg: pb.ForwardBackwardRequest, limits: InputLimits = DEFAULT_LIMITS
+) -> ForwardBackward:
     """The checked request carried by a protobuf ForwardBackwardRequest."""
+    check_datum_count(len(msg.data), limits)
     config: dict[str, Any] = dict(msg.loss_fn_config)
     for key, value in msg.loss_fn_config_v2.items():  # v2 wins, and may carry strings
         config[key] = value.text if value.WhichOneof("value") == "text" else value.number
@@ -94,23 +99,27 @@ def forward_backward_from_proto(msg: pb.ForwardBackwardRequest) -> ForwardBackwa
             if len(raw) % 4:
                 raise UserError(f"datum {i}: encoded_text tokens must be int32 bytes ({len(raw)})")
             tokens.append(np.frombuffer(raw, dtype="<i4"))
+            check_sequence_tokens(sum(len(t) for t in tokens), limits, f"datum {i}")
         inputs = {
             k: _tensor_from_proto(t, k, f"datum {i} {k}") for k, t in d.loss_fn_inputs.items()
         }
         datums.append(_datum(np.concatenate(tokens) if tokens else np.zeros(0, np.int64), inputs))
-    return make_forward_backward(datums, msg.loss_fn, config, msg.forward_only)
+    return make_forward_backward(datums, msg.loss_fn, config, msg.forward_only, limits)
 
 
-def parse_forward_backward_json(body: dict[str, Any]) -> ForwardBackward:
+def parse_forward_backward_json(
+    body: dict[str, Any], limits: InputLimits = DEFAULT_LIMITS
+) -> ForwardBackward:
     """Decode the JSON form of a ForwardBackwardRequest (`forward_backward_input`)."""
     fbi = body.get("forward_backward_input")
     if not isinstance(fbi, dict) or not isinstance(fbi.get("data"), list):
         raise UserError("forward_backward_input.data must be a list of datums")
+    check_datum_count(len(fbi["data"]), limits)
     datums = []
     for i, d in enumerate(fbi["data"]):
         if not isinstance(d, dict):
             raise UserError(f"datum {i} must be an object")
-        tokens = model_input_tokens(d.get("model_input"), f"datum {i}")
+        tokens = model_input_tokens(d.get("model_input"), f"datum {i}", limits)
         raw_inputs = d.get("loss_fn_inputs") or {}
         if not isinstance(raw_inputs, dict):
             raise UserError(f"datum {i}: loss_fn_inputs must be an object")
@@ -119,10 +128,30 @@ def parse_forward_backward_json(body: dict[str, Any]) -> ForwardBackward:
     loss_fn, config = fbi.get("loss_fn", ""), fbi.get("loss_fn_config") or {}
     if not isinstance(loss_fn, str) or not isinstance(config, dict):
         raise UserError("loss_fn must be a string and loss_fn_config an object")
-    return make_forward_backward(datums, loss_fn, config, bool(body.get("forward_only")))
+    return make_forward_backward(datums, loss_fn, config, bool(body.get("forward_only")), limits)
 
 
-def model_input_tokens(model_input: Any, where: str) -> np.ndarray:
+def check_datum_count(n: int, limits: InputLimits) -> None:
+    if n > limits.max_datums:
+        raise UserError(
+            f"{n} datums in one request; the server takes at most {limits.max_datums} "
+            "(split the batch)",
+            status=413,
+        )
+
+
+def check_sequence_tokens(n: int, limits: InputLimits, where: str) -> None:
+    if n > limits.max_sequence_tokens:
+        raise UserError(
+            f"{where} has {n} tokens; the server takes at most {limits.max_sequence_tokens} "
+            "per sequence",
+            status=413,
+        )
+
+
+def model_input_tokens(
+    model_input: Any, where: str, limits: InputLimits = DEFAULT_LIMITS
+) -> np.ndarray:
     """The token ids of a JSON ModelInput (`{"chunks": [{"type": "encoded_text", ...}]}`)."""
     chunks = model_input.get("chunks") if isinstance(model_input, dict) else None
     if not isinstance(chunks, list):
@@ -132,15 +161,18 @@ def model_input_tokens(model_input: Any, where: str) -> np.ndarray:
         if not isinstance(chunk, dict) or chunk.get("type", "encoded_text") != "encoded_text":
             raise UserError(f"{where}: only encoded_text chunks are supported; send token ids")
         tokens.extend(_int_list(chunk.get("tokens"), f"{where} tokens"))
+        check_sequence_tokens(len(tokens), limits, where)
     arr = np.asarray(tokens, np.int64)
     if arr.size and arr.min() < 0:
         raise UserError(f"{where}: negative token id {int(arr.min())}")
     return arr
 
 
-def parse_sample(body: dict[str, Any], weights: SamplerWeights) -> Sample:
+def parse_sample(
+    body: dict[str, Any], weights: SamplerWeights, limits: InputLimits = DEFAULT_LIMITS
+) -> Sample:
     """Check an asample request (prompt, SamplingParams, logprob options) into a Sample."""
-    prompt = model_input_tokens(body.get("prompt"), "prompt")
+    prompt = model_input_tokens(body.get("prompt"), "prompt", limits)
     if prompt.size == 0:
         raise UserError("the prompt is empty")
     num_samples = body.get("num_samples", 1)
@@ -279,12 +311,27 @@ def decode_forward_backward_metrics(body: bytes) -> dict[str, float]:
 
 
 def make_forward_backward(
-    datums: list[Datum], loss_fn: str, config: dict[str, Any], forward_only: bool
+    datums: list[Datum],
+    loss_fn: str,
+    config: dict[str, Any],
+    forward_only: bool,
+    limits: InputLimits = DEFAULT_LIMITS,
 ) -> ForwardBackward:
-    """Check a decoded batch against its loss and return the request to queue."""
+    """Check a decoded batch against its loss and the limits, and return the request to queue."""
     loss = get_loss(loss_fn)
     if not datums:
         raise UserError("empty batch: forward_backward needs at least one datum")
+    check_datum_count(len(datums), limits)
+    total = 0
+    for i, datum in enumerate(datums):
+        check_sequence_tokens(len(datum.tokens), limits, f"datum {i}")
+        total += len(datum.tokens)
+    if total > limits.max_request_tokens:
+        raise UserError(
+            f"{total} tokens in one request; the server takes at most "
+            f"{limits.max_request_tokens} (split the batch)",
+            status=413,
+        )
     for key, value in config.items():
         is_number = isinstance(value, int | float) and not isinstance(value, bool)
         if not is_number or not math.isfinite(value):

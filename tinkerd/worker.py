@@ -10,22 +10,26 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from typing import Any
 
+from tinkerd.metrics import LocalMonitor, MonitorStore, series
 from tinkerd.tasks import Result, Scheduler, Task
 from tinkerd.types import (
     Backend,
     CreateModel,
     ForwardBackward,
+    ForwardBackwardResult,
     LoadWeights,
     OptimStep,
     Rejected,
     RemoveModel,
     Sample,
+    SampleResult,
     SaveWeights,
     ServerError,
     TinkerdError,
@@ -50,6 +54,8 @@ class Worker:
         sample_gather_gap: the requests of one burst of sampling arrive a little apart; while
             more keep coming, each within this many seconds of the last, they join the batch
             (so they share one generation pass instead of two), up to `sample_gather_max`.
+        monitor: where counters (steps, tokens, errors) and each run's events go, labelled with
+            this worker's `name`.
     """
 
     def __init__(
@@ -58,13 +64,18 @@ class Worker:
         backend: Backend,
         sample_gather_gap: float = 0.003,
         sample_gather_max: float = 0.025,
+        monitor: MonitorStore | None = None,
+        name: str = "local",
     ) -> None:
         self.scheduler = scheduler
         self.backend = backend
         self.sample_gather_gap = sample_gather_gap
         self.sample_gather_max = sample_gather_max
+        self.monitor: MonitorStore = monitor or LocalMonitor()
+        self.name = name
         self.failed_models: dict[str, TinkerdError] = {}  # creation failed: later work fails fast
         self._stop = threading.Event()
+        self._draining = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -78,7 +89,29 @@ class Worker:
 
     def run_forever(self) -> None:
         while not self._stop.is_set():
-            self.run_cycle(timeout=0.5)
+            ran = self.run_cycle(timeout=0.2 if self._draining.is_set() else 0.5)
+            if self._draining.is_set() and not ran and not self.scheduler.has_ready():
+                break  # drained: everything taken is settled and nothing runnable is left
+
+    def drain(self, timeout: float) -> list[str]:
+        """Stop after the running and queued work is done (the caller has closed the scheduler
+        to new work), waiting up to `timeout` seconds; then settle what is left, work that did
+        not get its turn in time or waits for a seq_id that never came, with a server error.
+        Returns the request ids failed that way."""
+        self._draining.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():  # out of time: end after the step that is running
+                log.warning("drain: still busy after %.0f s; stopping after this step", timeout)
+                self._stop.set()
+                self._thread.join()
+        error = ServerError(
+            "the server shut down before this request ran; nothing of it was applied"
+        )
+        failed = self.scheduler.fail_pending(error_result(error))
+        if failed:
+            log.warning("drain: %d queued request(s) failed with a server error", len(failed))
+        return failed
 
     def run_cycle(self, timeout: float) -> int:
         """Run every model's ready work once, then all waiting samples together; returns how
@@ -120,40 +153,73 @@ class Worker:
     def _run_one(self, task: Task) -> Result:
         payload = task.payload
         if isinstance(payload, Rejected):
+            self._failed(task, payload.error.get("error", ""), payload.error.get("category", ""))
             return json_result(payload.error)
         if isinstance(payload, RemoveModel):  # also a model whose creation failed
             self.backend.remove_model(task.model_id)
             self.failed_models.pop(task.model_id, None)
+            self._event(task, "removed")
             return json_result({"model_id": task.model_id, "removed": True})
         self._check_alive(task.model_id)
         if isinstance(payload, CreateModel):
             try:
-                return json_result(self.backend.create_model(task.model_id, payload))
+                created = self.backend.create_model(task.model_id, payload)
             except TinkerdError as e:
                 self.failed_models[task.model_id] = e
                 raise
+            self._event(
+                task,
+                "created",
+                base_model=payload.base_model,
+                lora_rank=payload.lora.rank,
+                from_checkpoint=payload.from_checkpoint,
+            )
+            return json_result(created)
         if isinstance(payload, OptimStep):
-            return json_result({"metrics": self.backend.optim_step(task.model_id, payload)})
+            metrics = self.backend.optim_step(task.model_id, payload)
+            self.monitor.add({series("tinkerd_optim_steps_total", worker=self.name): 1})
+            self._event(
+                task,
+                "optim_step",
+                learning_rate=payload.adam.learning_rate,
+                metrics=_floats(metrics),
+            )
+            return json_result({"metrics": metrics})
         if isinstance(payload, SaveWeights):
-            return json_result(self.backend.save_weights(task.model_id, payload))
+            saved = self.backend.save_weights(task.model_id, payload)
+            path = saved.get("path") if isinstance(saved, dict) else None
+            where = {"snapshot_id": payload.snapshot_id} if payload.snapshot_id else {}
+            self._event(task, "save_weights", kind=payload.kind, path=path, **where)
+            return json_result(saved)
         if isinstance(payload, LoadWeights):
-            return json_result(self.backend.load_weights(task.model_id, payload))
+            loaded = self.backend.load_weights(task.model_id, payload)
+            self._event(
+                task, "load_weights", path=payload.path, with_optimizer=payload.with_optimizer
+            )
+            return json_result(loaded)
         raise ServerError(f"unknown task type {type(payload).__name__}")
 
     def _forward_backward(self, tasks: list[Task]) -> None:
+        started = time.perf_counter()
         try:
             self._check_alive(tasks[0].model_id)
             results = self.backend.forward_backward([(t.model_id, t.payload) for t in tasks])
         except Exception as e:  # the whole group failed before any result: each task gets the error
             results = [_as_error(e)] * len(tasks)
+        try:
+            self._count_forward_backward(tasks, results, time.perf_counter() - started)
+        except Exception:  # noqa: BLE001 - monitoring must never fail a request
+            log.exception("could not count a forward_backward")
         for task, result in zip(tasks, results, strict=True):
             self._settle(task, lambda r=result: _encoded(r, encode_forward_backward_output))
 
     def _sample(self, tasks: list[Task]) -> None:
+        started = time.perf_counter()
         try:
             results = self.backend.sample([t.payload for t in tasks])
         except Exception as e:
             results = [_as_error(e)] * len(tasks)
+        self._count_samples(results, time.perf_counter() - started)
         for task, result in zip(tasks, results, strict=True):
             self._settle(task, lambda r=result: _encoded(r, encode_sample_response))
 
@@ -166,8 +232,86 @@ class Worker:
         try:
             result = run()
         except Exception as e:
-            result = error_result(_as_error(e))
+            error = _as_error(e)
+            result = error_result(error)
+            self._failed(task, error.message, error.category)
         self.scheduler.settle(task.request_id, result)
+        self.monitor.add({series("tinkerd_tasks_total", worker=self.name, type=_kind(task)): 1})
+
+    # -- monitoring: counters and the run's events, as results settle ---------------------------
+
+    def _event(self, task: Task, event_type: str, **fields: Any) -> None:
+        try:
+            event = {"time": time.time(), "type": event_type, "seq_id": task.seq_id, **fields}
+            self.monitor.add_event(task.model_id, event)
+        except Exception:  # noqa: BLE001 - monitoring must never fail a request
+            log.exception("could not record an event of %s", task.model_id)
+
+    def _failed(self, task: Task, message: str, category: str) -> None:
+        kind = _kind(task)
+        labels = {"worker": self.name, "type": kind, "category": category}
+        self.monitor.add({series("tinkerd_task_errors_total", **labels): 1})
+        if not isinstance(task.payload, Sample):  # a sampler's key is not a training run
+            self._event(task, "error", request=kind, error=message, category=category)
+
+    def _count_samples(self, results: list[Any], seconds: float) -> None:
+        try:
+            done = [r for r in results if isinstance(r, SampleResult)]
+            tokens = sum(int(s.tokens.size) for r in done for s in r.sequences)
+            self.monitor.add(
+                {
+                    series("tinkerd_sampled_tokens_total", worker=self.name): tokens,
+                    series("tinkerd_samples_total", worker=self.name): sum(
+                        len(r.sequences) for r in done
+                    ),
+                    series("tinkerd_sample_seconds_total", worker=self.name): seconds,
+                }
+            )
+        except Exception:  # noqa: BLE001 - monitoring must never fail a request
+            log.exception("could not count samples")
+
+    def _count_forward_backward(
+        self, tasks: list[Task], results: list[Any], seconds: float
+    ) -> None:
+        total = 0
+        for task, result in zip(tasks, results, strict=True):
+            if not isinstance(result, ForwardBackwardResult):
+                continue  # failed: counted and logged when it settles
+            tokens = sum(int(d.tokens.size) for d in task.payload.datums)
+            total += tokens
+            metrics = _floats(result.metrics)
+            self._event(
+                task,
+                _kind(task),
+                loss=metrics.get("loss:sum"),
+                tokens=tokens,
+                datums=len(task.payload.datums),
+                metrics=metrics,
+            )
+        self.monitor.add(
+            {
+                series("tinkerd_forward_backward_tokens_total", worker=self.name): total,
+                series("tinkerd_forward_backward_seconds_total", worker=self.name): seconds,
+            }
+        )
+
+
+def _kind(task: Task) -> str:
+    """A task's type for labels and events: forward_backward, forward, optim_step, ..."""
+    payload = task.payload
+    if isinstance(payload, ForwardBackward) and payload.forward_only:
+        return "forward"
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(payload).__name__).lower()
+
+
+def _floats(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in (metrics or {}).items():
+        try:
+            out[str(key)] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return out
 
 
 def _encoded(result: Any, encode: Callable[[Any], bytes]) -> Result:

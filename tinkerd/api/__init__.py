@@ -11,6 +11,7 @@ from typing import Any
 from flask import Response, current_app, jsonify, request
 
 from tinkerd.base_models import BaseModelSource
+from tinkerd.config import InputLimits
 from tinkerd.registry import ModelRecord, Session
 from tinkerd.types import AdamParams, CreateModel, LoraConfig, Payload, Rejected, UserError
 
@@ -22,8 +23,16 @@ def service():
     return current_app.extensions["tinkerd"]
 
 
+def limits() -> InputLimits:
+    """The settings' limits on datums and tokens per request."""
+    return service().settings.input_limits
+
+
 def json_body() -> dict[str, Any]:
-    body = request.get_json(force=True, silent=True)
+    try:
+        body = request.get_json(force=True, silent=True)
+    except RecursionError:  # a body nested deeper than the decoder recurses
+        raise UserError("the request body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise UserError("the request body must be a JSON object")
     return body

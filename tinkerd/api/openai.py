@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from flask import Blueprint, Response, jsonify, stream_with_context
 
-from tinkerd.api import get_bool, get_float, get_int, json_body, service
+from tinkerd.api import get_bool, get_float, get_int, json_body, limits, service
 from tinkerd.api.weights import checkpoint_meta
 from tinkerd.base_models import TINY_MODEL, resolve_base_model
 from tinkerd.text import TextCodec, text_codec, validate_messages
@@ -195,6 +195,14 @@ def check_length(target: Target, prompt: list[int], max_tokens: int | None, para
     """Room in the context for the prompt and max_tokens (or at least one generated token)."""
     if not prompt:
         raise OpenAIError("the prompt is empty", param=param)
+    most = limits().max_sequence_tokens
+    if len(prompt) > most:
+        raise OpenAIError(
+            f"the prompt has {len(prompt)} tokens; the server takes at most {most} per sequence",
+            status=413,
+            param=param,
+            code="context_length_exceeded",
+        )
     if max_tokens is None:
         what = f"the prompt ({len(prompt)} tokens) plus one generated token"
     else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify
 
-from tinkerd.api import fingerprint, get_int, get_str, json_body, service
+from tinkerd.api import fingerprint, get_int, get_str, json_body, limits, service
 from tinkerd.api.weights import checkpoint_meta
 from tinkerd.base_models import resolve_base_model
 from tinkerd.registry import SamplerRecord
@@ -72,7 +72,7 @@ def asample():
     else:  # a one-off request naming its weights directly
         weights = _weights(body.get("base_model"), body.get("model_path"))
         key = weights.key
-    sample = parse_sample(body, weights)
+    sample = parse_sample(body, weights, limits())
     seq_id = get_int(body, "seq_id", 0)
     request_id = svc.scheduler.submit_unordered(key, seq_id, sample, fingerprint(body))
     sequence_ids = [f"{request_id}:{i}" for i in range(sample.num_samples)]

@@ -29,6 +29,7 @@ from tinkerd.api import (
     get_int,
     get_str,
     json_body,
+    limits,
     lora_config,
     service,
     tinker,
@@ -54,6 +55,8 @@ from tinkerd.types import (
 )
 from tinkerd.wire import (
     MAX_NUM_SAMPLES,
+    check_datum_count,
+    check_sequence_tokens,
     decode_forward_backward_metrics,
     decode_sample_response,
     make_forward_backward,
@@ -264,7 +267,7 @@ def fwdbwd():
     codec = text_codec(base, svc.settings.data_dir)
     datums = _datums(body.get("data"), body.get("loss_fn_inputs"), loss, codec)
     request = make_forward_backward(
-        datums, loss.name, config, get_bool(body, "forward_only", False)
+        datums, loss.name, config, get_bool(body, "forward_only", False), limits()
     )
     if adapter is None:
         adapter = _create(name, base, lora_config({}))
@@ -284,6 +287,7 @@ def _datums(data: Any, inputs: Any, loss: Loss, codec: TextCodec) -> list[Datum]
             "data must be a non-empty list of conversations ([{role, content}, ...]) "
             "or of token id lists"
         )
+    check_datum_count(len(data), limits())
     inputs = {} if inputs is None else inputs
     if not isinstance(inputs, dict):
         raise UserError("loss_fn_inputs must be an object: input name -> one entry per datum")
@@ -318,6 +322,7 @@ def _sequence(item: Any, codec: TextCodec, where: str) -> tuple[list[int], list[
         and item
         and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in item)
     ):
+        check_sequence_tokens(len(item), limits(), where)
         tokens, weights = item, [1.0] * len(item)
     else:
         raise UserError(
@@ -326,6 +331,7 @@ def _sequence(item: Any, codec: TextCodec, where: str) -> tuple[list[int], list[
         )
     if len(tokens) < 2:
         raise UserError(f"{where} has {len(tokens)} token(s); next-token training needs 2")
+    check_sequence_tokens(len(tokens), limits(), where)
     codec.check_length(len(tokens), where)
     return tokens, weights
 
@@ -421,6 +427,7 @@ def sample():
         ).name
     codec = text_codec(base, svc.settings.data_dir)
     prompt = _prompt(body, codec)
+    check_sequence_tokens(len(prompt), limits(), "the prompt")
     keys = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
     raw = {k: body[k] for k in keys if body.get(k) is not None}
     params = parse_sampling_params({"max_tokens": DEFAULT_MAX_TOKENS, **raw}, where="")

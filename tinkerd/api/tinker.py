@@ -16,6 +16,7 @@ from tinkerd.api import (
     get_int,
     get_str,
     json_body,
+    limits,
     lora_config,
     service,
     start_model,
@@ -123,11 +124,11 @@ def forward_backward():
         body = json_body()
         model_id, seq_id = get_str(body, "model_id"), get_int(body, "seq_id")
         return submit_ordered(
-            model_id, seq_id, fingerprint(body), lambda: parse_forward_backward_json(body)
+            model_id, seq_id, fingerprint(body), lambda: parse_forward_backward_json(body, limits())
         )
     msg, content = parse_forward_backward_proto(request.get_data())
     return submit_ordered(
-        msg.model_id, msg.seq_id, content, lambda: forward_backward_from_proto(msg)
+        msg.model_id, msg.seq_id, content, lambda: forward_backward_from_proto(msg, limits())
     )
 
 

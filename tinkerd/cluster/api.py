@@ -33,6 +33,7 @@ def create_cluster_app(settings: Settings) -> Flask:
     from tinkerd.cluster.celery_app import make_celery
     from tinkerd.cluster.scheduler import Reaper, RedisScheduler
     from tinkerd.cluster.state import SWEEPER_LOCK, RedisFutures, RedisRecords, connect
+    from tinkerd.metrics import RedisMonitor
     from tinkerd.registry import Registry
     from tinkerd.serve import sweep_checkpoints
     from tinkerd.storage import CheckpointStore
@@ -44,7 +45,7 @@ def create_cluster_app(settings: Settings) -> Flask:
     scheduler = RedisScheduler(client, make_celery(settings.redis_url), futures)
     store = CheckpointStore(settings.data_dir / "runs", shared=True)
     registry = Registry(store, RedisRecords(client))
-    app = create_app(settings, scheduler, registry, store)
+    app = create_app(settings, scheduler, registry, store, RedisMonitor(client))
     app.extensions["tinkerd_reaper"] = Reaper(client, futures, settings.heartbeat_seconds).start()
     interval = settings.checkpoint_sweep_seconds
 

@@ -130,11 +130,7 @@ class RedisScheduler:
         memory; a retried create keeps the first placement."""
         if self.redis.hexists(PLACEMENT, model_id):
             return
-        workers = live_workers(self.redis)
-        if not workers:
-            raise Unavailable(
-                "no tinkerd worker is running: start one with `tinkerd worker --redis URL`"
-            )
+        workers = self._open_workers()
         placed: dict[str, int] = {}
         for held, owner in self.redis.hgetall(PLACEMENT).items():
             if b":sample:" not in held:  # a snapshot rides on its model's adapter
@@ -144,6 +140,15 @@ class RedisScheduler:
             key=lambda n: (placed.get(n, 0), -int(workers[n].get("memory_free", 0)), n),
         )
         self.redis.hsetnx(PLACEMENT, model_id, name)
+
+    def _open_workers(self) -> dict[str, dict[str, Any]]:
+        """The live workers that take new work (not draining for a shutdown)."""
+        workers = {n: w for n, w in live_workers(self.redis).items() if not w.get("draining")}
+        if not workers:
+            raise Unavailable(
+                "no tinkerd worker is running: start one with `tinkerd worker --redis URL`"
+            )
+        return workers
 
     def has_model(self, model_id: str) -> bool:
         return bool(self.redis.hexists(PLACEMENT, model_id) or self.redis.hexists(LOST, model_id))
@@ -167,11 +172,7 @@ class RedisScheduler:
         if sample.weights.snapshot_id is not None:
             owner = self.worker_of(sample.weights.snapshot_id)
             return owner or ""  # "" = lost: answered with the lost error below
-        workers = live_workers(self.redis)
-        if not workers:
-            raise Unavailable(
-                "no tinkerd worker is running: start one with `tinkerd worker --redis URL`"
-            )
+        workers = self._open_workers()
         pipe = self.redis.pipeline(transaction=False)
         for name in workers:
             pipe.scard(inflight_key(name))

@@ -23,6 +23,7 @@ from tinkerd.cluster.celery_app import bind_scheduler, make_celery, worker_queue
 from tinkerd.cluster.scheduler import Reaper
 from tinkerd.cluster.state import WORKERS, RedisFutures, connect, worker_key
 from tinkerd.config import Settings
+from tinkerd.metrics import RedisMonitor
 from tinkerd.storage import CheckpointStore
 from tinkerd.tasks import Scheduler, Task
 from tinkerd.types import Rejected, ServerError
@@ -48,12 +49,14 @@ class WorkerProcess:
         self.name = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}-{device}"
         self.futures = RedisFutures(self.redis, settings.future_ttl_seconds, worker=self.name)
         self.scheduler = Scheduler(self.futures)
-        self.worker = Worker(self.scheduler, self.backend)
+        self.monitor = RedisMonitor(self.redis)  # steps, tokens, run events: cluster-wide
+        self.worker = Worker(self.scheduler, self.backend, monitor=self.monitor, name=self.name)
         self.celery = make_celery(settings.redis_url)
         bind_scheduler(self.celery, self.scheduler)
         self.started_at = time.time()
         self._held: dict[str, Any] = {}
         self._registered = False
+        self._draining = False
         self._stop = threading.Event()
 
     def registration(self) -> dict[str, Any]:
@@ -69,6 +72,7 @@ class WorkerProcess:
             "started_at": self.started_at,
             "heartbeat_at": time.time(),
             "queue_depth": self.scheduler.queue_depth(),
+            "draining": self._draining,  # no new models or samples are placed on it
             **self._held,
         }
 
@@ -146,10 +150,23 @@ class WorkerProcess:
                 quiet=True,
             ).start()
         finally:
-            self._stop.set()
-            self.worker.stop()
-            try:
-                self.futures.flush()
-                self.redis.delete(worker_key(self.name))  # the reaper takes it from here
-            except RedisError:
-                pass
+            self.drain()
+
+    def drain(self) -> None:
+        """After Celery's warm shutdown (SIGTERM): this worker's models live only in its memory,
+        so the work queued for them runs now, within `drain_seconds`, still heartbeating so
+        that it is not taken for lost; what is left fails with a server error. Then the
+        registration goes, and the reaper reports its models lost."""
+        self._draining = True
+        try:
+            self.heartbeat()
+        except RedisError:
+            pass
+        self.worker.drain(self.settings.drain_seconds)
+        self._stop.set()
+        try:
+            self.futures.flush()
+            self.monitor.close()
+            self.redis.delete(worker_key(self.name))  # the reaper takes it from here
+        except RedisError:
+            pass
