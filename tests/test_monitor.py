@@ -8,6 +8,7 @@ import time
 
 import httpx
 import pytest
+from test_api_runs import DATA, SEQS  # the same three sequences
 from tinker import types
 
 from tinkerd.metrics import (
@@ -23,14 +24,6 @@ from tinkerd.metrics import (
 pytestmark = pytest.mark.timeout(180)
 
 WAIT = 60
-SEQS = [[5, 17, 42, 99, 300, 7, 64, 12], [9, 8, 7, 6, 5], [101, 202, 303, 404, 505, 606]]
-DATA = [
-    types.Datum(
-        model_input=types.ModelInput.from_ints(s[:-1]),
-        loss_fn_inputs={"target_tokens": s[1:], "weights": [1.0] * (len(s) - 1)},
-    )
-    for s in SEQS
-]
 TOKENS_PER_STEP = sum(len(s) - 1 for s in SEQS)
 
 

@@ -159,9 +159,11 @@ class EmbeddedServer:
         """SIGTERM: take no new work (503), finish what is running and queued (checkpoints
         included) within `drain_seconds`, fail what is left with a server error, give clients
         waiting on futures a moment to collect their results, then stop."""
-        log.warning(
+        queued = self.scheduler.queue_depth()
+        log.log(
+            logging.WARNING if queued else logging.INFO,
             "draining: no new work; finishing %d queued request(s) (at most %.0f s)",
-            self.scheduler.queue_depth(),
+            queued,
             self.settings.drain_seconds,
         )
         self.scheduler.close(
