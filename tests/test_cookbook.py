@@ -172,9 +172,9 @@ def math_rl(server, tiny_model_dir, chat_sl, tmp_path_factory) -> dict:
     RL has nothing to learn from; it starts instead from the chat_sl run's final state
     (`load_checkpoint_path`), which ends its answers with `\\n\\nUser:` some of the time.
     `loss_fn=importance_sampling`: the recipe's default, `stable_reinforce`, is not served.
-    learning_rate 5e-4: each run starts Adam afresh, and its first steps move every weight by
-    about the learning rate; at 1e-3 that jolt undid the format in about 1 run in 3 (at 4e-3 in
-    every run), at 5e-4 the format rate climbs steadily.
+    learning_rate 5e-4: the RL run starts a fresh Adam on the chat_sl weights, and its first
+    steps move every weight by about the learning rate; at 1e-3 that jolt undid the format in
+    about 1 run in 3 (at 4e-3 in every run), at 5e-4 the format rate climbs steadily.
     """
     work = tmp_path_factory.mktemp("math_rl")
     log_path = work / "run"
