@@ -27,6 +27,12 @@ class TinkerdError(Exception):
     def to_json(self) -> dict[str, str]:
         return {"error": self.message, "category": self.category}
 
+    @staticmethod
+    def from_json(body: dict[str, Any], default: str = "the request failed") -> TinkerdError:
+        """The error a settled future carries (`to_json`'s inverse), to raise again."""
+        message = str(body.get("error", default))
+        return UserError(message) if body.get("category") == "user" else ServerError(message)
+
 
 class UserError(TinkerdError):
     """The request is wrong; nothing was changed and the server keeps serving."""

@@ -234,9 +234,7 @@ def wait(request_id: str) -> SampleResult | None:
         return None
     if result.content_type == "application/x-protobuf":
         return decode_sample_response(result.body)
-    error = json.loads(result.body)
-    message = error.get("error", "sampling failed")
-    raise UserError(message) if error.get("category") == "user" else ServerError(message)
+    raise TinkerdError.from_json(json.loads(result.body), "sampling failed")
 
 
 @dataclass

@@ -51,6 +51,7 @@ from tinkerd.types import (
     SamplerWeights,
     SaveWeights,
     ServerError,
+    TinkerdError,
     UserError,
 )
 from tinkerd.wire import (
@@ -220,7 +221,7 @@ def add_lora():
     if result is not None and "error" in (error := json.loads(result.body)):
         svc.registry.remove_name(name)
         _remove(adapter.model_id)
-        _raise(error)
+        raise TinkerdError.from_json(error)
     return jsonify({**_describe(adapter), "created": True})
 
 
@@ -504,13 +505,8 @@ def _settled(request_id: str, deadline: float) -> Result:
     if result.content_type == "application/json":
         body = json.loads(result.body)
         if "error" in body:
-            _raise(body)
+            raise TinkerdError.from_json(body)
     return result
-
-
-def _raise(error: dict[str, Any]) -> None:
-    message = str(error.get("error"))
-    raise UserError(message) if error.get("category") == "user" else ServerError(message)
 
 
 # -- info ------------------------------------------------------------------------------------

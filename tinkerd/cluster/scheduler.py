@@ -29,6 +29,7 @@ from tinkerd.cluster.state import (
     REQUEST_TTL,
     WORKERS,
     RedisFutures,
+    as_text,
     inflight_key,
     live_workers,
     request_key,
@@ -159,7 +160,7 @@ class RedisScheduler:
             return {"status": "active", "worker": worker}
         lost = self.redis.hget(LOST, model_id)
         if lost is not None:
-            return {"status": "lost", "lost_reason": _text(lost)}
+            return {"status": "lost", "lost_reason": as_text(lost)}
         return {"status": "inactive"}
 
     def worker_of(self, model_id: str) -> str | None:
@@ -212,11 +213,11 @@ class RedisScheduler:
             MAX_SEQ_AHEAD,
             REQUEST_TTL,
         ]
-        status, value = (_text(v) for v in self._submit_ordered(keys=keys, args=args))
+        status, value = (as_text(v) for v in self._submit_ordered(keys=keys, args=args))
         if status == "lost":  # the worker was reaped after we read the placement
             lost = self.redis.hget(LOST, model_id) or b"its worker was lost"
             status, value = (
-                _text(v) for v in self._submit_ordered(keys=keys, args=[*args[:3], "", *args[4:]])
+                as_text(v) for v in self._submit_ordered(keys=keys, args=[*args[:3], "", *args[4:]])
             )
         if status == "dup":
             return value
@@ -233,7 +234,7 @@ class RedisScheduler:
         if isinstance(payload, RemoveModel):
             self._forget(model_id)
         if lost is not None:
-            self.futures.settle_error(request_id, ServerError(_text(lost)), None)
+            self.futures.settle_error(request_id, ServerError(as_text(lost)), None)
             return request_id
         assert worker is not None
         if isinstance(payload, SaveWeights) and payload.snapshot_id is not None:
@@ -270,7 +271,7 @@ class RedisScheduler:
         request_id = uuid.uuid4().hex
         keys = [f"tinkerd:useen:{key}", request_key(request_id), inflight_key(worker), WORKERS]
         args = [seq_id, fingerprint, request_id, worker, RETRY_WINDOW, REQUEST_TTL]
-        status, value = (_text(v) for v in self._submit_unordered(keys=keys, args=args))
+        status, value = (as_text(v) for v in self._submit_unordered(keys=keys, args=args))
         if status == "dup":
             return value
         if status == "clash":
@@ -278,7 +279,7 @@ class RedisScheduler:
         if status == "lost":
             why = self.redis.hget(LOST, payload.weights.snapshot_id or "")
             raise ServerError(
-                _text(why) if why else f"the worker chosen for {key} is gone; try again"
+                as_text(why) if why else f"the worker chosen for {key} is gone; try again"
             )
         self._send(worker, "unordered", request_id, key, seq_id, payload)
         return request_id
@@ -303,7 +304,7 @@ class RedisScheduler:
         return self.futures.wait(request_id, timeout)
 
     def queue_depth(self) -> int:
-        names = [_text(n) for n in self.redis.smembers(WORKERS)]
+        names = [as_text(n) for n in self.redis.smembers(WORKERS)]
         pipe = self.redis.pipeline(transaction=False)
         for name in names:
             pipe.scard(inflight_key(name))
@@ -343,7 +344,7 @@ class Reaper:
         """One round: returns the workers it declared lost."""
         if not self.redis.set(REAPER_LOCK, self._me, nx=True, px=int(self.interval * 900)):
             return []
-        names = {_text(n) for n in self.redis.smembers(WORKERS)}
+        names = {as_text(n) for n in self.redis.smembers(WORKERS)}
         alive = live_workers(self.redis)
         now = time.monotonic()
         lost = []
@@ -360,9 +361,9 @@ class Reaper:
             return  # another API process got it
         log.error("worker %s was lost: failing its requests and marking its models lost", name)
         owned = [
-            _text(model)
+            as_text(model)
             for model, owner in self.redis.hgetall(PLACEMENT).items()
-            if _text(owner) == name
+            if as_text(owner) == name
         ]
         for model_id in owned:
             self.redis.hset(
@@ -374,13 +375,9 @@ class Reaper:
             self.redis.hdel(PLACEMENT, model_id)
         error = ServerError(f"worker {name} was lost before this request finished")
         for request_id in self.redis.smembers(inflight_key(name)):
-            self.futures.settle_error(_text(request_id), error, name)
+            self.futures.settle_error(as_text(request_id), error, name)
         self.redis.delete(inflight_key(name))
 
 
 def lost_models(client: redis.Redis) -> dict[str, str]:
-    return {_text(k): _text(v) for k, v in client.hgetall(LOST).items()}
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return {as_text(k): as_text(v) for k, v in client.hgetall(LOST).items()}

@@ -75,8 +75,9 @@ def connect(url: str, max_connections: int = 64) -> redis.Redis:
     return redis.Redis(connection_pool=pool)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def as_text(value: Any) -> str:
+    """A Redis reply (bytes) as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class RedisFutures:
@@ -139,7 +140,7 @@ class RedisFutures:
         raw = self.redis.hgetall(result_key(request_id))
         if not raw:
             return None
-        return Result(raw[b"body"], _text(raw[b"type"]))
+        return Result(raw[b"body"], as_text(raw[b"type"]))
 
     def wait(self, request_id: str, timeout: float) -> Result | None:
         """The result, or None if it is still pending after `timeout` seconds."""
@@ -151,7 +152,7 @@ class RedisFutures:
             raise NotFound(f"unknown request_id {request_id!r} (it may have expired)")
         # Settling stores the result and leaves the worker's in-flight set in one step, so a
         # request that is neither in flight nor settled had its result expire.
-        if worker and not self.redis.sismember(inflight_key(_text(worker)), request_id):
+        if worker and not self.redis.sismember(inflight_key(as_text(worker)), request_id):
             if (result := self.get(request_id)) is not None:
                 return result
             if not self._is_unsent(request_id):
@@ -193,7 +194,7 @@ class RedisFutures:
                 while not self._closed.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message is not None:
-                        self._wake(_text(message["data"]))
+                        self._wake(as_text(message["data"]))
             except Exception as e:  # noqa: BLE001 - the listener must outlive any error
                 log.warning("lost the settled channel (%s); reconnecting", e)
                 self._closed.wait(0.5)
@@ -254,7 +255,7 @@ class RedisRecords:
 
 def live_workers(client: redis.Redis) -> dict[str, dict[str, Any]]:
     """name -> registration of every worker whose heartbeat is current."""
-    names = sorted(_text(n) for n in client.smembers(WORKERS))
+    names = sorted(as_text(n) for n in client.smembers(WORKERS))
     if not names:
         return {}
     found = client.mget([worker_key(n) for n in names])
