@@ -8,7 +8,6 @@ writes it), and what would be delivered to it is read off its Celery queue, a Re
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +19,7 @@ import redis
 
 from tinkerd.cluster import codec
 from tinkerd.cluster import scheduler as cluster_scheduler
-from tinkerd.cluster.celery_app import RUN_TASK, make_celery, worker_queue
+from tinkerd.cluster.celery_app import make_celery, take_undelivered, worker_queue
 from tinkerd.cluster.scheduler import Reaper, RedisScheduler, Unavailable, lost_models
 from tinkerd.cluster.state import (
     PLACEMENT,
@@ -105,19 +104,10 @@ Delivery = tuple[str, str, str, int, Any]  # kind, request_id, key, seq_id, payl
 
 def delivered(client: redis.Redis, worker: str) -> list[Delivery]:
     """Takes the messages off `worker`'s Celery queue, oldest first, as the task's arguments."""
-    out = []
-    while (raw := client.rpop(worker_queue(worker))) is not None:
-        message = json.loads(raw)
-        assert message["headers"]["task"] == RUN_TASK
-        assert message["content-type"] == "application/json"
-        body = message["body"]
-        if message["properties"].get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        args, kwargs, _ = json.loads(body)
-        assert kwargs == {}
-        kind, request_id, key, seq_id, payload = args
-        out.append((kind, request_id, key, seq_id, codec.decode(payload)))
-    return out
+    return [
+        (kind, request_id, key, seq_id, codec.decode(payload))
+        for kind, request_id, key, seq_id, payload in take_undelivered(client, worker)
+    ]
 
 
 def optim(lr: float) -> OptimStep:

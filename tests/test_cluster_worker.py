@@ -109,3 +109,20 @@ def test_a_restarted_worker_reports_its_earlier_models_lost(
     finally:
         again.celery.close()
         again.redis.close()
+
+
+def test_a_draining_worker_runs_what_celery_had_not_delivered(
+    worker: WorkerProcess, api: RedisScheduler
+) -> None:
+    """After Celery's warm shutdown the queue may still hold requests for this worker's
+    models, which live nowhere else: the drain runs them rather than leave them to the reaper."""
+    api.open_model(MODEL)
+    created = api.submit(MODEL, 0, CreateModel("tinkerd/tiny", LoraConfig(rank=4, seed=0)), "c")
+    steps = [api.submit(MODEL, i, forward(), f"f{i}") for i in range(1, 4)]
+    worker.worker.start()
+    worker.drain()
+    assert worker.redis.llen("tinkerd.worker.wg") == 0
+    assert api.wait(created, 1) is not None
+    for step in steps:
+        assert api.wait(step, 1).content_type == "application/x-protobuf"
+    assert "wg" not in live_workers(worker.redis)  # its registration went at the end

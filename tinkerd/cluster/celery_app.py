@@ -8,6 +8,10 @@ Celery but straight to Redis (`state.RedisFutures`), where any API process finds
 
 from __future__ import annotations
 
+import base64
+import json
+
+import redis
 from celery import Celery
 
 from tinkerd.cluster import codec
@@ -42,8 +46,29 @@ def bind_scheduler(app: Celery, scheduler: Scheduler) -> None:
 
     @app.task(name=RUN_TASK)
     def run(kind: str, request_id: str, key: str, seq_id: int, payload: dict) -> None:
-        task = Task(request_id, key, seq_id, codec.decode(payload))
-        if kind == "ordered":
-            scheduler.enqueue(task)
-        else:
-            scheduler.enqueue_unordered(task)
+        queue_task(scheduler, kind, request_id, key, seq_id, payload)
+
+
+def queue_task(
+    scheduler: Scheduler, kind: str, request_id: str, key: str, seq_id: int, payload: dict
+) -> None:
+    task = Task(request_id, key, seq_id, codec.decode(payload))
+    if kind == "ordered":
+        scheduler.enqueue(task)
+    else:
+        scheduler.enqueue_unordered(task)
+
+
+def take_undelivered(client: redis.Redis, worker: str) -> list[list]:
+    """The task arguments still waiting in a worker's queue after Celery stopped consuming it
+    (a warm shutdown puts back what it had prefetched), oldest first, removed from Redis. A
+    draining worker runs them itself: its models exist nowhere else."""
+    queue, found = worker_queue(worker), []
+    while (raw := client.rpop(queue)) is not None:  # kombu pushes left, pops right
+        message = json.loads(raw)
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args, _kwargs, _embed = json.loads(body)
+        found.append(args)
+    return found

@@ -19,7 +19,13 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from tinkerd.cluster.celery_app import bind_scheduler, make_celery, worker_queue
+from tinkerd.cluster.celery_app import (
+    bind_scheduler,
+    make_celery,
+    queue_task,
+    take_undelivered,
+    worker_queue,
+)
 from tinkerd.cluster.scheduler import Reaper
 from tinkerd.cluster.state import WORKERS, RedisFutures, connect, worker_key
 from tinkerd.config import Settings
@@ -160,8 +166,15 @@ class WorkerProcess:
         self._draining = True
         try:
             self.heartbeat()
+            undelivered = take_undelivered(self.redis, self.name)
         except RedisError:
-            pass
+            undelivered = []
+        for args in undelivered:
+            queue_task(self.scheduler, *args)
+        if undelivered:
+            log.info(
+                "drain: %d request(s) taken from the queue after Celery stopped", len(undelivered)
+            )
         self.worker.drain(self.settings.drain_seconds)
         self._stop.set()
         try:
