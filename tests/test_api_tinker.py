@@ -355,10 +355,10 @@ def test_sdk_batch_split_into_chunks(server, training_client, monkeypatch) -> No
     arrivals: list[int] = []
     submit = server.scheduler.submit
 
-    def recording_submit(model_id, seq_id, payload, fingerprint):
+    def recording_submit(model_id, seq_id, payload, fingerprint, **scheduling):
         if model_id == training_client.model_id:
             arrivals.append(seq_id)
-        return submit(model_id, seq_id, payload, fingerprint)
+        return submit(model_id, seq_id, payload, fingerprint, **scheduling)
 
     monkeypatch.setattr(server.scheduler, "submit", recording_submit)
     holder = training_client.holder

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -206,6 +208,25 @@ def test_a_thousand_concurrent_long_polls(cluster: Cluster, client) -> None:
     assert "metrics" in result(cluster.url, request_id)
 
 
+def test_requests_gunicorn_refuses_itself_answer_json(cluster: Cluster) -> None:
+    """A request line or header over gunicorn's limits, or a malformed request, never reaches
+    Flask: its answer is still tinkerd's JSON error body."""
+    host, port = cluster.url.removeprefix("http://").rsplit(":", 1)
+    long_line = httpx.get(f"{cluster.url}/api/v1/training_runs/{'x' * 10_000}", timeout=10)
+    huge_header = httpx.get(f"{cluster.url}/api/v1/healthz", headers={"X-Big": "y" * 20_000})
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        raw.sendall(b"NOT A REQUEST\r\n\r\n")
+        reply = raw.recv(65536).decode("latin1")
+    head, _, body = reply.partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 400") and "application/json" in head
+    assert json.loads(body)["category"] == "user"
+    for response, status in ((long_line, 414), (huge_header, 431)):
+        assert response.status_code == status
+        assert response.headers["content-type"] == "application/json"
+        assert response.json()["category"] == "user" and response.json()["error"]
+    assert httpx.get(f"{cluster.url}/api/v1/healthz", timeout=10).status_code == 200
+
+
 def test_sampling_from_base_snapshot_and_checkpoint(cluster: Cluster, client) -> None:
     tc = client.create_lora_training_client(base_model="tinkerd/tiny", rank=8, seed=2).result()
     train(tc, 2)
@@ -292,6 +313,10 @@ def test_a_killed_worker_fails_its_requests_and_its_model_is_restored_elsewhere(
         assert tc.model_id in rdb(cluster).hgetall(LOST)
         run = httpx.get(f"{cluster.url}/api/v1/training_runs/{tc.model_id}", timeout=10).json()
         assert run["status"] == "lost" and victim in run["lost_reason"]
+        events = httpx.get(
+            f"{cluster.url}/api/v1/training_runs/{tc.model_id}/events?type=lost", timeout=10
+        ).json()["events"]
+        assert [e["worker"] for e in events] == [victim] and "restore it" in events[0]["error"]
         with pytest.raises(tinker.RequestFailedError, match="lost"):
             tc.forward([datum()], "cross_entropy").result(timeout=30)
 
@@ -508,3 +533,69 @@ def test_monitoring_is_cluster_wide(cluster: Cluster, client) -> None:
     assert [e for e in events() if e["type"] == "save_weights"][0]["path"] == path
     r = httpx.get(f"{cluster.url}/api/v1/training_runs/nope/events", timeout=30)
     assert r.status_code == 404 and r.json()["category"] == "user"
+
+
+def test_api_keys_on_the_cluster(cluster: Cluster, client) -> None:
+    """Keys made in the cluster's Redis apply to every API process at once: 401 without one,
+    each key sees only its own runs, and max_queued is counted across processes (429)."""
+    from tinkerd.keys import RedisKeys, create_key
+
+    keys = RedisKeys(rdb(cluster))
+    secrets = {name: create_key(keys, name, max_queued=2)[0] for name in ("cluster-a", "cluster-b")}
+    try:
+        time.sleep(1.2)  # each API process re-reads the keys once a second
+        refused = httpx.get(f"{cluster.url}/api/v1/training_runs", timeout=10)
+        assert refused.status_code == 401 and refused.json()["category"] == "user"
+
+        a = tinker.ServiceClient(base_url=cluster.url, api_key=secrets["cluster-a"])
+        tc = a.create_lora_training_client(base_model="tinkerd/tiny", rank=4, seed=1).result()
+        assert np.isfinite(train(tc, 1)[0])
+
+        def runs(name: str) -> set[str]:
+            r = httpx.get(
+                f"{cluster.url}/api/v1/training_runs?limit=1000",
+                headers={"X-API-Key": secrets[name]},
+                timeout=10,
+            )
+            return {run["training_run_id"] for run in r.json()["training_runs"]}
+
+        for _ in range(4):  # whichever API process answers
+            assert runs("cluster-a") == {tc.model_id} and runs("cluster-b") == set()
+            r = httpx.post(
+                f"{cluster.url}/api/v1/get_info",
+                json={"model_id": tc.model_id},
+                headers={"X-API-Key": secrets["cluster-b"]},
+                timeout=10,
+            )
+            assert r.status_code == 404
+
+        # two requests held by a seq_id gap fill cluster-a's queue quota, on any process
+        body = {
+            "model_id": tc.model_id,
+            "forward_only": True,
+            "forward_backward_input": {
+                "loss_fn": "cross_entropy",
+                "data": [
+                    {
+                        "model_input": {"chunks": [{"type": "encoded_text", "tokens": TOKENS}]},
+                        "loss_fn_inputs": {"target_tokens": TOKENS, "weights": [1.0] * len(TOKENS)},
+                    }
+                ],
+            },
+        }
+        headers = {"X-API-Key": secrets["cluster-a"]}
+        statuses = [
+            httpx.post(
+                f"{cluster.url}/api/v1/forward_backward",
+                json={**body, "seq_id": seq},
+                headers=headers,
+                timeout=10,
+            )
+            for seq in (1000, 1001, 1002)
+        ]
+        assert [r.status_code for r in statuses] == [200, 200, 429]
+        assert float(statuses[2].headers["Retry-After"]) >= 1
+    finally:
+        for name in secrets:
+            keys.revoke(name)
+        time.sleep(1.2)  # open again for whatever runs next

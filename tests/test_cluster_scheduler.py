@@ -19,7 +19,7 @@ import redis
 
 from tinkerd.cluster import codec
 from tinkerd.cluster import scheduler as cluster_scheduler
-from tinkerd.cluster.celery_app import make_celery, take_undelivered, worker_queue
+from tinkerd.cluster.celery_app import make_celery, queue_task, take_undelivered, worker_queue
 from tinkerd.cluster.scheduler import Reaper, RedisScheduler, Unavailable, lost_models
 from tinkerd.cluster.state import (
     PLACEMENT,
@@ -27,9 +27,10 @@ from tinkerd.cluster.state import (
     RedisFutures,
     connect,
     inflight_key,
+    pending_key,
     worker_key,
 )
-from tinkerd.tasks import MAX_SEQ_AHEAD, Result
+from tinkerd.tasks import MAX_SEQ_AHEAD, Result, Scheduler
 from tinkerd.types import (
     AdamParams,
     CreateModel,
@@ -103,10 +104,11 @@ Delivery = tuple[str, str, str, int, Any]  # kind, request_id, key, seq_id, payl
 
 
 def delivered(client: redis.Redis, worker: str) -> list[Delivery]:
-    """Takes the messages off `worker`'s Celery queue, oldest first, as the task's arguments."""
+    """Takes the messages off `worker`'s Celery queue, oldest first, as the task's arguments
+    (less the tenant and priority)."""
     return [
         (kind, request_id, key, seq_id, codec.decode(payload))
-        for kind, request_id, key, seq_id, payload in take_undelivered(client, worker)
+        for kind, request_id, key, seq_id, payload, *_ in take_undelivered(client, worker)
     ]
 
 
@@ -462,6 +464,101 @@ def test_queue_depth_counts_requests_in_flight_at_registered_workers(
     w1 = RedisFutures(connect(redis_url), 60, worker="w1")
     w1.settle(sampled, Result(b"{}"))
     assert scheduler.queue_depth() == 2
+
+
+# -- tenants: pending counts and priorities --------------------------------------------------
+
+
+def test_pending_is_shared_by_api_processes_until_a_worker_settles(
+    client: redis.Redis, new_scheduler: Callable[[], RedisScheduler], redis_url: str
+) -> None:
+    one, two = new_scheduler(), new_scheduler()
+    register(client, "w1", base_models=[BASE])
+    one.open_model(MODEL)
+    create = one.submit(MODEL, 0, CreateModel(BASE, LoraConfig()), "c", tenant="a", priority=3)
+    step = two.submit_next(MODEL, optim(1), tenant="a", priority=3)
+    sampled = two.submit_unordered("s:sample:0", 0, sample(SamplerWeights(BASE)), "s", tenant="a")
+    other = one.submit_unordered("s:sample:1", 0, sample(SamplerWeights(BASE)), "s", tenant="b")
+    assert one.submit(MODEL, 0, CreateModel(BASE, LoraConfig()), "c", tenant="a") == create
+    assert one.pending("a") == two.pending("a") == 3  # the retry is not counted again
+    assert (one.pending("b"), one.pending("c"), one.pending("")) == (1, 0, 0)
+
+    worker = RedisFutures(connect(redis_url), 60, worker="w1")
+    worker.settle(create, Result(b"{}"), tenant="a")
+    worker.settle_error(step, ServerError("failed"), None, tenant="a")
+    assert two.pending("a") == 1
+    worker.settle(sampled, Result(b"{}"), tenant="a")
+    worker.settle(other, Result(b"{}"), tenant="b")
+    assert one.pending("a") == one.pending("b") == 0
+
+
+def test_pending_drops_requests_never_sent_or_failed_by_the_reaper(
+    client: redis.Redis, scheduler: RedisScheduler, reaper: Reaper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    register(client, "w1")
+    open_and_create(scheduler, "m1")
+    with monkeypatch.context() as m:  # the broker refuses: the request fails at once
+        m.setattr(scheduler.celery, "send_task", lambda *a, **k: 1 / 0)
+        unsent = scheduler.submit("m1", 1, optim(1), "fp1", tenant="a")
+    assert "could not queue" in error_of(scheduler.wait(unsent, 0))["error"]
+    assert scheduler.pending("a") == 0
+    queued = [scheduler.submit("m1", s, optim(s), f"fp{s}", tenant="a") for s in (2, 3)]
+    assert scheduler.pending("a") == 2
+    reap(reaper, client, "w1")
+    assert all("lost" in error_of(scheduler.wait(r, 1.0))["error"] for r in queued)
+    assert scheduler.pending("a") == 0
+    register(client, "w2")
+    lost = scheduler.submit("m1", 4, optim(4), "fp4", tenant="a")  # answered at once: lost
+    assert "lost" in error_of(scheduler.wait(lost, 0))["error"]
+    assert scheduler.pending("a") == 0
+
+
+def test_pending_forgets_entries_older_than_the_future_ttl(
+    client: redis.Redis, scheduler: RedisScheduler
+) -> None:
+    """A request whose settle never came (its settler crashed) stops counting once it is older
+    than the future TTL, and the next submit trims it; an idle tenant's set expires."""
+    register(client, "w1")
+    scheduler.open_model(MODEL)
+    scheduler.submit(MODEL, 0, CreateModel(BASE, LoraConfig()), "c", tenant="a")
+    client.zadd(pending_key("a"), {"crashed": time.time() - scheduler.futures.ttl - 1})
+    assert scheduler.pending("a") == 1
+    scheduler.submit(MODEL, 1, optim(1), "fp1", tenant="a")
+    assert scheduler.pending("a") == client.zcard(pending_key("a")) == 2
+    assert 0 < client.ttl(pending_key("a")) <= scheduler.futures.ttl
+
+
+def test_tenant_and_priority_ride_with_the_celery_message(
+    client: redis.Redis, scheduler: RedisScheduler
+) -> None:
+    register(client, "w1", base_models=[BASE])
+    create = open_and_create(scheduler)
+    step = scheduler.submit(MODEL, 1, optim(1), "fp1", tenant="team-a", priority=7)
+    sampled = scheduler.submit_unordered(
+        "s:sample:0", 0, sample(SamplerWeights(BASE)), "s", tenant="team-b", priority=2
+    )
+    assert not client.exists(pending_key(""))  # a server without keys counts nothing
+    messages = take_undelivered(client, "w1")
+    assert [(m[1], m[5], m[6]) for m in messages] == [
+        (create, "", 0),
+        (step, "team-a", 7),
+        (sampled, "team-b", 2),
+    ]
+    worker = Scheduler()
+    for args in messages:
+        queue_task(worker, *args)
+    kind, request_id, key, seq_id, payload = messages[1][:5]
+    queue_task(worker, kind, "old-style", key, 2, payload)  # from an API without tenants
+    taken = [t for tasks in worker.take_ready(0.0) for t in tasks]
+    assert [(t.request_id, t.tenant, t.priority) for t in taken] == [
+        (create, "", 0),
+        (step, "team-a", 7),
+        (sampled, "team-b", 2),
+    ]
+    assert taken[1].payload == optim(1) and isinstance(taken[2].payload, Sample)
+    assert [(t.request_id, t.tenant, t.priority) for b in worker.take_ready(0.0) for t in b] == [
+        ("old-style", "", 0)
+    ]
 
 
 # -- the reaper ------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""`tinkerd worker`'s own duties, in process against a real Redis: its registration, and the
-requests an API process recorded but died before sending (they fail; the model goes on)."""
+"""`tinkerd worker`'s own duties, in process against a real Redis: its registration, the
+requests an API process recorded but died before sending (they fail; the model goes on), and
+each tenant's pending count as the worker settles."""
 
 from __future__ import annotations
 
@@ -9,15 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_cluster_scheduler import delivered  # noqa: I001 - a sibling test module
 
 from tinkerd.cluster import worker as cluster_worker
-from tinkerd.cluster.celery_app import make_celery
+from tinkerd.cluster.celery_app import make_celery, queue_task, take_undelivered
 from tinkerd.cluster.scheduler import RedisScheduler
 from tinkerd.cluster.state import RedisFutures, connect, live_workers
 from tinkerd.cluster.worker import WorkerProcess
 from tinkerd.config import Settings
-from tinkerd.tasks import Task
 from tinkerd.types import CreateModel, Datum, ForwardBackward, LoraConfig
 from tinkerd.wire import make_forward_backward
 
@@ -44,9 +43,10 @@ def api(redis_url: str) -> Iterator[RedisScheduler]:
 
 
 def deliver(worker: WorkerProcess) -> None:
-    """What Celery does: the worker's queued messages onto its local scheduler."""
-    for _, request_id, key, seq_id, payload in reversed(delivered(worker.redis, worker.name)):
-        worker.scheduler.enqueue(Task(request_id, key, seq_id, payload))
+    """What Celery does: the worker's queued messages onto its local scheduler (newest first:
+    the worker orders them)."""
+    for args in reversed(take_undelivered(worker.redis, worker.name)):
+        queue_task(worker.scheduler, *args)
 
 
 def forward() -> ForwardBackward:
@@ -67,14 +67,17 @@ def test_a_request_recorded_but_never_sent_fails_and_the_model_goes_on(
     worker: WorkerProcess, api: RedisScheduler, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     api.open_model(MODEL)
-    created = api.submit(MODEL, 0, CreateModel("tinkerd/tiny", LoraConfig(rank=4, seed=0)), "c")
+    create = CreateModel("tinkerd/tiny", LoraConfig(rank=4, seed=0))
+    created = api.submit(MODEL, 0, create, "c", tenant="a", priority=2)
     with monkeypatch.context() as m:  # the API process dies between recording and sending
         m.setattr(api, "_send", lambda *args: None)
-        lost = api.submit(MODEL, 1, forward(), "f1")
-    after = api.submit(MODEL, 2, forward(), "f2")
+        lost = api.submit(MODEL, 1, forward(), "f1", tenant="a", priority=2)
+    after = api.submit(MODEL, 2, forward(), "f2", tenant="a", priority=2)
     deliver(worker)
+    assert api.pending("a") == 3
     worker.worker.run_cycle(timeout=1)
     assert api.wait(created, 1) is not None and api.wait(after, 0.1) is None
+    assert api.pending("a") == 2  # the creation settled; the other two wait for seq 1
 
     monkeypatch.setattr(cluster_worker, "GAP_SECONDS", 0.0)
     assert worker.fill_gaps() == [lost]
@@ -82,6 +85,7 @@ def test_a_request_recorded_but_never_sent_fails_and_the_model_goes_on(
     error = json.loads(api.wait(lost, 1).body)
     assert error["category"] == "server" and "never reached worker wg" in error["error"]
     assert api.wait(after, 1).content_type == "application/x-protobuf"  # it ran
+    assert api.pending("a") == 0
 
     # a gap Redis does not know is a request not sent yet: it stays open
     later = api.submit(MODEL, 4, forward(), "f4")
@@ -117,12 +121,17 @@ def test_a_draining_worker_runs_what_celery_had_not_delivered(
     """After Celery's warm shutdown the queue may still hold requests for this worker's
     models, which live nowhere else: the drain runs them rather than leave them to the reaper."""
     api.open_model(MODEL)
-    created = api.submit(MODEL, 0, CreateModel("tinkerd/tiny", LoraConfig(rank=4, seed=0)), "c")
-    steps = [api.submit(MODEL, i, forward(), f"f{i}") for i in range(1, 4)]
+    create = CreateModel("tinkerd/tiny", LoraConfig(rank=4, seed=0))
+    created = api.submit(MODEL, 0, create, "c", tenant="a")
+    steps = [api.submit(MODEL, i, forward(), f"f{i}", tenant="a") for i in range(1, 4)]
+    waiting = api.submit(MODEL, 5, forward(), "f5", tenant="a")  # seq 4 never comes
+    assert api.pending("a") == 5
     worker.worker.start()
     worker.drain()
     assert worker.redis.llen("tinkerd.worker.wg") == 0
     assert api.wait(created, 1) is not None
     for step in steps:
         assert api.wait(step, 1).content_type == "application/x-protobuf"
+    assert "shut down" in json.loads(api.wait(waiting, 1).body)["error"]
+    assert api.pending("a") == 0
     assert "wg" not in live_workers(worker.redis)  # its registration went at the end

@@ -1,4 +1,5 @@
-"""Unit tests of tinkerd.tasks: per-model ordering, retry de-duplication, and futures."""
+"""Unit tests of tinkerd.tasks: per-model ordering, retry de-duplication, turns by priority, each
+tenant's pending count, and futures."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import time
 
 import pytest
 
-from tinkerd.tasks import MAX_SEQ_AHEAD, FutureStore, Result, Scheduler
-from tinkerd.types import NotFound, UserError
+from tinkerd import tasks
+from tinkerd.tasks import MAX_SEQ_AHEAD, FutureStore, Result, Scheduler, Task, by_priority
+from tinkerd.types import AdamParams, NotFound, OptimStep, UserError
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -172,6 +174,131 @@ def test_settle_reaches_the_request_future(scheduler: Scheduler) -> None:
     (task,) = scheduler.take_ready(0.01)[0]
     scheduler.settle(task.request_id, Result(b'{"ok": 1}'))
     assert scheduler.futures.wait(request_id, 0.0) == Result(b'{"ok": 1}')
+
+
+# -- turns: one step per model, by priority --------------------------------------------------
+
+
+def step_end() -> OptimStep:
+    return OptimStep(AdamParams())
+
+
+def turns(scheduler: Scheduler) -> list[list[tuple[str, int]]]:
+    """Each take_ready until nothing is left: the (model_id, seq_id) of each batch taken."""
+    taken = []
+    while batches := scheduler.take_ready(0.0):
+        taken.append([(t.model_id, t.seq_id) for tasks in batches for t in tasks])
+    return taken
+
+
+def opened(scheduler: Scheduler, model_id: str, priority: int = 0, tenant: str = "t") -> None:
+    scheduler.open_model(model_id)
+    scheduler.submit(model_id, 0, payload("create"), "c", tenant=tenant, priority=priority)
+    scheduler.take_ready(0.0)
+
+
+def test_a_step_ends_at_its_optim_step(scheduler: Scheduler) -> None:
+    for seq, item in enumerate([payload("fb"), payload("fb"), step_end(), payload("fb")], 1):
+        scheduler.submit(MODEL, seq, item, f"fp{seq}")
+    scheduler.submit(MODEL, 5, step_end(), "fp5")
+    scheduler.submit(MODEL, 6, payload("save"), "fp6")
+    assert turns(scheduler) == [
+        [(MODEL, 1), (MODEL, 2), (MODEL, 3)],
+        [(MODEL, 4), (MODEL, 5)],
+        [(MODEL, 6)],  # no optim_step after it: what is ready goes
+    ]
+
+
+def test_the_higher_priority_model_takes_its_turns_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tasks, "AGING_SECONDS", 1000.0)
+    s = Scheduler()
+    opened(s, "low", priority=0, tenant="lo")
+    opened(s, "high", priority=5, tenant="hi")
+    for model_id, priority in (("low", 0), ("high", 5)):  # the low one queued first
+        for seq in (1, 2, 3, 4):
+            item = step_end() if seq % 2 == 0 else payload("fb")
+            s.submit(model_id, seq, item, f"fp{seq}", tenant=model_id, priority=priority)
+    assert turns(s) == [
+        [("high", 1), ("high", 2)],
+        [("high", 3), ("high", 4)],
+        [("low", 1), ("low", 2)],
+        [("low", 3), ("low", 4)],
+    ]
+
+
+def test_models_of_equal_priority_each_take_a_step_per_cycle() -> None:
+    s = Scheduler()
+    opened(s, "a")
+    opened(s, "b")
+    for model_id in ("a", "b"):
+        for seq in (1, 2):
+            s.submit(model_id, seq, step_end(), f"fp{seq}")
+    assert sorted(map(sorted, turns(s))) == [[("a", 1), ("b", 1)], [("a", 2), ("b", 2)]]
+
+
+def test_a_long_wait_lifts_a_low_priority_model_above_fresh_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tasks, "AGING_SECONDS", 0.05)
+    s = Scheduler()
+    opened(s, "low", priority=0)
+    opened(s, "high", priority=5)
+    s.submit("low", 1, step_end(), "l1", priority=0)
+    time.sleep(0.4)  # 8 levels of waiting: above the fresh priority-5 work
+    s.submit("high", 1, step_end(), "h1", priority=5)
+    assert turns(s) == [[("low", 1)], [("high", 1)]]
+
+
+def test_a_backlog_gains_no_seniority_over_a_newcomer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model's wait for its turn starts again when it takes one: the requests a client queued
+    long ago do not keep a model of the same priority out."""
+    monkeypatch.setattr(tasks, "AGING_SECONDS", 0.05)
+    s = Scheduler()
+    opened(s, "backlog")
+    opened(s, "newcomer")
+    for seq in (1, 2, 3):
+        s.submit("backlog", seq, step_end(), f"b{seq}")
+    time.sleep(0.3)
+    s.submit("newcomer", 1, step_end(), "n1")
+    taken = s.take_ready(0.0)  # the backlog's first step had waited 6 levels, the newcomer none
+    assert [[(t.model_id, t.seq_id) for t in b] for b in taken] == [[("backlog", 1)]]
+    time.sleep(0.1)  # the backlog's next steps are as old, but its wait began with its turn
+    assert [t.model_id for t in s.take_ready(0.0)[0]] == ["newcomer"]
+
+
+def test_by_priority_orders_by_priority_then_by_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tasks, "AGING_SECONDS", 0.05)
+    old_low = Task("r1", "k", 0, payload("old-low"), priority=0)
+    time.sleep(0.3)  # 6 levels
+    waiting = [
+        old_low,
+        Task("r2", "k", 1, payload("low"), priority=0),
+        Task("r3", "k", 2, payload("high"), priority=5),
+        Task("r4", "k", 3, payload("top"), priority=10),
+    ]
+    assert [t.payload["name"] for t in by_priority(waiting)] == ["top", "old-low", "high", "low"]
+
+
+# -- pending per tenant ----------------------------------------------------------------------
+
+
+def test_pending_counts_each_tenants_unsettled_requests(scheduler: Scheduler) -> None:
+    assert scheduler.pending("a") == scheduler.pending("b") == 0
+    ids = [scheduler.submit(MODEL, s, payload(f"{s}"), f"fp{s}", tenant="a") for s in (1, 3)]
+    assert scheduler.submit(MODEL, 1, payload("1"), "fp1", tenant="a") == ids[0]  # a retry
+    sampled = scheduler.submit_unordered("s:sample:0", 0, payload("sample"), "s", tenant="b")
+    assert (scheduler.pending("a"), scheduler.pending("b"), scheduler.pending("c")) == (2, 1, 0)
+    taken = [t for tasks in scheduler.take_ready(0.0) for t in tasks]
+    assert [t.tenant for t in taken] == ["a", "b"]
+    assert scheduler.pending("a") == 2  # taken is not settled: seq 1 is running
+    scheduler.settle(ids[0], Result(b"{}"))
+    scheduler.settle(sampled, Result(b"{}"))
+    assert (scheduler.pending("a"), scheduler.pending("b")) == (1, 0)
+    assert scheduler.fail_pending(Result(b'{"error": "shut down"}')) == [ids[1]]  # waits for 2
+    assert scheduler.pending("a") == 0
+    assert scheduler.futures.pending() == scheduler.pending("") == 1  # the fixture's create
 
 
 # -- FutureStore -----------------------------------------------------------------------------

@@ -9,17 +9,22 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from flask import Flask, jsonify, request
+from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from tinkerd.config import Settings
+from tinkerd.keys import KeyRing, key_store
 from tinkerd.metrics import LocalMonitor, MonitorStore
 from tinkerd.registry import Registry
 from tinkerd.storage import CheckpointStore
 from tinkerd.tasks import TaskQueue
-from tinkerd.types import TinkerdError
+from tinkerd.types import TinkerdError, TooManyRequests, Unauthorized
 
 log = logging.getLogger(__name__)
+
+# Served to anyone: liveness for load balancers, and the console page (it holds no data; its
+# data comes from the key-checked JSON routes).
+PUBLIC_PATHS = ("/healthz", "/api/v1/healthz", "/console")
 
 
 @dataclass
@@ -31,6 +36,7 @@ class Service:
     registry: Registry
     store: CheckpointStore
     monitor: MonitorStore = field(default_factory=LocalMonitor)
+    keys: KeyRing | None = None
 
 
 def create_app(
@@ -39,9 +45,10 @@ def create_app(
     registry: Registry | None = None,
     store: CheckpointStore | None = None,
     monitor: MonitorStore | None = None,
+    keys: KeyRing | None = None,
 ) -> Flask:
+    from tinkerd.api import console, openai, ops, runs, sampling, simple, tinker, weights
     from tinkerd.api import monitor as monitoring
-    from tinkerd.api import openai, ops, runs, sampling, simple, tinker, weights
 
     store = store or CheckpointStore(settings.data_dir / "runs")
     app = Flask(__name__)
@@ -51,9 +58,32 @@ def create_app(
     app.url_map.strict_slashes = False
     # Larger bodies answer 413 (JSON, by http_error) before they are read.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    keys = keys or KeyRing(key_store(settings.data_dir, settings.redis_url))
     app.extensions["tinkerd"] = Service(
-        settings, scheduler, registry or Registry(store), store, monitor or LocalMonitor()
+        settings, scheduler, registry or Registry(store), store, monitor or LocalMonitor(), keys
     )
+    if keys.open:
+        log.warning(
+            "no API keys configured: this server is OPEN to anyone who can reach it; "
+            "`tinkerd keys create NAME` makes one, and from then on every request needs one"
+        )
+
+    @app.before_request
+    def authenticate() -> None:
+        """Every request but the public ones names its key in X-API-Key (as the SDK sends it)
+        or `Authorization: Bearer` (as Prometheus and curl users may)."""
+        presented = request.headers.get("X-API-Key")
+        bearer = request.headers.get("Authorization", "")
+        if not presented and bearer.lower().startswith("bearer "):
+            presented = bearer[7:].strip()
+        g.api_key = keys.find(presented)
+        public = request.path.startswith(PUBLIC_PATHS)
+        if g.api_key is None and not public:
+            raise Unauthorized(
+                "a valid API key is required: send it in the X-API-Key header"
+                if presented
+                else "this server needs an API key: send it in the X-API-Key header"
+            )
 
     @app.before_request
     def refuse_large_bodies() -> None:
@@ -67,7 +97,10 @@ def create_app(
 
     @app.errorhandler(TinkerdError)
     def tinkerd_error(e: TinkerdError):
-        return jsonify(e.to_json()), e.status
+        response = jsonify(e.to_json())
+        if isinstance(e, TooManyRequests):
+            response.headers["Retry-After"] = f"{e.retry_after:g}"
+        return response, e.status
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):
@@ -84,4 +117,5 @@ def create_app(
     for blueprint in (tinker.bp, weights.bp, sampling.bp, runs.bp, ops.bp, openai.bp, simple.bp):
         app.register_blueprint(blueprint)
     app.register_blueprint(monitoring.bp)  # /metrics, system status, run events; times requests
+    app.register_blueprint(console.bp)  # /console: the web console page (data via the API)
     return app

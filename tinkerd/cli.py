@@ -1,4 +1,5 @@
-"""The `tinkerd` command line: `serve` and `worker` run a server; the client commands
+"""The `tinkerd` command line: `serve` and `worker` run a server, `keys` manages its API keys;
+the client commands
 (create, list, sample, save, delete, checkpoints, status, loss-functions, export) talk to one
 (see client_cli.py)."""
 
@@ -11,6 +12,7 @@ import sys
 
 from tinkerd.client_cli import add_client_commands
 from tinkerd.config import Settings
+from tinkerd.keys_cli import add_key_commands
 
 
 def quiet_libraries() -> None:
@@ -67,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         command.add_argument("--log-level", default="INFO")
     add_client_commands(commands)
+    add_key_commands(commands)
 
     args = parser.parse_args(argv)
     if hasattr(args, "client_command"):

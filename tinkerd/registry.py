@@ -3,10 +3,15 @@
 The weights live with the worker; this is what the API answers from without asking it
 (`get_info`, session checks, REST listings). Each training run's record is also written to the
 checkpoint store, so runs and their checkpoints are listed after a restart. Plain data, no torch.
+
+Every record carries its owner, the name of the API key that made it; each request sees the
+registry through `seen_by(key)`, in which another key's records do not exist (NotFound, as for
+an unknown id), so no route can leak or touch them.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 import uuid
@@ -25,6 +30,7 @@ class Session:
     created_at: float = field(default_factory=time.time)
     last_heartbeat: float = field(default_factory=time.time)
     finished: str | None = None
+    owner: str = ""
 
     def touch(self) -> None:
         self.last_heartbeat = time.time()
@@ -40,6 +46,7 @@ class ModelRecord:
     user_metadata: dict[str, Any] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
     last_request_time: float = field(default_factory=time.time)
+    owner: str = ""
 
     def touch(self) -> None:
         self.last_request_time = time.time()
@@ -75,6 +82,7 @@ class ModelName:
     name: str
     model_id: str
     create_request_id: str  # the future of the model's creation
+    owner: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,6 +93,7 @@ class SamplerRecord:
     sampler_id: str
     session_id: str
     weights: SamplerWeights
+    owner: str = ""
 
     def info(self) -> dict[str, Any]:
         """The body of `GET samplers/{id}`."""
@@ -157,6 +166,8 @@ class Registry:
     def __init__(self, store: CheckpointStore | None = None, records: RecordStore | None = None):
         self._store = store
         self._records = records or LocalRecords()
+        self._owner = ""  # the key whose records this view makes and sees
+        self._sees_all = True  # an admin key, or an open server: every owner's records
         for raw in store.load_runs() if store else []:
             try:
                 record = ModelRecord.from_json(raw)
@@ -164,16 +175,38 @@ class Registry:
                 continue
             self._records.add("run", record.model_id, record.to_json())
 
+    def seen_by(self, owner: str, sees_all: bool = False) -> Registry:
+        """This registry as the key named `owner` sees it: what it adds is its own, and other
+        keys' records are NotFound (unless `sees_all`). Shares the records; costs nothing."""
+        view = copy.copy(self)
+        view._owner, view._sees_all = owner, sees_all
+        return view
+
+    def _visible(self, raw: dict[str, Any] | None) -> dict[str, Any] | None:
+        if raw is None or self._sees_all or raw.get("owner", "") == self._owner:
+            return raw
+        return None
+
+    def _get(self, kind: str, key: str, what: str) -> dict[str, Any]:
+        raw = self._visible(self._records.get(kind, key))
+        if raw is None:
+            raise NotFound(f"unknown {what} {key!r}")
+        return raw
+
+    def exists(self, kind: str, key: str) -> bool:
+        """Whether any key has a record of `kind` under `key`."""
+        return self._records.get(kind, key) is not None
+
+    def _values(self, kind: str) -> list[dict[str, Any]]:
+        return [raw for raw in self._records.values(kind) if self._visible(raw) is not None]
+
     def create_session(self, tags: list[str], user_metadata: dict[str, Any]) -> Session:
-        session = Session(uuid.uuid4().hex[:16], tags, user_metadata)
+        session = Session(uuid.uuid4().hex[:16], tags, user_metadata, owner=self._owner)
         self._records.put("session", session.session_id, asdict(session))
         return session
 
     def session(self, session_id: str) -> Session:
-        raw = self._records.get("session", session_id)
-        if raw is None:
-            raise NotFound(f"unknown session_id {session_id!r}")
-        return Session(**raw)
+        return Session(**self._get("session", session_id, "session_id"))
 
     def heartbeat(self, session_id: str) -> Session:
         session = self.session(session_id)
@@ -188,7 +221,9 @@ class Registry:
         self._records.put("session", session_id, asdict(session))
 
     def add_model(self, record: ModelRecord) -> ModelRecord:
-        """Register `record`, or return the one already there (a retried create)."""
+        """Register `record` as this view's key's, or return the one already there (a retried
+        create)."""
+        record.owner = self._owner
         stored = ModelRecord.from_json(
             self._records.add("model", record.model_id, record.to_json())
         )
@@ -201,10 +236,7 @@ class Registry:
 
     def model(self, model_id: str) -> ModelRecord:
         """A model that is live in this server (its weights are held by a worker)."""
-        raw = self._records.get("model", model_id)
-        if raw is None:
-            raise NotFound(f"unknown model_id {model_id!r}")
-        return ModelRecord.from_json(raw)
+        return ModelRecord.from_json(self._get("model", model_id, "model_id"))
 
     def touch_model(self, model_id: str) -> ModelRecord:
         record = self.model(model_id)
@@ -213,10 +245,11 @@ class Registry:
         return record
 
     def models(self) -> list[ModelRecord]:
-        return [ModelRecord.from_json(raw) for raw in self._records.values("model")]
+        return [ModelRecord.from_json(raw) for raw in self._values("model")]
 
     def remove_model(self, model_id: str) -> None:
         """Forget a live model (its worker is told separately); its run stays listed."""
+        self.model(model_id)  # this key's
         self._records.delete("model", model_id)
         self._records.delete("created", model_id)
 
@@ -227,40 +260,44 @@ class Registry:
     def created(self, model_id: str) -> dict[str, Any] | None:
         return self._records.get("created", model_id)
 
+    def _name_key(self, name: str) -> str:
+        """Each key names its adapters in its own namespace."""
+        return f"{self._owner}/{name}" if self._owner else name
+
     def add_name(self, entry: ModelName) -> ModelName:
         """Give `entry.model_id` its name, unless the name is taken: returns the stored entry."""
-        return ModelName(**self._records.add("name", entry.name, entry.to_json()))
+        entry.owner = self._owner
+        key = self._name_key(entry.name)
+        return ModelName(**self._records.add("name", key, entry.to_json()))
 
     def named(self, name: str) -> ModelName:
-        raw = self._records.get("name", name)
-        if raw is None:
+        raw = self._records.get("name", self._name_key(name))
+        if raw is None or raw.get("owner", "") != self._owner:
             raise NotFound(f"unknown model_id {name!r}")
         return ModelName(**raw)
 
     def remove_name(self, name: str) -> None:
-        self._records.delete("name", name)
+        self.named(name)
+        self._records.delete("name", self._name_key(name))
 
     def names(self) -> list[ModelName]:
-        return [ModelName(**raw) for raw in self._records.values("name")]
+        """This key's named adapters (an admin's too: names are per key)."""
+        raws = self._records.values("name")
+        return [ModelName(**raw) for raw in raws if raw.get("owner", "") == self._owner]
 
     def run(self, model_id: str) -> ModelRecord:
         """A training run, live or from before a restart."""
-        raw = self._records.get("run", model_id)
-        if raw is None:
-            raise NotFound(f"unknown training run {model_id!r}")
-        return ModelRecord.from_json(raw)
+        return ModelRecord.from_json(self._get("run", model_id, "training run"))
 
     def runs(self) -> list[ModelRecord]:
-        runs = [ModelRecord.from_json(raw) for raw in self._records.values("run")]
+        runs = [ModelRecord.from_json(raw) for raw in self._values("run")]
         return sorted(runs, key=lambda r: r.created_at)
 
     def add_sampler(self, record: SamplerRecord) -> SamplerRecord:
+        record.owner = self._owner
         return SamplerRecord.from_json(
             self._records.add("sampler", record.sampler_id, record.to_json())
         )
 
     def sampler(self, sampler_id: str) -> SamplerRecord:
-        raw = self._records.get("sampler", sampler_id)
-        if raw is None:
-            raise NotFound(f"unknown sampling session {sampler_id!r}")
-        return SamplerRecord.from_json(raw)
+        return SamplerRecord.from_json(self._get("sampler", sampler_id, "sampling session"))

@@ -9,6 +9,10 @@ running twice. Workers settle futures with encoded bodies; the API long-polls th
 scaled out, the API's `cluster.RedisScheduler` does the sequencing and de-duplication in Redis and
 each worker process keeps a `Scheduler` that only orders what Celery delivers to it (`enqueue`),
 so the worker's loop is the same in both modes.
+
+Each request carries its API key's name (`tenant`, "" on a server without keys) and priority.
+`take_ready` hands out one training step per cycle, of the models with the highest effective
+priority (see `effective_priority`), and `pending(tenant)` counts a key's unsettled requests.
 """
 
 from __future__ import annotations
@@ -18,14 +22,21 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Protocol
+from math import floor
+from typing import NamedTuple, Protocol
 
-from tinkerd.types import NotFound, Payload, RemoveModel, ServerError, UserError
+from tinkerd.types import NotFound, OptimStep, Payload, RemoveModel, ServerError, UserError
 
 # How far ahead of a model's next seq_id a request may arrive (buffered until its turn).
 MAX_SEQ_AHEAD = 100_000
 # How many past seq_ids per model (and unordered requests) are remembered to de-duplicate retries.
 RETRY_WINDOW = 10_000
+AGING_SECONDS = 2.0
+"""Waiting this long raises a request's priority by one. A key's priority (0-10) decides who runs
+first while the worker is contended; aging keeps a low key from starving behind a busy high one:
+a ready request climbs one level per AGING_SECONDS, so it waits at most about 20 s behind a
+saturating priority-10 key. That is long against a training step (well under a second here), so
+priority still decides under ordinary contention, and short against a client's patience."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +53,22 @@ class Task:
     model_id: str
     seq_id: int
     payload: Payload
+    tenant: str = ""  # the API key's name ("" without keys)
+    priority: int = 0  # the key's priority: higher runs first
     queued_at: float = field(default_factory=time.monotonic)
+
+
+def effective_priority(task: Task, now: float, waiting_since: float | None = None) -> float:
+    """The task's priority plus one per AGING_SECONDS it has waited (since `waiting_since`, if
+    later than its arrival)."""
+    since = task.queued_at if waiting_since is None else max(task.queued_at, waiting_since)
+    return task.priority + max(now - since, 0.0) / AGING_SECONDS
+
+
+def by_priority(tasks: list[Task]) -> list[Task]:
+    """`tasks` by effective priority, highest first; equals keep their order."""
+    now = time.monotonic()
+    return sorted(tasks, key=lambda t: -effective_priority(t, now))
 
 
 class TaskQueue(Protocol):
@@ -51,16 +77,39 @@ class TaskQueue(Protocol):
 
     def open_model(self, model_id: str) -> None: ...
 
-    def submit(self, model_id: str, seq_id: int, payload: Payload, fingerprint: str) -> str: ...
+    def submit(
+        self,
+        model_id: str,
+        seq_id: int,
+        payload: Payload,
+        fingerprint: str,
+        *,
+        tenant: str = "",
+        priority: int = 0,
+    ) -> str: ...
 
-    def submit_next(self, model_id: str, payload: Payload) -> str:
+    def submit_next(
+        self, model_id: str, payload: Payload, *, tenant: str = "", priority: int = 0
+    ) -> str:
         """Queue `payload` as the model's next request, the server choosing its seq_id (for
         clients that send no seq_ids: the simple JSON API, the CLI)."""
         ...
 
     def submit_unordered(
-        self, key: str, seq_id: int, payload: Payload, fingerprint: str
+        self,
+        key: str,
+        seq_id: int,
+        payload: Payload,
+        fingerprint: str,
+        *,
+        tenant: str = "",
+        priority: int = 0,
     ) -> str: ...
+
+    def pending(self, tenant: str) -> int:
+        """How many of `tenant`'s requests are submitted and not yet settled (queued or
+        running). "" (a server without keys) is counted in process only."""
+        ...
 
     def wait(self, request_id: str, timeout: float) -> Result | None: ...
 
@@ -71,6 +120,16 @@ class TaskQueue(Protocol):
         ...
 
 
+class Gap(NamedTuple):
+    """A model's missing next request; a model's requests all come from one tenant, so the
+    ones waiting behind it tell whose it is."""
+
+    model_id: str
+    seq_id: int
+    tenant: str
+    priority: int
+
+
 @dataclass
 class _ModelQueue:
     next_seq: int
@@ -79,6 +138,7 @@ class _ModelQueue:
         default_factory=dict
     )  # seq_id -> (request_id, fingerprint)
     removed: bool = False  # a RemoveModel is queued: the model takes no more requests
+    served_at: float = 0.0  # when a step of it was last taken: its wait for a turn starts anew
 
 
 class FutureStore:
@@ -89,16 +149,29 @@ class FutureStore:
         self._lock = threading.Lock()
         self._events: dict[str, threading.Event] = {}
         self._results: dict[str, tuple[Result, float]] = {}
+        self._tenant_of: dict[str, str] = {}  # pending request id -> its tenant
+        self._per_tenant: dict[str, int] = {}
 
-    def create(self) -> str:
+    def create(self, tenant: str = "") -> str:
         request_id = uuid.uuid4().hex
         with self._lock:
             self._events[request_id] = threading.Event()
+            self._tenant_of[request_id] = tenant
+            self._per_tenant[tenant] = self._per_tenant.get(tenant, 0) + 1
         return request_id
 
-    def settle(self, request_id: str, result: Result) -> None:
+    def settle(self, request_id: str, result: Result, *, tenant: str = "") -> None:
+        """Store the result and wake its waiters. `tenant` is for `state.RedisFutures`'
+        count; this store knows each future's tenant from `create`."""
         with self._lock:
             event = self._events.pop(request_id, None)
+            owner = self._tenant_of.pop(request_id, None)
+            if owner is not None:
+                left = self._per_tenant[owner] - 1
+                if left:
+                    self._per_tenant[owner] = left
+                else:
+                    del self._per_tenant[owner]
             self._results[request_id] = (result, time.monotonic() + self._ttl)
             self._expire()
         if event is not None:
@@ -116,9 +189,10 @@ class FutureStore:
                 settled = self._results.get(request_id)
         return settled[0] if settled else None
 
-    def pending(self) -> int:
+    def pending(self, tenant: str | None = None) -> int:
+        """Futures not yet settled: all of them, or `tenant`'s."""
         with self._lock:
-            return len(self._events)
+            return len(self._events) if tenant is None else self._per_tenant.get(tenant, 0)
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -163,7 +237,7 @@ class Scheduler:
             self._unordered = []
             self._ready.clear()
         for task in tasks:
-            self.futures.settle(task.request_id, result)
+            self.futures.settle(task.request_id, result, tenant=task.tenant)
         return [t.request_id for t in tasks]
 
     def open_model(self, model_id: str) -> None:
@@ -181,9 +255,18 @@ class Scheduler:
             return {"status": "active", "worker": "local"}
         return {"status": "inactive"}  # a run from before this server started
 
-    def submit(self, model_id: str, seq_id: int, payload: Payload, fingerprint: str) -> str:
-        """Queue `payload` as (model_id, seq_id); returns its request id (the first one's for a
-        retry)."""
+    def submit(
+        self,
+        model_id: str,
+        seq_id: int,
+        payload: Payload,
+        fingerprint: str,
+        *,
+        tenant: str = "",
+        priority: int = 0,
+    ) -> str:
+        """Queue `payload` as (model_id, seq_id) for `tenant`; returns its request id (the first
+        one's for a retry)."""
         with self._cond:
             self._check_open()
             queue = self._queues.get(model_id)
@@ -203,20 +286,25 @@ class Scheduler:
                 )
             if seq_id > queue.next_seq + MAX_SEQ_AHEAD:
                 raise UserError(f"seq_id {seq_id} is too far ahead of {queue.next_seq}")
-            request_id = self.futures.create()
+            request_id = self.futures.create(tenant)
             queue.seen[seq_id] = (request_id, fingerprint)
             if isinstance(payload, RemoveModel):
                 queue.removed = True
-            self._enqueue_locked(queue, Task(request_id, model_id, seq_id, payload))
+            task = Task(request_id, model_id, seq_id, payload, tenant, priority)
+            self._enqueue_locked(queue, task)
             return request_id
 
-    def submit_next(self, model_id: str, payload: Payload) -> str:
+    def submit_next(
+        self, model_id: str, payload: Payload, *, tenant: str = "", priority: int = 0
+    ) -> str:
         with self._cond:
             queue = self._queues.get(model_id)
             if queue is None or queue.removed:
                 raise NotFound(f"unknown model_id {model_id!r}")
             seq_id = max(queue.next_seq, max(queue.seen, default=-1) + 1)
-            return self.submit(model_id, seq_id, payload, uuid.uuid4().hex)
+            return self.submit(
+                model_id, seq_id, payload, uuid.uuid4().hex, tenant=tenant, priority=priority
+            )
 
     def enqueue(self, task: Task) -> None:
         """Queue a task that was already sequenced and de-duplicated upstream (a worker process
@@ -227,19 +315,20 @@ class Scheduler:
                 return
             self._enqueue_locked(queue, task)
 
-    def gaps(self, min_age: float) -> list[tuple[str, int]]:
-        """(model_id, seq_id) of each model whose next request has not arrived although a later
-        one has been waiting for `min_age` seconds. A worker process asks Redis about these: an
-        API process may have died between recording a request and sending it."""
+    def gaps(self, min_age: float) -> list[Gap]:
+        """Each model whose next request has not arrived although a later one has been waiting
+        for `min_age` seconds. A worker process asks Redis about these: an API process may have
+        died between recording a request and sending it."""
         now = time.monotonic()
+        found = []
         with self._cond:
-            return [
-                (model_id, queue.next_seq)
-                for model_id, queue in self._queues.items()
-                if queue.pending
-                and queue.next_seq not in queue.pending
-                and now - min(t.queued_at for t in queue.pending.values()) >= min_age
-            ]
+            for model_id, queue in self._queues.items():
+                if not queue.pending or queue.next_seq in queue.pending:
+                    continue
+                oldest = min(queue.pending.values(), key=lambda t: t.queued_at)
+                if now - oldest.queued_at >= min_age:
+                    found.append(Gap(model_id, queue.next_seq, oldest.tenant, oldest.priority))
+        return found
 
     def _enqueue_locked(self, queue: _ModelQueue, task: Task) -> None:
         queue.pending[task.seq_id] = task
@@ -247,7 +336,16 @@ class Scheduler:
             self._ready.add(task.model_id)
             self._cond.notify_all()
 
-    def submit_unordered(self, key: str, seq_id: int, payload: Payload, fingerprint: str) -> str:
+    def submit_unordered(
+        self,
+        key: str,
+        seq_id: int,
+        payload: Payload,
+        fingerprint: str,
+        *,
+        tenant: str = "",
+        priority: int = 0,
+    ) -> str:
         """Queue work that needs no order (sampling), runnable at once; a retried (key, seq_id)
         returns the first request's id."""
         with self._cond:
@@ -259,11 +357,11 @@ class Scheduler:
                         f"seq_id {seq_id} of {key} was already used by a different request"
                     )
                 return seen[0]
-            request_id = self.futures.create()
+            request_id = self.futures.create(tenant)
             self._unordered_seen[(key, seq_id)] = (request_id, fingerprint)
             while len(self._unordered_seen) > RETRY_WINDOW:
                 self._unordered_seen.popitem(last=False)
-            self._unordered.append(Task(request_id, key, seq_id, payload))
+            self._unordered.append(Task(request_id, key, seq_id, payload, tenant, priority))
             self._cond.notify_all()
             return request_id
 
@@ -274,31 +372,55 @@ class Scheduler:
             self._cond.notify_all()
 
     def take_ready(self, timeout: float) -> list[list[Task]]:
-        """Every model's runnable tasks, each list in seq order, then the unordered tasks as one
-        list; waits up to `timeout` for some."""
+        """The next step of each model whose turn it is, highest effective priority first, each
+        list in seq order, then the unordered tasks as one list; waits up to `timeout` for some.
+
+        A step is a model's runnable tasks up to and including its next optim_step (all of
+        them if none is queued). It is the turn of the models at the highest priority level
+        (`effective_priority`, rounded down) among those with a step ready: the others wait
+        for a cycle in which nothing above them is ready, climbing a level per AGING_SECONDS
+        meanwhile. A model's wait starts when its next request arrives or its last step was
+        taken, whichever is later, so a long backlog gains no seniority over a newcomer."""
         with self._cond:
             if not self._ready and not self._unordered:
                 self._cond.wait(timeout)
-            batches = []
-            for model_id in sorted(self._ready):
-                queue = self._queues[model_id]
-                tasks: list[Task] = []
-                while queue.next_seq in queue.pending:
-                    tasks.append(queue.pending.pop(queue.next_seq))
-                    queue.next_seq += 1
-                    if isinstance(tasks[-1].payload, RemoveModel):
-                        break
-                batches.append(tasks)
-                if tasks and isinstance(tasks[-1].payload, RemoveModel):  # its last: forget it
-                    del self._queues[model_id]
-                elif len(queue.seen) > 2 * RETRY_WINDOW:
-                    horizon = queue.next_seq - RETRY_WINDOW
-                    queue.seen = {k: v for k, v in queue.seen.items() if k >= horizon}
-            self._ready.clear()
+            batches = [self._take_step(model_id) for model_id in self._turn()]
             if self._unordered:
                 batches.append(self._unordered)
                 self._unordered = []
             return batches
+
+    def _turn(self) -> list[str]:
+        """The ready models whose turn it is, in the order they run."""
+        if len(self._ready) <= 1:  # the common case: no contention, nothing to compare
+            return list(self._ready)
+        now = time.monotonic()
+        ranked = []
+        for model_id in self._ready:
+            queue = self._queues[model_id]
+            head = queue.pending[queue.next_seq]
+            ranked.append((effective_priority(head, now, queue.served_at), model_id))
+        top = floor(max(rank for rank, _ in ranked))
+        return [model_id for rank, model_id in sorted(ranked, reverse=True) if rank >= top]
+
+    def _take_step(self, model_id: str) -> list[Task]:
+        queue = self._queues[model_id]
+        tasks: list[Task] = []
+        while queue.next_seq in queue.pending:
+            tasks.append(queue.pending.pop(queue.next_seq))
+            queue.next_seq += 1
+            if isinstance(tasks[-1].payload, OptimStep | RemoveModel):
+                break
+        queue.served_at = time.monotonic()
+        if queue.next_seq not in queue.pending:
+            self._ready.discard(model_id)
+        if tasks and isinstance(tasks[-1].payload, RemoveModel):  # its last: forget it
+            del self._queues[model_id]
+            self._ready.discard(model_id)
+        elif len(queue.seen) > 2 * RETRY_WINDOW:
+            horizon = queue.next_seq - RETRY_WINDOW
+            queue.seen = {k: v for k, v in queue.seen.items() if k >= horizon}
+        return tasks
 
     def take_unordered(self, timeout: float) -> list[Task]:
         """The waiting unordered tasks; waits up to `timeout` for some."""
@@ -308,8 +430,11 @@ class Scheduler:
             tasks, self._unordered = self._unordered, []
             return tasks
 
-    def settle(self, request_id: str, result: Result) -> None:
-        self.futures.settle(request_id, result)
+    def settle(self, request_id: str, result: Result, tenant: str = "") -> None:
+        self.futures.settle(request_id, result, tenant=tenant)
+
+    def pending(self, tenant: str) -> int:
+        return self.futures.pending(tenant)
 
     def wait(self, request_id: str, timeout: float) -> Result | None:
         return self.futures.wait(request_id, timeout)

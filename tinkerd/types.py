@@ -45,6 +45,23 @@ class NotFound(UserError):
     status = 404
 
 
+class Unauthorized(UserError):
+    """No API key, or one the server does not know (or has revoked)."""
+
+    status = 401
+
+
+class TooManyRequests(UserError):
+    """A key's limit is reached; nothing was queued. The SDK waits `retry_after` seconds (the
+    Retry-After header) and sends the same request again."""
+
+    status = 429
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class ServerError(TinkerdError):
     """The request was fine but the server could not carry it out."""
 

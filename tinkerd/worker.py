@@ -1,9 +1,11 @@
 """The worker: owns a backend (its base models, adapters and optimizers) and applies each model's
 requests in order.
 
-Each cycle takes the ready work of every model from the scheduler; within a model, consecutive
-forward/backward requests go to the backend together (the chunks of one batch, or passes queued
-ahead of an optim_step barrier), so a backend may fuse them.
+Each cycle takes from the scheduler one training step of each model whose turn it is (highest
+priority first, see `tasks.Scheduler.take_ready`), then samples everything waiting in one pass,
+highest priority first; within a model, consecutive forward/backward requests go to the backend
+together (the chunks of one batch, or passes queued ahead of an optim_step barrier), so a backend
+may fuse them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tinkerd.metrics import LocalMonitor, MonitorStore, series
-from tinkerd.tasks import Result, Scheduler, Task
+from tinkerd.tasks import Result, Scheduler, Task, by_priority
 from tinkerd.types import (
     Backend,
     CreateModel,
@@ -114,8 +116,8 @@ class Worker:
         return failed
 
     def run_cycle(self, timeout: float) -> int:
-        """Run every model's ready work once, then all waiting samples together; returns how
-        many tasks ran."""
+        """Run a step of each model whose turn it is, in turn, then all waiting samples
+        together; returns how many tasks ran."""
         batches = self.scheduler.take_ready(timeout)
         samples = [t for tasks in batches for t in tasks if isinstance(t.payload, Sample)]
         for tasks in batches:
@@ -123,7 +125,7 @@ class Worker:
         ran = sum(len(tasks) for tasks in batches)
         if samples:
             more = self._gather_samples()
-            self._sample(samples + more)
+            self._sample(by_priority(samples + more))
             ran += len(more)
         return ran
 
@@ -235,7 +237,7 @@ class Worker:
             error = _as_error(e)
             result = error_result(error)
             self._failed(task, error.message, error.category)
-        self.scheduler.settle(task.request_id, result)
+        self.scheduler.settle(task.request_id, result, task.tenant)
         self.monitor.add({series("tinkerd_tasks_total", worker=self.name, type=_kind(task)): 1})
 
     # -- monitoring: counters and the run's events, as results settle ---------------------------

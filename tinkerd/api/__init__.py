@@ -5,22 +5,133 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
-from flask import Response, current_app, jsonify, request
+from flask import Response, current_app, g, jsonify, request
 
 from tinkerd.base_models import BaseModelSource
 from tinkerd.config import InputLimits
-from tinkerd.registry import ModelRecord, Session
-from tinkerd.types import AdamParams, CreateModel, LoraConfig, Payload, Rejected, UserError
+from tinkerd.keys import ApiKey
+from tinkerd.registry import ModelRecord, Registry, Session
+from tinkerd.tasks import Result
+from tinkerd.types import (
+    AdamParams,
+    CreateModel,
+    LoraConfig,
+    NotFound,
+    Payload,
+    Rejected,
+    TooManyRequests,
+    UserError,
+)
 
 MAX_LORA_RANK = 1024
+# A session silent this long no longer counts its models against its key's `max_models`.
+SESSION_IDLE_SECONDS = 600.0
+# What a 429 asks the client to wait: a queued request finishes in about a step; a model slot
+# frees only when the user deletes a model or ends a session.
+QUEUE_RETRY_SECONDS = 1.0
+MODELS_RETRY_SECONDS = 30.0
 
 
 def service():
     """The app's Service (settings, scheduler, registry)."""
     return current_app.extensions["tinkerd"]
+
+
+def caller() -> ApiKey:
+    """The API key of this request (`keys.OPEN` on a server without keys), set by the app's
+    authentication before any view runs."""
+    return g.api_key
+
+
+def registry() -> Registry:
+    """The registry as this request's key sees it: another key's records are NotFound."""
+    key = caller()
+    return service().registry.seen_by(key.name, key.admin)
+
+
+def _queue_room() -> dict[str, Any]:
+    """The scheduling of this key's next request, once its `max_queued` allows one more."""
+    key = caller()
+    if key.max_queued is not None:
+        queued = service().scheduler.pending(key.name)
+        if queued >= key.max_queued:
+            raise TooManyRequests(
+                f"key {key.name!r} has {queued} requests queued or running, its limit "
+                f"(max_queued {key.max_queued}); send this one again when some finish",
+                QUEUE_RETRY_SECONDS,
+            )
+    return {"tenant": key.name, "priority": key.priority}
+
+
+def _tag(owner: str) -> str:
+    return hashlib.sha256(owner.encode()).hexdigest()[:12] if owner else ""
+
+
+def _public_id(request_id: str) -> str:
+    """The id a client gets for its request: the queue's, marked with its key, so that
+    another key asking for it is told it does not exist."""
+    tag = _tag(caller().name)
+    return f"{tag}.{request_id}" if tag else request_id
+
+
+def wait(public_id: str, timeout: float) -> Result | None:
+    """The result of one of this key's requests (None while pending); NotFound for another
+    key's, as for an unknown id."""
+    tag, _, request_id = public_id.rpartition(".")
+    key = caller()
+    if tag != _tag(key.name) and not key.admin:
+        raise NotFound(f"unknown request_id {public_id!r} (it may have expired)")
+    return service().scheduler.wait(request_id, timeout)
+
+
+def submit(model_id: str, seq_id: int, payload: Payload, content: str) -> str:
+    """Queue a model's request as (model_id, seq_id), as this request's key."""
+    scheduler = service().scheduler
+    return _public_id(scheduler.submit(model_id, seq_id, payload, content, **_queue_room()))
+
+
+def submit_next(model_id: str, payload: Payload) -> str:
+    """Queue a model's request as its next one, the server choosing the seq_id."""
+    return _public_id(service().scheduler.submit_next(model_id, payload, **_queue_room()))
+
+
+def submit_unordered(key: str, seq_id: int, payload: Payload, content: str) -> str:
+    """Queue a request outside any model's order (sampling). Retries are told apart by
+    (key, seq_id) within this API key's own namespace: two keys sampling one base model with the
+    same seq_id are different requests."""
+    scheduler = service().scheduler
+    tag = _tag(caller().name)
+    key = f"{tag}/{key}" if tag else key
+    return _public_id(scheduler.submit_unordered(key, seq_id, payload, content, **_queue_room()))
+
+
+def check_model_room() -> None:
+    """429 when this key holds `max_models` live models: those of its simple-API adapters and
+    of its sessions that are neither finished nor idle."""
+    key = caller()
+    if key.max_models is None:
+        return
+    reg = service().registry.seen_by(key.name)
+    now = time.time()
+
+    def live(model: ModelRecord) -> bool:
+        try:
+            session = reg.session(model.session_id)
+        except UserError:  # the simple JSON API's adapters have no SDK session
+            return True
+        return not session.finished and now - session.last_heartbeat < SESSION_IDLE_SECONDS
+
+    held = sum(live(m) for m in reg.models())
+    if held >= key.max_models:
+        raise TooManyRequests(
+            f"key {key.name!r} holds {held} live models, its limit (max_models "
+            f"{key.max_models}); delete one or end a session first",
+            MODELS_RETRY_SECONDS,
+        )
 
 
 def limits() -> InputLimits:
@@ -119,17 +230,16 @@ def submit_ordered(
     """Queue build() as (model_id, seq_id) and answer its future. A request that fails validation
     still takes its seq_id (as a Rejected task), so the model's later requests are not left
     waiting for it."""
-    svc = service()
-    svc.registry.touch_model(model_id)
+    registry().touch_model(model_id)
     try:
         payload = build()
     except UserError as e:
         try:
-            svc.scheduler.submit(model_id, seq_id, Rejected(e.to_json()), content)
+            submit(model_id, seq_id, Rejected(e.to_json()), content)
         except UserError:
-            pass  # a seq_id from the past or a clash: nothing to hold open
+            pass  # a seq_id from the past or a clash (or the key's limit): nothing to hold open
         raise
-    request_id = svc.scheduler.submit(model_id, seq_id, payload, content)
+    request_id = submit(model_id, seq_id, payload, content)
     return jsonify({"request_id": request_id, "model_id": model_id})
 
 
@@ -151,6 +261,8 @@ def start_model(
     as the model's seq 0; a retry answers the first request's future."""
     svc = service()
     model_id = f"{session.session_id}:train:{model_seq_id}"
+    if not svc.registry.exists("model", model_id):  # a retried create is let through
+        check_model_room()
     record = ModelRecord(
         model_id,
         session.session_id,
@@ -159,8 +271,8 @@ def start_model(
         create.lora,
         body.get("user_metadata") or {},
     )
-    if svc.registry.add_model(record).lora != create.lora:
+    if registry().add_model(record).lora != create.lora:
         raise UserError(f"model_seq_id {model_seq_id} of this session is already a different model")
     svc.scheduler.open_model(model_id)
-    request_id = svc.scheduler.submit(model_id, 0, create, fingerprint(body))
+    request_id = submit(model_id, 0, create, fingerprint(body))
     return jsonify({"request_id": request_id, "model_id": model_id})

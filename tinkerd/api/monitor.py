@@ -15,7 +15,7 @@ from typing import Any
 
 from flask import Blueprint, Response, g, jsonify, request
 
-from tinkerd.api import service
+from tinkerd.api import caller, registry, service
 from tinkerd.metrics import host_stats, observation, render, series
 from tinkerd.types import UserError
 
@@ -143,17 +143,21 @@ def system_status():
     """Workers with their devices, memory (and GPU utilisation where NVML is present), models
     and queue; this API host's CPUs, load and RAM; the total queue depth; lost models."""
     svc = service()
+    mine = None if caller().admin else {r.model_id for r in registry().runs()}
     workers = []
     for name, info in sorted(svc.monitor.workers().items()):
-        workers.append({**info, "name": name, "models_held": len(info.get("models", ()))})
-    lost = svc.monitor.lost_models()
+        held = info.get("models", [])
+        if mine is not None:  # load is everyone's to see; model ids only the owner's
+            info = {**info, "models": [m for m in held if m in mine]}
+        workers.append({**info, "name": name, "models_held": len(held)})
+    lost = {k: v for k, v in svc.monitor.lost_models().items() if mine is None or k in mine}
     return jsonify(
         {
             "mode": svc.monitor.mode,
             "workers": workers,
             "queue_depth": svc.scheduler.queue_depth(),
             "host": host_stats(),
-            "models": len(svc.registry.models()),
+            "models": len(registry().models()),
             "lost_models": [{"model_id": k, "reason": v} for k, v in sorted(lost.items())],
         }
     )
@@ -166,7 +170,7 @@ def _events(run_id: str) -> tuple[list[dict[str, Any]], int, int, int]:
     """The run's events after `since` (a Unix time) and of `type` (comma-separated), a page
     (`limit`, `offset`) of them; 404 for an unknown run."""
     svc = service()
-    svc.registry.run(run_id)
+    registry().run(run_id)
     events = svc.monitor.events(run_id)
     args = request.args
     try:

@@ -22,7 +22,17 @@ from typing import Any
 import numpy as np
 from flask import Blueprint, Response, jsonify, stream_with_context
 
-from tinkerd.api import get_bool, get_float, get_int, json_body, limits, service
+from tinkerd import api
+from tinkerd.api import (
+    get_bool,
+    get_float,
+    get_int,
+    json_body,
+    limits,
+    registry,
+    service,
+    submit_unordered,
+)
 from tinkerd.api.weights import checkpoint_meta
 from tinkerd.base_models import TINY_MODEL, resolve_base_model
 from tinkerd.text import TextCodec, text_codec, validate_messages
@@ -220,16 +230,15 @@ def submit(target: Target, prompt: list[int], params: SamplingParams, n: int) ->
     """Queue one prompt's n samples as asample does. OpenAI requests are never retried by seq_id,
     so each takes a random one under its own key (never clashing with an SDK client's)."""
     sample = Sample(target.weights, np.asarray(prompt, dtype=np.int64), n, params)
-    return service().scheduler.submit_unordered(
+    return submit_unordered(
         f"openai:{target.weights.key}", secrets.randbits(62), sample, uuid.uuid4().hex
     )
 
 
-def wait(request_id: str) -> SampleResult | None:
+def sampled(request_id: str) -> SampleResult | None:
     """The request's SampleResult, None if it is still running after a long-poll interval;
     raises the error the worker settled it with."""
-    svc = service()
-    result = svc.scheduler.wait(request_id, svc.settings.long_poll_seconds)
+    result = api.wait(request_id, service().settings.long_poll_seconds)
     if result is None:
         return None
     if result.content_type == "application/x-protobuf":
@@ -312,9 +321,9 @@ def list_models():
     checkpoints (each with its base model as `parent`)."""
     svc = service()
     cards = {TINY_MODEL: _card(TINY_MODEL, 0)}
-    for model in sorted(svc.registry.models(), key=lambda m: m.created_at):
+    for model in sorted(registry().models(), key=lambda m: m.created_at):
         cards.setdefault(model.base_model, _card(model.base_model, model.created_at))
-    for run in svc.registry.runs():
+    for run in registry().runs():
         for meta in svc.store.list(run.model_id):
             if meta.kind == "sampler_weights":
                 cards[meta.tinker_path] = _card(meta.tinker_path, meta.created_at, meta.base_model)
@@ -486,7 +495,7 @@ class Reply:
         return Response(events, mimetype="text/event-stream", headers=headers)
 
     def choices(self, request_id: str) -> list[Choice]:
-        while (result := wait(request_id)) is None:
+        while (result := sampled(request_id)) is None:
             pass
         return choices(self.target.codec, result, self.params.stop_strings)
 
@@ -541,7 +550,7 @@ class Reply:
                 for i in range(len(request_ids) * self.n):
                     yield _event(self._frame(kind, [self._delta(i, first)]))
             for k, request_id in enumerate(request_ids):
-                while (result := wait(request_id)) is None:
+                while (result := sampled(request_id)) is None:
                     yield ": generating\n\n"
                 for j, choice in enumerate(
                     choices(self.target.codec, result, self.params.stop_strings)

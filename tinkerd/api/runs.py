@@ -10,7 +10,15 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
-from tinkerd.api import get_bool, get_optional_float, get_str, json_body, service
+from tinkerd.api import (
+    get_bool,
+    get_optional_float,
+    get_str,
+    json_body,
+    registry,
+    service,
+    submit_next,
+)
 from tinkerd.api.weights import checkpoint_meta
 from tinkerd.registry import ModelRecord
 from tinkerd.storage import KINDS, CheckpointPath, check_name, iso_time
@@ -57,7 +65,7 @@ def _page(default_limit: int = 20) -> tuple[int, int]:
 @bp.get("/training_runs")
 def list_training_runs():
     limit, offset = _page()
-    runs = service().registry.runs()
+    runs = registry().runs()
     page = runs[offset : offset + limit]
     return jsonify(
         {
@@ -69,18 +77,19 @@ def list_training_runs():
 
 @bp.get("/training_runs/<run_id>")
 def get_training_run(run_id: str):
-    return jsonify(_run(service().registry.run(run_id)))
+    return jsonify(_run(registry().run(run_id)))
 
 
 @bp.get("/training_runs/<run_id>/checkpoints")
 def list_checkpoints(run_id: str):
-    service().registry.run(run_id)
+    registry().run(run_id)
     return jsonify({"checkpoints": [m.to_api() for m in service().store.list(run_id)]})
 
 
 @bp.delete("/training_runs/<run_id>/checkpoints/<kind>/<name>")
 def delete_checkpoint(run_id: str, kind: str, name: str):
     path = CheckpointPath.parse(f"tinker://{run_id}/{kind}/{name}")
+    registry().run(run_id)  # this key's
     service().store.delete(path)
     return jsonify({})
 
@@ -90,7 +99,7 @@ def list_all_checkpoints():
     """All runs' checkpoints, newest first, a page at a time (list_user_checkpoints)."""
     limit, offset = _page(default_limit=100)
     store = service().store
-    metas = [m for r in service().registry.runs() for m in store.list(r.model_id)]
+    metas = [m for r in registry().runs() for m in store.list(r.model_id)]
     metas.sort(key=lambda m: m.created_at, reverse=True)
     return jsonify(
         {
@@ -124,11 +133,10 @@ def save_training_run(run_id: str):
     An SDK TrainingClient that is still driving the run numbers its own requests, so saving its
     run from elsewhere takes a seq_id that client will then also send."""
     body = json_body()
-    svc = service()
     try:
-        svc.registry.touch_model(run_id)
+        registry().touch_model(run_id)
     except NotFound:
-        svc.registry.run(run_id)  # 404 for a run this server never had
+        registry().run(run_id)  # 404 for a run this server never had
         raise UserError(
             f"training run {run_id} is not loaded in this server (it ran before a restart); "
             "resume it with create_training_client_from_state from its last checkpoint"
@@ -147,7 +155,7 @@ def save_training_run(run_id: str):
         overwrite=get_bool(body, "overwrite", False),
         user_metadata=metadata,
     )
-    request_id = svc.scheduler.submit_next(run_id, save)
+    request_id = submit_next(run_id, save)
     return jsonify({"request_id": request_id, "model_id": run_id, "path": str(path)})
 
 

@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify
 
-from tinkerd.api import fingerprint, get_int, get_str, json_body, limits, service
+from tinkerd.api import (
+    fingerprint,
+    get_int,
+    get_str,
+    json_body,
+    limits,
+    registry,
+    service,
+    submit_unordered,
+)
 from tinkerd.api.weights import checkpoint_meta
 from tinkerd.base_models import resolve_base_model
 from tinkerd.registry import SamplerRecord
@@ -30,11 +39,10 @@ UNSUPPORTED = (
 @bp.post("/create_sampling_session")
 def create_sampling_session():
     body = json_body()
-    svc = service()
-    session = svc.registry.session(get_str(body, "session_id"))
+    session = registry().session(get_str(body, "session_id"))
     sampler_id = f"{session.session_id}:sample:{get_int(body, 'sampling_session_seq_id')}"
     weights = _weights(body.get("base_model"), body.get("model_path"))
-    svc.registry.add_sampler(SamplerRecord(sampler_id, session.session_id, weights))
+    registry().add_sampler(SamplerRecord(sampler_id, session.session_id, weights))
     return jsonify({"sampling_session_id": sampler_id})
 
 
@@ -54,19 +62,18 @@ def _weights(base_model: object, model_path: object) -> SamplerWeights:
 
 @bp.get("/samplers/<sampler_id>")
 def get_sampler(sampler_id: str):
-    return jsonify(service().registry.sampler(sampler_id).info())
+    return jsonify(registry().sampler(sampler_id).info())
 
 
 @bp.post("/asample")
 def asample():
     body = json_body()
-    svc = service()
     for option in UNSUPPORTED:
         if body.get(option) not in (None, 0, False):
             raise UserError(f"{option} is not supported by this server")
     if body.get("sampling_session_id") is not None:
         key = get_str(body, "sampling_session_id")
-        weights = svc.registry.sampler(key).weights
+        weights = registry().sampler(key).weights
         if weights.model_path is not None:  # deleted or expired since the session began: 404
             checkpoint_meta(weights.model_path)
     else:  # a one-off request naming its weights directly
@@ -74,6 +81,6 @@ def asample():
         key = weights.key
     sample = parse_sample(body, weights, limits())
     seq_id = get_int(body, "seq_id", 0)
-    request_id = svc.scheduler.submit_unordered(key, seq_id, sample, fingerprint(body))
+    request_id = submit_unordered(key, seq_id, sample, fingerprint(body))
     sequence_ids = [f"{request_id}:{i}" for i in range(sample.num_samples)]
     return jsonify({"request_id": request_id, "sample_sequence_ids": sequence_ids})

@@ -25,14 +25,19 @@ from flask import Blueprint, jsonify
 
 from tinkerd.api import (
     adam_params,
+    check_model_room,
     get_bool,
     get_int,
     get_str,
     json_body,
     limits,
     lora_config,
+    registry,
     service,
+    submit_next,
+    submit_unordered,
     tinker,
+    wait,
 )
 from tinkerd.base_models import resolve_base_model
 from tinkerd.loss_functions import Loss, get_loss
@@ -97,10 +102,10 @@ def _name(value: Any) -> str:
 
 
 def _find(name: str) -> Adapter | None:
-    registry = service().registry
+    seen = registry()
     try:
-        entry = registry.named(name)
-        return Adapter(entry, registry.model(entry.model_id))
+        entry = seen.named(name)
+        return Adapter(entry, seen.model(entry.model_id))
     except NotFound:
         return None
 
@@ -115,14 +120,15 @@ def _adapter(name: str) -> Adapter:
 def _create(name: str, base_model: str, lora: LoraConfig) -> Adapter:
     """Register a new model, queue its creation, then give it `name`. If another request gave
     the name to a model of its own meanwhile, that one is the adapter and ours is removed."""
+    check_model_room()
     svc = service()
     source = resolve_base_model(base_model, svc.settings.data_dir)
     model_id = f"{SESSION}:{name}:{uuid.uuid4().hex[:8]}"
     record = ModelRecord(model_id, SESSION, source.name, source.tokenizer_id, lora, {"name": name})
-    svc.registry.add_model(record)
+    registry().add_model(record)
     svc.scheduler.open_model(model_id)
-    request_id = svc.scheduler.submit_next(model_id, CreateModel(source.name, lora))
-    entry = svc.registry.add_name(ModelName(name, model_id, request_id))
+    request_id = submit_next(model_id, CreateModel(source.name, lora))
+    entry = registry().add_name(ModelName(name, model_id, request_id))
     if entry.model_id != model_id:
         _remove(model_id)
         return _adapter(name)
@@ -132,10 +138,9 @@ def _create(name: str, base_model: str, lora: LoraConfig) -> Adapter:
 def _remove(model_id: str) -> str | None:
     """Forget the model here and queue its RemoveModel after its queued work; the request id
     (None if the queue no longer knows the model)."""
-    svc = service()
-    svc.registry.remove_model(model_id)
+    registry().remove_model(model_id)
     try:
-        return svc.scheduler.submit_next(model_id, RemoveModel())
+        return submit_next(model_id, RemoveModel())
     except NotFound:
         return None
 
@@ -144,11 +149,10 @@ def _creation(adapter: Adapter) -> dict[str, Any] | None:
     """What the worker answered to the adapter's creation ({trainable_params} or {error}), kept
     once read; None while it is pending. Read at each request of the adapter, so its result
     hardly ever expires unread ({} then: created, size unknown)."""
-    svc = service()
-    created = svc.registry.created(adapter.model_id)
+    created = registry().created(adapter.model_id)
     if created is None:
         try:
-            result = svc.scheduler.wait(adapter.entry.create_request_id, 0)
+            result = wait(adapter.entry.create_request_id, 0)
         except NotFound:
             return {}
         if result is None:
@@ -159,7 +163,7 @@ def _creation(adapter: Adapter) -> dict[str, Any] | None:
             if "error" in body
             else {"trainable_params": body.get("trainable_params")}
         )
-        svc.registry.set_created(adapter.model_id, created)
+        registry().set_created(adapter.model_id, created)
     return created
 
 
@@ -192,7 +196,7 @@ def _describe(adapter: Adapter) -> dict[str, Any]:
 
 @bp.get("/adapters")
 def list_adapters():
-    adapters = [a for e in service().registry.names() if (a := _find(e.name)) is not None]
+    adapters = [a for e in registry().names() if (a := _find(e.name)) is not None]
     adapters.sort(key=lambda a: a.record.created_at)
     return jsonify({"adapters": [_describe(a) for a in adapters]})
 
@@ -217,9 +221,9 @@ def add_lora():
             )
         return jsonify({**_describe(existing), "created": False})
     adapter = _create(name, source.name, lora)
-    result = svc.scheduler.wait(adapter.entry.create_request_id, svc.settings.long_poll_seconds)
+    result = wait(adapter.entry.create_request_id, svc.settings.long_poll_seconds)
     if result is not None and "error" in (error := json.loads(result.body)):
-        svc.registry.remove_name(name)
+        registry().remove_name(name)
         _remove(adapter.model_id)
         raise TinkerdError.from_json(error)
     return jsonify({**_describe(adapter), "created": True})
@@ -230,11 +234,11 @@ def _delete(name: str):
     after its queued work; `freed` tells whether that happened within a long-poll."""
     svc = service()
     adapter = _adapter(name)
-    svc.registry.remove_name(name)
+    registry().remove_name(name)
     request_id = _remove(adapter.model_id)
     freed = request_id is None
     if request_id is not None:
-        freed = svc.scheduler.wait(request_id, svc.settings.long_poll_seconds) is not None
+        freed = wait(request_id, svc.settings.long_poll_seconds) is not None
     return jsonify({"model_id": name, "removed": True, "freed": freed})
 
 
@@ -274,8 +278,8 @@ def fwdbwd():
         adapter = _create(name, base, lora_config({}))
     else:
         _creation(adapter)
-    request_id = svc.scheduler.submit_next(adapter.model_id, request)
-    svc.registry.touch_model(adapter.model_id)
+    request_id = submit_next(adapter.model_id, request)
+    registry().touch_model(adapter.model_id)
     return jsonify({"request_id": request_id, "model_id": name})
 
 
@@ -354,9 +358,8 @@ def optim_step():
     if body.get("learning_rate") is not None and isinstance(raw, dict):
         raw = {**raw, "learning_rate": body["learning_rate"]}
     step = OptimStep(adam_params(raw))
-    svc = service()
-    request_id = svc.scheduler.submit_next(adapter.model_id, step)
-    svc.registry.touch_model(adapter.model_id)
+    request_id = submit_next(adapter.model_id, step)
+    registry().touch_model(adapter.model_id)
     return jsonify({"request_id": request_id, "model_id": adapter.entry.name})
 
 
@@ -367,7 +370,7 @@ def retrieve_future():
     {error, category} with a 4xx (user) or 500 (server) status."""
     svc = service()
     request_id = get_str(json_body(), "request_id")
-    result = svc.scheduler.wait(request_id, svc.settings.long_poll_seconds)
+    result = wait(request_id, svc.settings.long_poll_seconds)
     if result is None:
         return jsonify({"type": "try_again", "request_id": request_id, "queue_state": "active"})
     if result.content_type == "application/x-protobuf":
@@ -448,11 +451,11 @@ def sample():
     if adapter is not None:  # a snapshot of its weights, taken in its order
         snapshot = f"{adapter.model_id}:sample:latest"
         save = SaveWeights(path=None, kind="sampler_weights", snapshot_id=snapshot)
-        _settled(svc.scheduler.submit_next(adapter.model_id, save), deadline)
-        svc.registry.touch_model(adapter.model_id)
+        _settled(submit_next(adapter.model_id, save), deadline)
+        registry().touch_model(adapter.model_id)
         weights = SamplerWeights(base, snapshot_id=snapshot)
     request = Sample(weights, np.asarray(prompt, np.int64), num_samples, params)
-    request_id = svc.scheduler.submit_unordered(
+    request_id = submit_unordered(
         f"{SESSION}:{weights.key}", secrets.randbits(52), request, uuid.uuid4().hex
     )
     sequences = decode_sample_response(_settled(request_id, deadline).body).sequences
@@ -499,7 +502,7 @@ def _prompt(body: dict[str, Any], codec: TextCodec) -> list[int]:
 
 def _settled(request_id: str, deadline: float) -> Result:
     """The request's result by `deadline`; raises the error it failed with."""
-    result = service().scheduler.wait(request_id, max(0.0, deadline - time.monotonic()))
+    result = wait(request_id, max(0.0, deadline - time.monotonic()))
     if result is None:
         raise ServerError(f"the request did not finish within {SAMPLE_TIMEOUT:.0f} s", 504)
     if result.content_type == "application/json":

@@ -18,9 +18,11 @@ from tinkerd.api import (
     json_body,
     limits,
     lora_config,
+    registry,
     service,
     start_model,
     submit_ordered,
+    wait,
 )
 from tinkerd.base_models import TINY_MODEL, resolve_base_model
 from tinkerd.types import AdamParams, CreateModel, OptimStep, UserError
@@ -54,13 +56,13 @@ def create_session():
     metadata = body.get("user_metadata") or {}
     if not isinstance(tags, list) or not isinstance(metadata, dict):
         raise UserError("tags must be a list and user_metadata an object")
-    session = service().registry.create_session([str(t) for t in tags], metadata)
+    session = registry().create_session([str(t) for t in tags], metadata)
     return jsonify({"session_id": session.session_id})
 
 
 @bp.post("/session_heartbeat")
 def session_heartbeat():
-    session = service().registry.heartbeat(get_str(json_body(), "session_id"))
+    session = registry().heartbeat(get_str(json_body(), "session_id"))
     if session.finished:  # 410 tells the SDK to stop heartbeating
         return jsonify({"error": "session is finished", "category": "user"}), 410
     return jsonify({})
@@ -70,7 +72,7 @@ def session_heartbeat():
 def finish_session(session_id: str):
     reason = json_body().get("reason") or {}
     finished = reason.get("type", "success") if isinstance(reason, dict) else "success"
-    service().registry.finish_session(session_id, str(finished))
+    registry().finish_session(session_id, str(finished))
     return jsonify({})
 
 
@@ -83,7 +85,7 @@ def telemetry():
 def server_capabilities():
     svc = service()
     names = [TINY_MODEL] + sorted(
-        {svc.settings.base_model, *(m.base_model for m in svc.registry.models())} - {TINY_MODEL}
+        {svc.settings.base_model, *(m.base_model for m in registry().models())} - {TINY_MODEL}
     )
     return jsonify(
         {
@@ -101,7 +103,7 @@ def server_capabilities():
 def create_model():
     body = json_body()
     svc = service()
-    session = svc.registry.session(get_str(body, "session_id"))
+    session = registry().session(get_str(body, "session_id"))
     if session.finished:
         raise UserError(f"session {session.session_id} is finished; create a new ServiceClient")
     model_seq_id = get_int(body, "model_seq_id")
@@ -115,7 +117,7 @@ def create_model():
 
 @bp.post("/get_info")
 def get_info():
-    return jsonify(service().registry.model(get_str(json_body(), "model_id")).info())
+    return jsonify(registry().model(get_str(json_body(), "model_id")).info())
 
 
 @bp.post("/forward_backward")
@@ -154,7 +156,7 @@ def _adam_params(body: dict[str, Any]) -> AdamParams:
 def retrieve_future():
     svc = service()
     request_id = get_str(json_body(), "request_id")
-    result = svc.scheduler.wait(request_id, svc.settings.long_poll_seconds)
+    result = wait(request_id, svc.settings.long_poll_seconds)
     if result is None:
         return jsonify({"type": "try_again", "request_id": request_id, "queue_state": "active"})
     return Response(result.body, content_type=result.content_type)

@@ -17,6 +17,7 @@ from tinkerd.api import (
     get_optional_float,
     get_str,
     json_body,
+    registry,
     service,
     start_model,
     submit_ordered,
@@ -28,6 +29,7 @@ from tinkerd.types import (
     CreateModel,
     LoadWeights,
     LoraConfig,
+    NotFound,
     SamplerWeights,
     SaveWeights,
     UserError,
@@ -60,22 +62,26 @@ def save_weights():
 @bp.post("/save_weights_for_sampler")
 def save_weights_for_sampler():
     body = json_body()
-    svc = service()
     model_id, seq_id = get_str(body, "model_id"), get_int(body, "seq_id")
     if body.get("path") is not None:
         build = lambda: _save(body, "sampler_weights")  # noqa: E731
     else:  # unnamed: the server creates the sampling session, on an in-memory snapshot
-        model = svc.registry.model(model_id)
+        model = registry().model(model_id)
         sampler_id = f"{model.session_id}:sample:{get_int(body, 'sampling_session_seq_id')}"
         weights = SamplerWeights(model.base_model, snapshot_id=sampler_id)
-        svc.registry.add_sampler(SamplerRecord(sampler_id, model.session_id, weights))
+        registry().add_sampler(SamplerRecord(sampler_id, model.session_id, weights))
         build = lambda: SaveWeights(path=None, kind="sampler_weights", snapshot_id=sampler_id)  # noqa: E731
     return submit_ordered(model_id, seq_id, fingerprint(body), build)
 
 
 def checkpoint_meta(path: object) -> tuple[CheckpointPath, CheckpointMeta]:
-    """A checkpoint that exists: its parsed path and metadata (NotFound otherwise)."""
+    """A checkpoint of this key's that exists: its parsed path and metadata (NotFound
+    otherwise, another key's included)."""
     parsed = CheckpointPath.parse(path)
+    try:
+        registry().run(parsed.model_id)
+    except NotFound:  # no such run, or another key's: the same answer
+        raise NotFound(f"checkpoint {parsed} not found") from None
     return parsed, service().store.meta(parsed)
 
 
@@ -84,7 +90,7 @@ def load_weights():
     body = json_body()
     if "model_id" in body:  # load_state*: into a live model, in its order
         model_id, seq_id = get_str(body, "model_id"), get_int(body, "seq_id")
-        model = service().registry.model(model_id)
+        model = registry().model(model_id)
         build = lambda: _load(body, model)  # noqa: E731
         return submit_ordered(model_id, seq_id, fingerprint(body), build)
     return _create_from_checkpoint(body)
@@ -112,7 +118,7 @@ def _create_from_checkpoint(body: dict[str, Any]) -> Any:
     """create_training_client_from_state*: a new model whose LoRA config comes from the
     checkpoint, created as `{session}:train:{model_seq_id}`, as the SDK computes it."""
     svc = service()
-    session = svc.registry.session(get_str(body, "session_id"))
+    session = registry().session(get_str(body, "session_id"))
     model_seq_id = get_int(body, "model_seq_id")
     path, meta = checkpoint_meta(body.get("path"))
     if body.get("base_model") is not None:

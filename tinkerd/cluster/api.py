@@ -45,8 +45,10 @@ def create_cluster_app(settings: Settings) -> Flask:
     scheduler = RedisScheduler(client, make_celery(settings.redis_url), futures)
     store = CheckpointStore(settings.data_dir / "runs", shared=True)
     registry = Registry(store, RedisRecords(client))
-    app = create_app(settings, scheduler, registry, store, RedisMonitor(client))
-    app.extensions["tinkerd_reaper"] = Reaper(client, futures, settings.heartbeat_seconds).start()
+    monitor = RedisMonitor(client)
+    app = create_app(settings, scheduler, registry, store, monitor)
+    reaper = Reaper(client, futures, settings.heartbeat_seconds, monitor)
+    app.extensions["tinkerd_reaper"] = reaper.start()
     interval = settings.checkpoint_sweep_seconds
 
     def my_turn_to_sweep() -> bool:  # one API process per round
@@ -92,7 +94,7 @@ def serve(settings: Settings) -> None:
         def load_config(self) -> None:
             self.cfg.set("bind", f"{settings.host}:{settings.port}")
             self.cfg.set("workers", settings.api_workers)
-            self.cfg.set("worker_class", "gevent")
+            self.cfg.set("worker_class", "tinkerd.cluster.http_worker.JsonErrorWorker")
             self.cfg.set("worker_connections", settings.connection_limit)
             self.cfg.set("timeout", 120)  # a worker silent this long is restarted
             self.cfg.set("graceful_timeout", 30)

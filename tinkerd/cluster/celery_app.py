@@ -1,6 +1,7 @@
 """The Celery app: Redis as broker, one queue per worker, one task that hands work to the worker.
 
-The task is plain data: a payload dataclass as JSON (`codec`).
+The task is plain data: the request's kind, id, key and seq_id, its payload dataclass as JSON
+(`codec`), and its tenant and priority (absent from messages of an older API: "" and 0).
 Its handler only queues the work on the worker's local `tasks.Scheduler`, which orders each
 model's requests by seq_id whatever order Celery delivers them in; results do not go through
 Celery but straight to Redis (`state.RedisFutures`), where any API process finds them.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import Any
 
 import redis
 from celery import Celery
@@ -41,18 +43,39 @@ def make_celery(redis_url: str) -> Celery:
     return app
 
 
+def task_args(kind: str, task: Task) -> list[Any]:
+    """The Celery task's arguments for `task` ("ordered" or "unordered")."""
+    payload = codec.encode(task.payload)
+    return [kind, task.request_id, task.model_id, task.seq_id, payload, task.tenant, task.priority]
+
+
 def bind_scheduler(app: Celery, scheduler: Scheduler) -> None:
     """Register the task on a worker: each delivery is queued on `scheduler`."""
 
     @app.task(name=RUN_TASK)
-    def run(kind: str, request_id: str, key: str, seq_id: int, payload: dict) -> None:
-        queue_task(scheduler, kind, request_id, key, seq_id, payload)
+    def run(
+        kind: str,
+        request_id: str,
+        key: str,
+        seq_id: int,
+        payload: dict,
+        tenant: str = "",
+        priority: int = 0,
+    ) -> None:
+        queue_task(scheduler, kind, request_id, key, seq_id, payload, tenant, priority)
 
 
 def queue_task(
-    scheduler: Scheduler, kind: str, request_id: str, key: str, seq_id: int, payload: dict
+    scheduler: Scheduler,
+    kind: str,
+    request_id: str,
+    key: str,
+    seq_id: int,
+    payload: dict,
+    tenant: str = "",
+    priority: int = 0,
 ) -> None:
-    task = Task(request_id, key, seq_id, codec.decode(payload))
+    task = Task(request_id, key, seq_id, codec.decode(payload), tenant, int(priority))
     if kind == "ordered":
         scheduler.enqueue(task)
     else:

@@ -5,6 +5,8 @@ keeps in memory lives in Redis and changes only inside Lua scripts (atomic acros
 a retried (model_id, seq_id) returns the first request's id, a clash is refused, and each new
 request is recorded as in flight at its worker in the same step. The request then goes by Celery
 to the queue of the one worker that owns the model; the worker orders what arrives by seq_id.
+The same step counts the request as pending for its tenant (a sorted set by submit time), and
+settling it uncounts it, so every API process sees each key's queue.
 """
 
 from __future__ import annotations
@@ -20,8 +22,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from tinkerd.cluster import codec
-from tinkerd.cluster.celery_app import RUN_TASK, worker_queue
+from tinkerd.cluster.celery_app import RUN_TASK, task_args, worker_queue
 from tinkerd.cluster.state import (
     LOST,
     PLACEMENT,
@@ -30,11 +31,14 @@ from tinkerd.cluster.state import (
     WORKERS,
     RedisFutures,
     as_text,
+    forget_pending,
     inflight_key,
     live_workers,
+    pending_key,
     request_key,
 )
-from tinkerd.tasks import MAX_SEQ_AHEAD, RETRY_WINDOW, Result
+from tinkerd.metrics import MonitorStore
+from tinkerd.tasks import MAX_SEQ_AHEAD, RETRY_WINDOW, Result, Task
 from tinkerd.types import (
     NotFound,
     Payload,
@@ -61,10 +65,24 @@ if v then
 end
 """
 
-# KEYS: seen hash, next key, request key, inflight set of the worker, workers set
-# ARGV: seq_id, fingerprint, new request id, worker, retry window, max ahead, request ttl
+# Counts a new request as pending for its tenant, and drops entries older than the horizon (a
+# request whose settle never came: the count cannot leak). KEY: the tenant's pending set;
+# ARGS: request id, now ('' for no tenant: nothing to count), horizon, ttl of the set.
+COUNT_PENDING = """
+local function count_pending(key, rid, now, horizon, ttl)
+  if now == '' then return end
+  redis.call('ZADD', key, now, rid)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', horizon)
+  redis.call('EXPIRE', key, ttl)
+end
+"""
+
+# KEYS: seen hash, next key, request key, inflight set of the worker, workers set, pending set
+# ARGV: seq_id, fingerprint, new request id, worker, retry window, max ahead, request ttl, now,
+# pending horizon, future ttl
 SUBMIT_ORDERED = (
-    SEEN
+    COUNT_PENDING
+    + SEEN
     + """
 local seq = tonumber(ARGV[1])
 local nxt = tonumber(redis.call('GET', KEYS[2]) or '0')
@@ -81,15 +99,20 @@ if seq == nxt then
   redis.call('SET', KEYS[2], nxt)
 end
 redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[7])
-if ARGV[4] ~= '' then redis.call('SADD', KEYS[4], ARGV[3]) end
+if ARGV[4] ~= '' then
+  redis.call('SADD', KEYS[4], ARGV[3])
+  count_pending(KEYS[6], ARGV[3], ARGV[8], ARGV[9], ARGV[10])
+end
 return {'new', ARGV[3]}
 """
 )
 
-# KEYS: seen hash of the sampler key, request key, inflight set of the worker, workers set
-# ARGV: seq_id, fingerprint, new request id, worker, retry window, request ttl
+# KEYS: seen hash of the sampler key, request key, inflight set of the worker, workers set,
+# pending set; ARGV: seq_id, fingerprint, new request id, worker, retry window, request ttl, now,
+# pending horizon, future ttl
 SUBMIT_UNORDERED = (
-    SEEN
+    COUNT_PENDING
+    + SEEN
     + """
 if redis.call('SISMEMBER', KEYS[4], ARGV[4]) == 0 then return {'lost', ''} end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3] .. '|' .. ARGV[2])
@@ -103,6 +126,7 @@ if redis.call('HLEN', KEYS[1]) > 2 * window then
 end
 redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[6])
 redis.call('SADD', KEYS[3], ARGV[3])
+count_pending(KEYS[5], ARGV[3], ARGV[7], ARGV[8], ARGV[9])
 return {'new', ARGV[3]}
 """
 )
@@ -189,7 +213,16 @@ class RedisScheduler:
 
     # -- submitting ------------------------------------------------------------------------------
 
-    def submit(self, model_id: str, seq_id: int, payload: Payload, fingerprint: str) -> str:
+    def submit(
+        self,
+        model_id: str,
+        seq_id: int,
+        payload: Payload,
+        fingerprint: str,
+        *,
+        tenant: str = "",
+        priority: int = 0,
+    ) -> str:
         worker = self.worker_of(model_id)
         lost = None
         if worker is None:
@@ -203,6 +236,7 @@ class RedisScheduler:
             request_key(request_id),
             inflight_key(worker or ""),
             WORKERS,
+            pending_key(tenant),
         ]
         args = [
             seq_id,
@@ -212,6 +246,7 @@ class RedisScheduler:
             RETRY_WINDOW,
             MAX_SEQ_AHEAD,
             REQUEST_TTL,
+            *self._pending_window(tenant),
         ]
         status, value = (as_text(v) for v in self._submit_ordered(keys=keys, args=args))
         if status == "lost":  # the worker was reaped after we read the placement
@@ -234,12 +269,14 @@ class RedisScheduler:
         if isinstance(payload, RemoveModel):
             self._forget(model_id)
         if lost is not None:
-            self.futures.settle_error(request_id, ServerError(as_text(lost)), None)
+            error = ServerError(as_text(lost))
+            self.futures.settle_error(request_id, error, None, tenant=tenant)
             return request_id
         assert worker is not None
         if isinstance(payload, SaveWeights) and payload.snapshot_id is not None:
             self.redis.hset(PLACEMENT, payload.snapshot_id, worker)
-        self._send(worker, "ordered", request_id, model_id, seq_id, payload)
+        task = Task(request_id, model_id, seq_id, payload, tenant, priority)
+        self._send(worker, "ordered", task)
         return request_id
 
     def _forget(self, model_id: str) -> None:
@@ -252,25 +289,52 @@ class RedisScheduler:
         pipe.delete(f"tinkerd:seq:{model_id}", f"tinkerd:next:{model_id}")
         pipe.execute()
 
-    def submit_next(self, model_id: str, payload: Payload) -> str:
+    def submit_next(
+        self, model_id: str, payload: Payload, *, tenant: str = "", priority: int = 0
+    ) -> str:
         """The lowest seq_id not yet taken; if another API process takes it first (a clash of
         fingerprints, each being new), the next one."""
         fingerprint = uuid.uuid4().hex
         while True:
             seq_id = int(self.redis.get(f"tinkerd:next:{model_id}") or 0)
             try:
-                return self.submit(model_id, seq_id, payload, fingerprint)
+                return self.submit(
+                    model_id, seq_id, payload, fingerprint, tenant=tenant, priority=priority
+                )
             except UserError as e:
                 if "already used" not in e.message and "in the past" not in e.message:
                     raise
 
-    def submit_unordered(self, key: str, seq_id: int, payload: Payload, fingerprint: str) -> str:
+    def submit_unordered(
+        self,
+        key: str,
+        seq_id: int,
+        payload: Payload,
+        fingerprint: str,
+        *,
+        tenant: str = "",
+        priority: int = 0,
+    ) -> str:
         if not isinstance(payload, Sample):
             raise ServerError(f"unordered {type(payload).__name__} is not supported")
         worker = self._sampling_worker(payload)
         request_id = uuid.uuid4().hex
-        keys = [f"tinkerd:useen:{key}", request_key(request_id), inflight_key(worker), WORKERS]
-        args = [seq_id, fingerprint, request_id, worker, RETRY_WINDOW, REQUEST_TTL]
+        keys = [
+            f"tinkerd:useen:{key}",
+            request_key(request_id),
+            inflight_key(worker),
+            WORKERS,
+            pending_key(tenant),
+        ]
+        args = [
+            seq_id,
+            fingerprint,
+            request_id,
+            worker,
+            RETRY_WINDOW,
+            REQUEST_TTL,
+            *self._pending_window(tenant),
+        ]
         status, value = (as_text(v) for v in self._submit_unordered(keys=keys, args=args))
         if status == "dup":
             return value
@@ -281,22 +345,33 @@ class RedisScheduler:
             raise ServerError(
                 as_text(why) if why else f"the worker chosen for {key} is gone; try again"
             )
-        self._send(worker, "unordered", request_id, key, seq_id, payload)
+        self._send(worker, "unordered", Task(request_id, key, seq_id, payload, tenant, priority))
         return request_id
 
-    def _send(
-        self, worker: str, kind: str, request_id: str, key: str, seq_id: int, payload: Payload
-    ) -> None:
+    def _send(self, worker: str, kind: str, task: Task) -> None:
         try:
             self.celery.send_task(
                 RUN_TASK,
-                args=[kind, request_id, key, seq_id, codec.encode(payload)],
+                args=task_args(kind, task),
                 queue=worker_queue(worker),
             )
         except Exception as e:  # the broker went away between recording and sending
-            self.futures.settle_error(
-                request_id, ServerError(f"could not queue the request to {worker}: {e}"), worker
-            )
+            error = ServerError(f"could not queue the request to {worker}: {e}")
+            self.futures.settle_error(task.request_id, error, worker, tenant=task.tenant)
+
+    def _pending_window(self, tenant: str) -> tuple[float | str, float, int]:
+        """The submit scripts' now, horizon and set ttl for counting pending requests: an entry
+        outlives its future's TTL only if its settle never came (a crash), and is then dropped.
+        Without a tenant (a server without keys: no limits) nothing is counted, saving the
+        submit its share of Redis time."""
+        now = time.time()
+        return (now if tenant else ""), now - self.futures.ttl, self.futures.ttl
+
+    def pending(self, tenant: str) -> int:
+        """`tenant`'s requests submitted and not yet settled, across every API process (0 for
+        "", which is not counted here)."""
+        horizon = time.time() - self.futures.ttl
+        return int(self.redis.zcount(pending_key(tenant), f"({horizon}", "+inf"))
 
     # -- futures ---------------------------------------------------------------------------------
 
@@ -318,10 +393,17 @@ class Reaper:
     lock lets one of them act per round. A worker counts as lost only when its registration
     has been missing in two rounds a heartbeat apart (a Redis restart is not a lost worker)."""
 
-    def __init__(self, client: redis.Redis, futures: RedisFutures, interval: float) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        futures: RedisFutures,
+        interval: float,
+        monitor: MonitorStore | None = None,
+    ) -> None:
         self.redis = client
         self.futures = futures
         self.interval = interval
+        self.monitor = monitor  # where each lost model's run gets its "lost" event
         self._suspects: dict[str, float] = {}
         self._stop = threading.Event()
         self._me = f"{socket.gethostname()}-{os.getpid()}"
@@ -365,18 +447,24 @@ class Reaper:
             for model, owner in self.redis.hgetall(PLACEMENT).items()
             if as_text(owner) == name
         ]
-        for model_id in owned:
-            self.redis.hset(
-                LOST,
-                model_id,
-                f"model {model_id} was lost with worker {name}; restore it from its last "
-                "checkpoint (create_training_client_from_state)",
-            )
-            self.redis.hdel(PLACEMENT, model_id)
         error = ServerError(f"worker {name} was lost before this request finished")
-        for request_id in self.redis.smembers(inflight_key(name)):
-            self.futures.settle_error(as_text(request_id), error, name)
+        held = [as_text(r) for r in self.redis.smembers(inflight_key(name))]
+        for model_id in owned:
+            reason = (
+                f"model {model_id} was lost with worker {name}; restore it from its last "
+                "checkpoint (create_training_client_from_state)"
+            )
+            self.redis.hset(LOST, model_id, reason)
+            self.redis.hdel(PLACEMENT, model_id)
+            if self.monitor is not None:
+                event = {"time": time.time(), "type": "lost", "worker": name, "error": reason}
+                self.monitor.add_event(model_id, event)
+        for request_id in held:
+            self.futures.settle_error(request_id, error, name)
+        forget_pending(self.redis, held)
         self.redis.delete(inflight_key(name))
+        if self.monitor is not None:
+            self.monitor.flush()
 
 
 def lost_models(client: redis.Redis) -> dict[str, str]:

@@ -11,6 +11,9 @@ Keys (all under `tinkerd:`):
     useen:<key>                 the same for unordered requests (sampling), by sampler key
     req:<request_id>            the worker a request went to (so a poll can tell "unknown")
     result:<request_id>         {body, type}: a settled future, expiring
+    pending:<tenant>            sorted set: the tenant's unsettled request ids, by submit time
+                                (Unix); an entry older than the future TTL no longer counts;
+                                none for "" (no keys, no limits)
     records:<kind>              the registry: sessions, models, runs, samplers (JSON by id)
     channel `tinkerd:settled`   a notice per settled request id
 """
@@ -37,6 +40,7 @@ WORKERS = PREFIX + "workers"
 PLACEMENT = PREFIX + "placement"
 LOST = PREFIX + "lost"
 SETTLED = PREFIX + "settled"
+PENDING = PREFIX + "pending:"
 REAPER_LOCK = PREFIX + "reaper"
 SWEEPER_LOCK = PREFIX + "sweeper"
 # A request record outlives its result, so a late poll learns "expired", not "unknown".
@@ -57,6 +61,21 @@ def request_key(request_id: str) -> str:
 
 def result_key(request_id: str) -> str:
     return f"{PREFIX}result:{request_id}"
+
+
+def pending_key(tenant: str) -> str:
+    return PENDING + tenant
+
+
+def forget_pending(client: redis.Redis, request_ids: list[str]) -> None:
+    """Uncount `request_ids` from every tenant's pending set, for a settler that does not know
+    their tenants (the reaper). Rare, so a scan of the few tenants' keys will do."""
+    if not request_ids:
+        return
+    pipe = client.pipeline(transaction=False)
+    for key in client.scan_iter(match=PENDING + "*", count=1000):
+        pipe.zrem(key, *request_ids)
+    pipe.execute()
 
 
 def connect(url: str, max_connections: int = 64) -> redis.Redis:
@@ -94,29 +113,38 @@ class RedisFutures:
         self.worker = worker
         self._lock = threading.Lock()
         self._waiters: dict[str, set[threading.Event]] = {}
-        self._unsent: deque[tuple[str, Result, str | None]] = deque()
+        self._unsent: deque[tuple[str, Result, str | None, str]] = deque()
         self._listener: threading.Thread | None = None
         self._closed = threading.Event()
 
     # -- settling (workers, and the reaper for a lost worker's requests) ------------------------
 
-    def settle(self, request_id: str, result: Result, worker: str | None = None) -> None:
+    def settle(
+        self, request_id: str, result: Result, worker: str | None = None, *, tenant: str = ""
+    ) -> None:
+        """Store the result, take it off `worker`'s in-flight set and `tenant`'s pending count,
+        and wake its waiters."""
         try:
-            self._write(request_id, result, worker or self.worker)
+            self._write(request_id, result, worker or self.worker, tenant)
         except RedisError as e:
             log.warning("cannot store the result of %s yet (%s); will retry", request_id, e)
-            self._unsent.append((request_id, result, worker or self.worker))
+            self._unsent.append((request_id, result, worker or self.worker, tenant))
 
-    def settle_error(self, request_id: str, error: TinkerdError, worker: str | None) -> None:
-        self.settle(request_id, Result(json.dumps(error.to_json()).encode()), worker)
+    def settle_error(
+        self, request_id: str, error: TinkerdError, worker: str | None, *, tenant: str = ""
+    ) -> None:
+        body = Result(json.dumps(error.to_json()).encode())
+        self.settle(request_id, body, worker, tenant=tenant)
 
-    def _write(self, request_id: str, result: Result, worker: str | None) -> None:
+    def _write(self, request_id: str, result: Result, worker: str | None, tenant: str) -> None:
         pipe = self.redis.pipeline(transaction=True)
         key = result_key(request_id)
         pipe.hset(key, mapping={"body": result.body, "type": result.content_type})
         pipe.expire(key, self.ttl)
         if worker is not None:
             pipe.srem(inflight_key(worker), request_id)
+        if tenant:
+            pipe.zrem(pending_key(tenant), request_id)
         pipe.publish(SETTLED, request_id)
         pipe.execute()
 
@@ -126,9 +154,9 @@ class RedisFutures:
     def flush(self) -> int:
         """Send the results that could not be stored earlier; returns how many are left."""
         while self._unsent:
-            request_id, result, worker = self._unsent[0]
+            request_id, result, worker, tenant = self._unsent[0]
             try:
-                self._write(request_id, result, worker)
+                self._write(request_id, result, worker, tenant)
             except RedisError:
                 break
             self._unsent.popleft()

@@ -99,17 +99,20 @@ class WorkerProcess:
         API process died between the two steps), so the model's later requests can run. A gap
         that Redis does not know is a request the client has not sent yet: it stays open."""
         filled = []
-        for model_id, seq_id in self.scheduler.gaps(GAP_SECONDS):
-            seen = self.redis.hget(f"tinkerd:seq:{model_id}", str(seq_id))
+        for gap in self.scheduler.gaps(GAP_SECONDS):
+            seen = self.redis.hget(f"tinkerd:seq:{gap.model_id}", str(gap.seq_id))
             if seen is None:
                 continue
             request_id = seen.decode().partition("|")[0]
             error = ServerError(
-                f"request {request_id} (seq_id {seq_id}) never reached worker {self.name}: "
+                f"request {request_id} (seq_id {gap.seq_id}) never reached worker {self.name}: "
                 "the API process that took it stopped first; send it again"
             )
             log.error("%s", error.message)
-            self.scheduler.enqueue(Task(request_id, model_id, seq_id, Rejected(error.to_json())))
+            rejected = Rejected(error.to_json())
+            self.scheduler.enqueue(
+                Task(request_id, gap.model_id, gap.seq_id, rejected, gap.tenant, gap.priority)
+            )
             filled.append(request_id)
         return filled
 
@@ -127,7 +130,8 @@ class WorkerProcess:
         drop what its queue still holds, before this process takes the name."""
         if self.redis.sismember(WORKERS, self.name):
             log.warning("worker %s restarted: its earlier models are lost", self.name)
-            Reaper(self.redis, self.futures, self.settings.heartbeat_seconds).reap(self.name)
+            reaper = Reaper(self.redis, self.futures, self.settings.heartbeat_seconds, self.monitor)
+            reaper.reap(self.name)
             self.redis.delete(worker_queue(self.name))
 
     def run(self) -> None:
