@@ -329,24 +329,57 @@ def test_a_killed_worker_fails_its_requests_and_its_model_is_restored_elsewhere(
         cluster.add_worker()  # back to two workers for the tests that follow
 
 
-def test_a_worker_stopped_with_sigterm_finishes_its_queued_work_first(
-    cluster: Cluster, client
-) -> None:
+def test_a_worker_stopped_with_sigterm_hands_its_models_over(cluster: Cluster, client) -> None:
+    """SIGTERM mid-training: the running step finishes, then the model (weights, AdamW state,
+    accumulated gradients) and the requests queued for it move to the other worker. Nothing
+    fails and nothing is lost or repeated: every loss equals an uninterrupted twin's."""
+    adam = types.AdamParams(learning_rate=0.01)
     tc = client.create_lora_training_client(base_model="tinkerd/tiny", rank=8, seed=8).result()
+    twin = client.create_lora_training_client(base_model="tinkerd/tiny", rank=8, seed=8).result()
     stopping = owner(cluster, tc.model_id)
     big = [datum(TOKENS * 12) for _ in range(8)]
-    futures = [tc.forward_backward(big, "cross_entropy") for _ in range(15)]
+
+    def steps(training_client, n: int) -> list:
+        return [
+            (
+                training_client.forward_backward(big, "cross_entropy"),
+                training_client.optim_step(adam),
+            )
+            for _ in range(n)
+        ]
+
+    expected = steps(twin, 8)
+    futures = steps(tc, 8)
     saved = tc.save_state("at-shutdown")
-    time.sleep(0.5)  # some at the worker, some perhaps still in its Celery queue
+    unstepped = tc.forward_backward(big, "cross_entropy")  # gradients waiting for a step
+    time.sleep(0.5)  # some ran, the rest queued at the worker or still in its Celery queue
     cluster.workers[stopping].proc.terminate()  # SIGTERM: Celery's warm shutdown, then drain
     try:
-        for future in futures:  # all ran: the work queued before SIGTERM is not lost
-            assert np.isfinite(future.result(timeout=120).metrics["loss:sum"])
+        for (fb, opt), (twin_fb, twin_opt) in zip(futures, expected, strict=True):
+            loss = fb.result(timeout=120).metrics["loss:sum"]
+            assert loss == pytest.approx(twin_fb.result(timeout=120).metrics["loss:sum"], rel=1e-5)
+            opt.result(timeout=120)
+            twin_opt.result(timeout=120)
         path = saved.result(timeout=120).path
+        unstepped.result(timeout=120)
+        twin.forward_backward(big, "cross_entropy").result(timeout=120)
         assert cluster.workers[stopping].proc.wait(60) == 0
+        new_owner = owner(cluster, tc.model_id)
+        assert new_owner not in (None, stopping)
+        assert tc.model_id not in rdb(cluster).hgetall(LOST)
+        run = httpx.get(f"{cluster.url}/api/v1/training_runs/{tc.model_id}", timeout=10).json()
+        assert run["status"] == "active" and run.get("worker") == new_owner
+        created = httpx.get(
+            f"{cluster.url}/api/v1/training_runs/{tc.model_id}/events?type=created", timeout=10
+        ).json()["events"]
+        assert "handoff-" in (created[-1].get("from_checkpoint") or "")  # it moved mid-run
+        # the same client trains on, mid-step gradients included: still the twin's numbers
+        for training_client in (tc, twin):
+            training_client.optim_step(adam).result(timeout=60)
+        after = train(tc, 2)
+        assert after == pytest.approx(train(twin, 2), rel=1e-5)
         restored = client.create_training_client_from_state(path).result()  # the save is whole
-        assert owner(cluster, restored.model_id) not in (None, stopping)
-        wait_until(lambda: tc.model_id in rdb(cluster).hgetall(LOST), 30, "the model lost")
+        assert np.isfinite(train(restored, 1)[0])
     finally:
         cluster.add_worker()  # back to two workers for the tests that follow
 

@@ -244,3 +244,34 @@ def test_lora_targets_are_the_same_on_a_wrapped_model(tiny_model_dir):
     nothing = LoraConfig(train_mlp=False, train_attn=False, train_unembed=False)
     with pytest.raises(UserError, match="trains no layer"):
         peft_lora_config(plain, nothing)
+
+
+def test_a_handoff_checkpoint_carries_the_model_mid_step(tmp_path, tiny_model_dir) -> None:
+    """What a stopping worker saves and the next one re-creates: weights, AdamW state and the
+    gradients accumulated since the last step, so the step finishes as if nothing moved."""
+    from tinkerd.hf_backend import HFBackend
+    from tinkerd.storage import CheckpointPath, CheckpointStore
+    from tinkerd.types import AdamParams, CreateModel, Datum, LoraConfig, OptimStep, SaveWeights
+    from tinkerd.wire import make_forward_backward
+
+    backend = HFBackend(tmp_path, "cpu", store=CheckpointStore(tmp_path / "runs"))
+    tokens = np.array([5, 17, 42, 99, 7], dtype=np.int64)
+    inputs = {"target_tokens": np.roll(tokens, -1), "weights": np.ones(5, dtype=np.float32)}
+    fwdbwd = make_forward_backward([Datum(tokens, inputs)], "cross_entropy", {}, False)
+    step = OptimStep(AdamParams(learning_rate=0.05))
+    backend.create_model("a", CreateModel(str(tiny_model_dir), LoraConfig(rank=4, seed=1)))
+    backend.forward_backward([("a", fwdbwd)])
+    backend.optim_step("a", step)
+    backend.forward_backward([("a", fwdbwd)])  # gradients waiting for the next step
+    path = str(CheckpointPath("a", "weights", "handoff-test"))
+    backend.save_weights("a", SaveWeights(path, "weights", with_gradients=True))
+
+    create = backend.creation("a")
+    assert create.lora == LoraConfig(rank=4, seed=1)
+    moved = CreateModel(create.base_model, create.lora, path, True, with_gradients=True)
+    backend.create_model("b", moved)
+    for p, q in zip(backend._adapters["a"].params, backend._adapters["b"].params, strict=True):
+        assert p.grad is not None and torch.equal(p.grad, q.grad) and torch.equal(p, q)
+    for model_id in ("a", "b"):
+        backend.optim_step(model_id, step)
+    assert_states_close(backend.adapter_state("b"), backend.adapter_state("a"))

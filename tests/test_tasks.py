@@ -358,3 +358,39 @@ def test_many_waiters_all_wake() -> None:
 def test_request_ids_are_unique() -> None:
     store = FutureStore()
     assert len({store.create() for _ in range(1000)}) == 1000
+
+
+def test_a_handed_over_model_starts_at_its_recreation_whatever_arrives_first() -> None:
+    """A worker taking over a model gets its re-creation at the seq_id of the last request that
+    ran elsewhere, and the queued requests after it; they may arrive in any order."""
+    from tinkerd.types import CreateModel, LoraConfig
+
+    def recreation(seq_id: int) -> Task:
+        return Task("r", MODEL, seq_id, CreateModel("tinkerd/tiny", LoraConfig(rank=4)))
+
+    def seqs(tasks: list[list[Task]]) -> list[int]:
+        return [t.seq_id for batch in tasks for t in batch]
+
+    first = Scheduler()
+    first.enqueue(recreation(41))
+    first.enqueue(Task("a", MODEL, 42, payload("fwd")))
+    assert seqs(first.take_ready(0.01)) == [41, 42]
+
+    late = Scheduler()  # the queued requests overtook the re-creation
+    late.enqueue(Task("b", MODEL, 43, payload("fwd")))
+    late.enqueue(Task("a", MODEL, 42, payload("fwd")))
+    assert late.take_ready(0.01) == []
+    late.enqueue(recreation(41))
+    assert seqs(late.take_ready(0.01)) == [41, 42, 43]
+
+
+def test_take_model_hands_back_its_queue_in_order(scheduler: Scheduler) -> None:
+    for seq in (3, 1, 2):
+        scheduler.submit(MODEL, seq, payload(f"p{seq}"), f"fp{seq}")
+    released(scheduler)  # 1, 2, 3 taken
+    scheduler.submit(MODEL, 5, payload("p5"), "fp5")
+    scheduler.submit(MODEL, 4, payload("p4"), "fp4")
+    next_seq, queued = scheduler.take_model(MODEL)
+    assert next_seq == 4 and [t.seq_id for t in queued] == [4, 5]
+    assert MODEL not in scheduler.models() and scheduler.take_model(MODEL) == (0, [])
+    assert released(scheduler) == []

@@ -18,6 +18,7 @@ from tinkerd.types import UserError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 OPTIMIZER_STATE = "optimizer.pt"
+GRADIENTS = "gradients.pt"  # only in a hand-off between workers, taken between fwd/bwd and step
 
 
 def write_adapter(peft: PeftModel, adapter_name: str, base_location: str, directory: Path) -> None:
@@ -33,6 +34,19 @@ def write_adapter(peft: PeftModel, adapter_name: str, base_location: str, direct
 
 def write_optimizer(optimizer: torch.optim.Optimizer, steps: int, directory: Path) -> None:
     torch.save({"optimizer": optimizer.state_dict(), "steps": steps}, directory / OPTIMIZER_STATE)
+
+
+def write_gradients(params: list[torch.nn.Parameter], directory: Path) -> None:
+    """The gradients accumulated since the last optim_step (None where there are none)."""
+    grads = [None if p.grad is None else p.grad.detach().cpu() for p in params]
+    torch.save(grads, directory / GRADIENTS)
+
+
+def read_gradients(directory: Path, device: torch.device) -> list[torch.Tensor | None] | None:
+    path = directory / GRADIENTS
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location=device, weights_only=True)
 
 
 def read_adapter_config(directory: Path) -> PeftLoraConfig:

@@ -215,12 +215,18 @@ class HFBackend:
         if request.from_checkpoint:
             try:
                 path = CheckpointPath.parse(request.from_checkpoint)
-                self._load_into(adapter, path, request.with_optimizer)
+                self._load_into(adapter, path, request.with_optimizer, request.with_gradients)
             except BaseException:
                 self._delete_adapter(base, name)
                 raise
         self._adapters[model_id] = adapter
         return {"model_id": model_id, "trainable_params": sum(p.numel() for p in params)}
+
+    def creation(self, model_id: str) -> CreateModel:
+        """What creates this model again elsewhere (its base and LoRA config), from a checkpoint
+        the caller adds."""
+        adapter = self._adapter(model_id)
+        return CreateModel(adapter.base.source.name, adapter.lora)
 
     def remove_model(self, model_id: str) -> None:
         """Free the model's adapter, optimizer state and sampler snapshots."""
@@ -400,6 +406,8 @@ class HFBackend:
             checkpoint_io.write_adapter(peft, adapter.name, base.source.location, directory)
             if with_optimizer:
                 checkpoint_io.write_optimizer(adapter.optimizer, adapter.steps, directory)
+            if request.with_gradients:
+                checkpoint_io.write_gradients(adapter.params, directory)
 
         self.store.write(path, meta, write_contents, overwrite=request.overwrite)
         self._drop_sampler(str(path))  # an overwritten checkpoint must be re-read
@@ -421,12 +429,19 @@ class HFBackend:
             )
         return self.store.directory(path)
 
-    def _load_into(self, adapter: _Adapter, path: CheckpointPath, with_optimizer: bool) -> None:
+    def _load_into(
+        self,
+        adapter: _Adapter,
+        path: CheckpointPath,
+        with_optimizer: bool,
+        with_gradients: bool = False,
+    ) -> None:
         """Load a checkpoint into a live adapter; on any failure the adapter is left unchanged."""
         directory = self._checkpoint_dir(adapter.base, path)
         optimizer_state = (
             checkpoint_io.read_optimizer(directory, self.device) if with_optimizer else None
         )
+        grads = checkpoint_io.read_gradients(directory, self.device) if with_gradients else None
         before = [p.detach().clone() for p in adapter.params]
         try:
             checkpoint_io.load_adapter(adapter.base.peft, adapter.name, directory)
@@ -440,8 +455,8 @@ class HFBackend:
             raise UserError(f"checkpoint {path} does not fit model: {e}") from None
         adapter.optimizer = optimizer
         adapter.steps = optimizer_state[1] if optimizer_state else 0
-        for p in adapter.params:
-            p.grad = None
+        for i, p in enumerate(adapter.params):
+            p.grad = grads[i].to(p.dtype) if grads is not None and grads[i] is not None else None
 
     # -- sampling ----------------------------------------------------------------------------
 

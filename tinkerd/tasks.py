@@ -25,7 +25,15 @@ from dataclasses import dataclass, field
 from math import floor
 from typing import NamedTuple, Protocol
 
-from tinkerd.types import NotFound, OptimStep, Payload, RemoveModel, ServerError, UserError
+from tinkerd.types import (
+    CreateModel,
+    NotFound,
+    OptimStep,
+    Payload,
+    RemoveModel,
+    ServerError,
+    UserError,
+)
 
 # How far ahead of a model's next seq_id a request may arrive (buffered until its turn).
 MAX_SEQ_AHEAD = 100_000
@@ -308,12 +316,33 @@ class Scheduler:
 
     def enqueue(self, task: Task) -> None:
         """Queue a task that was already sequenced and de-duplicated upstream (a worker process
-        fed by Celery): it runs in its model's seq_id order; a redelivered one is dropped."""
+        fed by Celery): it runs in its model's seq_id order; a redelivered one is dropped. A
+        model's sequence here starts at its CreateModel: seq 0 for a new model, later for one
+        handed over by a worker that shut down (re-created from its state, then its queue)."""
         with self._cond:
-            queue = self._queues.setdefault(task.model_id, _ModelQueue(next_seq=0))
+            queue = self._queues.get(task.model_id)
+            creation = isinstance(task.payload, CreateModel)
+            if queue is None:
+                queue = self._queues[task.model_id] = _ModelQueue(task.seq_id if creation else 0)
+            elif creation and queue.next_seq == 0 and 0 not in queue.pending:
+                queue.next_seq = task.seq_id  # a hand-over's later requests arrived first
             if task.seq_id < queue.next_seq or task.seq_id in queue.pending:
                 return
             self._enqueue_locked(queue, task)
+
+    def take_model(self, model_id: str) -> tuple[int, list[Task]]:
+        """Forget a model here, handing back its next seq_id and its queued tasks in order (a
+        worker shutting down passes them on with the model's state)."""
+        with self._cond:
+            queue = self._queues.pop(model_id, None)
+            self._ready.discard(model_id)
+        if queue is None:
+            return 0, []
+        return queue.next_seq, [queue.pending[s] for s in sorted(queue.pending)]
+
+    def models(self) -> list[str]:
+        with self._cond:
+            return list(self._queues)
 
     def gaps(self, min_age: float) -> list[Gap]:
         """Each model whose next request has not arrived although a later one has been waiting

@@ -106,6 +106,8 @@ class CreateModel:
     lora: LoraConfig
     from_checkpoint: str | None = None
     with_optimizer: bool = False
+    # A hand-off from a worker that shut down: also the gradients accumulated since its last step.
+    with_gradients: bool = False
 
 
 @dataclass
@@ -132,6 +134,7 @@ class SaveWeights:
     overwrite: bool = False
     user_metadata: dict[str, Any] = field(default_factory=dict)
     snapshot_id: str | None = None
+    with_gradients: bool = False  # a worker's hand-off: the model exactly as it is, mid-step
 
 
 @dataclass
@@ -247,6 +250,10 @@ class Backend(Protocol):
     def sample(self, requests: list[Sample]) -> list[SampleResult | TinkerdError]: ...
 
     def remove_model(self, model_id: str) -> None: ...
+
+    def creation(self, model_id: str) -> CreateModel:
+        """What re-creates a held model elsewhere (base and LoRA config), for a hand-over."""
+        ...
 
     def held(self) -> dict[str, Any]:
         """What this backend holds, for the worker's registration: its device, its memory

@@ -115,6 +115,13 @@ class Worker:
             log.warning("drain: %d queued request(s) failed with a server error", len(failed))
         return failed
 
+    def run_samples(self) -> int:
+        """Run the waiting samples now, in the caller's thread (the loop has stopped)."""
+        tasks = self.scheduler.take_unordered(0)
+        if tasks:
+            self._sample(by_priority(tasks))
+        return len(tasks)
+
     def run_cycle(self, timeout: float) -> int:
         """Run a step of each model whose turn it is, in turn, then all waiting samples
         together; returns how many tasks ran."""

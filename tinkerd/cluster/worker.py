@@ -26,6 +26,7 @@ from tinkerd.cluster.celery_app import (
     take_undelivered,
     worker_queue,
 )
+from tinkerd.cluster.handoff import HandOff, pick_target
 from tinkerd.cluster.scheduler import Reaper
 from tinkerd.cluster.state import WORKERS, RedisFutures, connect, worker_key
 from tinkerd.config import Settings
@@ -163,10 +164,12 @@ class WorkerProcess:
             self.drain()
 
     def drain(self) -> None:
-        """After Celery's warm shutdown (SIGTERM): this worker's models live only in its memory,
-        so the work queued for them runs now, within `drain_seconds`, still heartbeating so
-        that it is not taken for lost; what is left fails with a server error. Then the
-        registration goes, and the reaper reports its models lost."""
+        """After Celery's warm shutdown (SIGTERM), still heartbeating (as draining: nothing new
+        is placed here): the step running now finishes, and the models, with the requests
+        queued for them, are handed over to another live worker (`handoff`). With no other
+        worker, the queued work runs here, within `drain_seconds`, and what is left fails with
+        a server error. Then the registration goes, and the reaper reports what was left here
+        (in-memory sampler snapshots) lost."""
         self._draining = True
         try:
             self.heartbeat()
@@ -178,6 +181,20 @@ class WorkerProcess:
         if undelivered:
             log.info(
                 "drain: %d request(s) taken from the queue after Celery stopped", len(undelivered)
+            )
+        target = pick_target(self.redis, self.name)
+        if target is not None:
+            self.worker.stop(self.settings.drain_seconds)  # after the step that is running
+            self.worker.run_samples()  # a sample may need a snapshot that lives only here
+            handoff = HandOff(
+                self.redis, self.celery, self.backend, self.scheduler, self.name, target
+            )
+            moved = handoff.run()
+            log.info(
+                "drain: %d model(s) and %d queued request(s) handed over to worker %s",
+                len(handoff.moved),
+                moved,
+                target,
             )
         self.worker.drain(self.settings.drain_seconds)
         self._stop.set()
