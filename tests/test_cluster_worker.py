@@ -135,3 +135,28 @@ def test_a_draining_worker_runs_what_celery_had_not_delivered(
     assert "shut down" in json.loads(api.wait(waiting, 1).body)["error"]
     assert api.pending("a") == 0
     assert "wg" not in live_workers(worker.redis)  # its registration went at the end
+
+
+def test_messages_celery_took_ahead_but_never_ran_are_taken_too(
+    worker: WorkerProcess, api: RedisScheduler
+) -> None:
+    """kombu keeps what a consumer took ahead in its `unacked` hash and puts it back on the
+    queue only when its channel closes, which may be after the drain looked: the drain takes
+    those of its own queue from the hash, and leaves other workers' alone."""
+    from tinkerd.cluster.celery_app import KOMBU_UNACKED, take_undelivered
+
+    api.open_model(MODEL)
+    api.submit(MODEL, 0, CreateModel("tinkerd/tiny", LoraConfig(rank=4, seed=0)), "c")
+    api.submit(MODEL, 1, forward(), "f1")
+    queued = [json.loads(raw) for raw in worker.redis.lrange("tinkerd.worker.wg", 0, -1)]
+    worker.redis.delete("tinkerd.worker.wg")
+    for tag, message in enumerate(queued):  # as kombu holds them once a consumer took them
+        entry = [message, "tinkerd.worker.wg", "tinkerd.worker.wg"]
+        worker.redis.hset(KOMBU_UNACKED, f"tag-{tag}", json.dumps(entry))
+    other = [queued[0], "tinkerd.worker.other", "tinkerd.worker.other"]
+    worker.redis.hset(KOMBU_UNACKED, "tag-other", json.dumps(other))
+
+    taken = take_undelivered(worker.redis, "wg")
+    assert sorted(args[3] for args in taken) == [0, 1]  # seq_ids
+    assert worker.redis.hkeys(KOMBU_UNACKED) == [b"tag-other"]
+    assert take_undelivered(worker.redis, "wg") == []

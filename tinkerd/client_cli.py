@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+log = logging.getLogger(__name__)
 DEFAULT_API_KEY = "tml-local"
 
 
@@ -36,6 +38,16 @@ class Server:
     def __init__(self, url: str, api_key: str) -> None:
         self.url = url.rstrip("/")
         self.api_key = api_key
+        self._sessions: list[Any] = []  # ServiceClients to close before the process exits
+
+    def close(self, status: str) -> None:
+        """End the SDK sessions this command opened: their background thread must not be
+        writing (a heartbeat warning) while the interpreter shuts down, which aborts it."""
+        for client in self._sessions:
+            try:
+                client.close(status).result(timeout=10)
+            except Exception as e:  # the server is gone: nothing left to end
+                log.debug("closing an SDK session: %s", e)
 
     def request(self, method: str, path: str, timeout: float = 30.0, **kwargs: Any) -> Any:
         import httpx
@@ -87,7 +99,9 @@ class Server:
         import tinker
 
         self.check()
-        return tinker.ServiceClient(base_url=self.url, api_key=self.api_key)
+        client = tinker.ServiceClient(base_url=self.url, api_key=self.api_key)
+        self._sessions.append(client)
+        return client
 
     def rest_client(self):
         import tinker
@@ -524,12 +538,15 @@ def add_client_commands(commands: Any) -> None:
 def _run(handler: Callable[[Server, argparse.Namespace], None], args: argparse.Namespace) -> int:
     os.environ.setdefault("TINKER_TELEMETRY", "0")
     server = Server(args.url, args.api_key)
+    status = "errored"
     try:
         handler(server, args)
+        status = "success"
     except ClientError as e:
         print(f"tinkerd {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        status = "interrupted"
         return 130
     except Exception as e:
         import tinker
@@ -538,6 +555,8 @@ def _run(handler: Callable[[Server, argparse.Namespace], None], args: argparse.N
             print(f"tinkerd {args.command}: error: {sdk_error_message(e)}", file=sys.stderr)
             return 1
         raise
+    finally:
+        server.close(status)
     return 0
 
 

@@ -82,16 +82,37 @@ def queue_task(
         scheduler.enqueue_unordered(task)
 
 
-def take_undelivered(client: redis.Redis, worker: str) -> list[list]:
-    """The task arguments still waiting in a worker's queue after Celery stopped consuming it
-    (a warm shutdown puts back what it had prefetched), oldest first, removed from Redis. A
-    draining worker runs them itself: its models exist nowhere else."""
+# kombu's Redis transport keeps each message a consumer took but has not acked here, as JSON
+# [message, exchange, routing key], and pushes it back onto its queue when the consumer's channel
+# closes: that can be after a stopping worker looked at its queue.
+KOMBU_UNACKED = "unacked"
+KOMBU_UNACKED_INDEX = "unacked_index"
+
+
+def _task_args(message: dict[str, Any]) -> list[Any]:
+    body = message["body"]
+    if message.get("properties", {}).get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    args, _kwargs, _embed = json.loads(body)
+    return args
+
+
+def take_undelivered(client: redis.Redis, worker: str) -> list[list[Any]]:
+    """The task arguments of the messages for a worker that Celery has not run, once it
+    stopped consuming (a warm shutdown): those still in its queue, and those it had taken ahead
+    (kombu's unacked hash) but not run. They are removed from Redis: a draining worker runs them
+    or hands them over, since its models exist nowhere else."""
     queue, found = worker_queue(worker), []
+    for tag, raw in client.hscan_iter(KOMBU_UNACKED):
+        try:
+            message, exchange, routing_key = json.loads(raw)
+        except (ValueError, TypeError):
+            continue
+        if queue not in (routing_key, exchange):
+            continue
+        if client.hdel(KOMBU_UNACKED, tag):  # ours, unless kombu pushed it back meanwhile
+            client.zrem(KOMBU_UNACKED_INDEX, tag)
+            found.append(_task_args(message))
     while (raw := client.rpop(queue)) is not None:  # kombu pushes left, pops right
-        message = json.loads(raw)
-        body = message["body"]
-        if message.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        args, _kwargs, _embed = json.loads(body)
-        found.append(args)
+        found.append(_task_args(json.loads(raw)))
     return found
