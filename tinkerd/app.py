@@ -22,9 +22,9 @@ from tinkerd.types import TinkerdError, TooManyRequests, Unauthorized
 
 log = logging.getLogger(__name__)
 
-# Served to anyone: liveness for load balancers, and the console page (it holds no data; its
-# data comes from the key-checked JSON routes).
-PUBLIC_PATHS = ("/healthz", "/api/v1/healthz", "/console")
+# Served to anyone: liveness for load balancers, the console page and the API's OpenAPI
+# description (they hold no data; the console's comes from the key-checked JSON routes).
+PUBLIC_PATHS = ("/healthz", "/api/v1/healthz", "/console", "/openapi.json")
 
 
 @dataclass
@@ -47,7 +47,7 @@ def create_app(
     monitor: MonitorStore | None = None,
     keys: KeyRing | None = None,
 ) -> Flask:
-    from tinkerd.api import console, openai, ops, runs, sampling, simple, tinker, weights
+    from tinkerd.api import console, openai, openapi, ops, runs, sampling, simple, tinker, weights
     from tinkerd.api import monitor as monitoring
 
     store = store or CheckpointStore(settings.data_dir / "runs")
@@ -118,4 +118,5 @@ def create_app(
         app.register_blueprint(blueprint)
     app.register_blueprint(monitoring.bp)  # /metrics, system status, run events; times requests
     app.register_blueprint(console.bp)  # /console: the web console page (data via the API)
+    app.register_blueprint(openapi.bp)  # /openapi.json: the API's description
     return app

@@ -66,6 +66,8 @@ MAX_CSR_CELLS = 1 << 26
 MAX_NUM_SAMPLES = 1024
 DEFAULT_LIMITS = InputLimits()
 MAX_TOPK = 1024
+# Token ids are decoded into int64 arrays: a larger JSON integer is refused, not overflowed.
+TOKEN_ID_LIMIT = 2**63
 
 
 def parse_forward_backward_proto(body: bytes) -> tuple[pb.ForwardBackwardRequest, str]:
@@ -435,11 +437,25 @@ def _array(values: Any, dtype: np.dtype, where: str) -> np.ndarray:
         raise UserError(f"{where}: expected a list of numbers") from None
 
 
+def is_token_ids(values: Any) -> bool:
+    """A non-empty list of token ids: integers in [0, 2**63)."""
+    return (
+        isinstance(values, list)
+        and bool(values)
+        and all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < TOKEN_ID_LIMIT
+            for v in values
+        )
+    )
+
+
 def _int_list(values: Any, where: str) -> list[int]:
     if not isinstance(values, list) or not all(
         isinstance(v, int) and not isinstance(v, bool) for v in values
     ):
         raise UserError(f"{where}: expected a list of integers")
+    if any(not -TOKEN_ID_LIMIT <= v < TOKEN_ID_LIMIT for v in values):
+        raise UserError(f"{where}: integers must be below 2**63 in magnitude")
     return values
 
 

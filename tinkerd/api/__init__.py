@@ -260,6 +260,9 @@ def start_model(
     """Register `{session}:train:{model_seq_id}` (the id the SDK computes) and queue its creation
     as the model's seq 0; a retry answers the first request's future."""
     svc = service()
+    metadata = body.get("user_metadata") or {}
+    if not isinstance(metadata, dict):  # kept with the run, whose listing reads it as one
+        raise UserError("user_metadata must be an object")
     model_id = f"{session.session_id}:train:{model_seq_id}"
     if not svc.registry.exists("model", model_id):  # a retried create is let through
         check_model_room()
@@ -269,7 +272,7 @@ def start_model(
         source.name,
         source.tokenizer_id,
         create.lora,
-        body.get("user_metadata") or {},
+        metadata,
     )
     if registry().add_model(record).lora != create.lora:
         raise UserError(f"model_seq_id {model_seq_id} of this session is already a different model")

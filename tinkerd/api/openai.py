@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flask import Blueprint, Response, jsonify, stream_with_context
+from flask import Blueprint, Response, jsonify, request, stream_with_context
 
 from tinkerd import api
 from tinkerd.api import (
@@ -85,10 +85,13 @@ def tinkerd_error(e: TinkerdError):
     return jsonify(error_body(e)), e.status
 
 
-@bp.after_request
+@bp.after_app_request
 def openai_errors(response: Response) -> Response:
-    """The app's other error answers (`{"error": "...", "category"}`: an unknown method, an
-    internal error, a cluster's Redis being down) in OpenAI's shape, status and headers kept."""
+    """The app's other error answers under /v1 (`{"error": "...", "category"}`: an unknown
+    method or path, an internal error, a cluster's Redis being down) in OpenAI's shape, status
+    and headers kept. An app hook, as a path no route matches never reaches the blueprint's."""
+    if request.path != bp.url_prefix and not request.path.startswith(f"{bp.url_prefix}/"):
+        return response
     body = response.get_json(silent=True) if response.is_json else None
     if (
         response.status_code >= 400

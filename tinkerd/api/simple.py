@@ -65,6 +65,7 @@ from tinkerd.wire import (
     check_sequence_tokens,
     decode_forward_backward_metrics,
     decode_sample_response,
+    is_token_ids,
     make_forward_backward,
     parse_sampling_params,
     tensor_from_json,
@@ -263,7 +264,10 @@ def fwdbwd():
     body = json_body()
     svc = service()
     name = _name(body.get("model_id"))
-    loss = get_loss(body.get("loss_fn", "cross_entropy"))
+    loss_fn = body.get("loss_fn", "cross_entropy")
+    if not isinstance(loss_fn, str):  # an unhashable one would fail the registry's lookup
+        raise UserError(f"loss_fn must be a string, got {loss_fn!r}")
+    loss = get_loss(loss_fn)
     config = body.get("loss_fn_config") or {}
     if not isinstance(config, dict):
         raise UserError("loss_fn_config must be an object")
@@ -322,11 +326,7 @@ def _sequence(item: Any, codec: TextCodec, where: str) -> tuple[list[int], list[
     """The tokens of one datum and their weights (assistant tokens of a conversation, else 1)."""
     if isinstance(item, list) and item and all(isinstance(x, dict) for x in item):
         tokens, weights = codec.training_tokens(validate_messages(item, where))
-    elif (
-        isinstance(item, list)
-        and item
-        and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in item)
-    ):
+    elif is_token_ids(item):
         check_sequence_tokens(len(item), limits(), where)
         tokens, weights = item, [1.0] * len(item)
     else:
@@ -491,11 +491,7 @@ def _prompt(body: dict[str, Any], codec: TextCodec) -> list[int]:
     prompt = body.get("prompt")
     if isinstance(prompt, str) and prompt:
         return codec.encode(prompt)
-    if (
-        isinstance(prompt, list)
-        and prompt
-        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt)
-    ):
+    if is_token_ids(prompt):
         return prompt
     raise UserError("give a prompt (non-empty text or token ids) or messages (a conversation)")
 

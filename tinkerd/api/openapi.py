@@ -1,0 +1,670 @@
+"""`GET /openapi.json`: an OpenAPI 3.1 description of tinkerd's JSON API, written by hand.
+
+The views check their bodies with plain functions (`tinkerd.api.get_int`, `wire.parse_*`), not
+with models a framework could read, so the description is plain data built by the small helpers
+below; each request schema states what its view accepts. `tests/test_openapi.py` fails when a
+route of the app is not described, and fuzzes a live server against this document with
+schemathesis. Public (no API key): it holds no user data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, jsonify
+
+import tinkerd
+from tinkerd.api import MAX_LORA_RANK
+from tinkerd.api.sampling import UNSUPPORTED
+from tinkerd.api.simple import NAME
+from tinkerd.loss_functions import LOSSES
+from tinkerd.storage import KINDS
+from tinkerd.text import ROLES
+from tinkerd.wire import MAX_NUM_SAMPLES, MAX_TOPK
+
+bp = Blueprint("openapi", __name__)
+
+Schema = dict[str, Any]
+
+# storage.check_name's pattern (it also refuses '..'); tests/test_openapi.py compares the two.
+CHECKPOINT_NAME = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$"
+
+
+@bp.get("/openapi.json")
+def openapi_json():
+    return jsonify(describe())
+
+
+# -- schema helpers ----------------------------------------------------------------------------
+
+
+def ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def null_or(schema: Schema) -> Schema:
+    """`schema` or JSON null: most optional fields take null for "absent"."""
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def string(**kw: Any) -> Schema:
+    return {"type": "string", "minLength": 1, **kw}
+
+
+def integer(minimum: int | None = 0, maximum: int | None = None) -> Schema:
+    bounds = {"minimum": minimum, "maximum": maximum}
+    return {"type": "integer", **{k: v for k, v in bounds.items() if v is not None}}
+
+
+def number(minimum: float = 0.0, below: float | None = None) -> Schema:
+    """A finite number in [minimum, below) (`tinkerd.api.get_float`)."""
+    out: Schema = {"type": "number", "minimum": minimum}
+    return out | ({"exclusiveMaximum": below} if below is not None else {})
+
+
+def array(items: Schema, min_items: int = 0) -> Schema:
+    return {"type": "array", "items": items} | ({"minItems": min_items} if min_items else {})
+
+
+def obj(required: tuple[str, ...] = (), **properties: Schema) -> Schema:
+    """An object; the views ignore keys they do not know, so others are allowed."""
+    out: Schema = {"type": "object", "properties": properties}
+    return out | ({"required": list(required)} if required else {})
+
+
+BOOL: Schema = {"type": "boolean"}
+INT: Schema = {"type": "integer"}
+NUMBER: Schema = {"type": "number"}
+ANY_OBJECT: Schema = {"type": "object"}
+TOKENS: Schema = array(integer(0))
+TINKER_PATH: Schema = string(
+    pattern=r"^tinker://[^/]+/(weights|sampler_weights)/[^/]+$",
+    description="tinker://<model_id>/{weights|sampler_weights}/<name>",
+)
+
+
+def json_content(schema: Schema) -> dict[str, Schema]:
+    return {"application/json": {"schema": schema}}
+
+
+def op(
+    summary: str,
+    tag: str,
+    body: Schema | None = None,
+    ok: Schema | None = None,
+    *,
+    params: tuple[Schema, ...] = (),
+    ok_content: dict[str, Schema] | None = None,
+    body_content: dict[str, Schema] | None = None,
+    public: bool = False,
+    error: str = "Error",
+) -> Schema:
+    """One operation: its body (required when given), its 200 answer, and the error shape of
+    every 4xx and 5xx (`error`: tinkerd's, or OpenAI's on /v1)."""
+    errors = {"description": "refused or failed", "content": json_content(ref(error))}
+    out: Schema = {
+        "summary": summary,
+        "tags": [tag],
+        "responses": {
+            "200": {"description": "ok", "content": ok_content or json_content(ok or ANY_OBJECT)},
+            "4XX": errors,
+            "5XX": errors,
+        },
+    }
+    if body is not None or body_content is not None:
+        out["requestBody"] = {"required": True, "content": body_content or json_content(body)}
+    if params:
+        out["parameters"] = list(params)
+    if public:
+        out["security"] = []
+    return out
+
+
+def no_op(value: Any) -> Schema:
+    """An OpenAI option tinkerd does not support: absent, null, or the value that changes
+    nothing."""
+    return {"anyOf": [{"const": value}, {"type": "null"}], "description": "not supported"}
+
+
+def path_param(name: str) -> Schema:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def query(name: str, schema: Schema, required: bool = False) -> Schema:
+    return {"name": name, "in": "query", "required": required, "schema": schema}
+
+
+PAGE = (query("limit", integer(1)), query("offset", integer(0)))
+FUTURE = obj(("request_id", "model_id"), request_id=string(), model_id=string())
+TEXT = {"text/plain": {"schema": {"type": "string"}}}
+
+
+# -- shared shapes -----------------------------------------------------------------------------
+
+
+def components() -> dict[str, Schema]:
+    tensor = obj(
+        ("data",),
+        data=array(NUMBER),
+        dtype={"enum": ["float32", "int64"]},
+        shape=null_or(array(INT)),
+        sparse_crow_indices=null_or(array(INT)),
+        sparse_col_indices=null_or(array(INT)),
+    )
+    text_chunk = obj(("tokens",), type={"const": "encoded_text"}, tokens=TOKENS)
+    stop = null_or({"anyOf": [string(), array(string()), array(INT)]})
+    return {
+        "Error": obj(
+            ("error", "category"), error={"type": "string"}, category={"enum": ["user", "server"]}
+        ),
+        "OpenAIError": obj(
+            ("error",),
+            error=obj(
+                ("message", "type"),
+                message={"type": "string"},
+                type={"type": "string"},
+                param=null_or({"type": "string"}),
+                code=null_or({"type": "string"}),
+            ),
+        ),
+        "TensorData": tensor,
+        "ModelInput": obj(("chunks",), chunks=array(text_chunk)),
+        "Datum": obj(
+            ("model_input",),
+            model_input=ref("ModelInput"),
+            loss_fn_inputs=null_or(
+                {
+                    "type": "object",
+                    "additionalProperties": {"anyOf": [ref("TensorData"), array(NUMBER)]},
+                }
+            ),
+        ),
+        "LossFnConfig": null_or({"type": "object", "additionalProperties": {"type": "number"}}),
+        "AdamParams": obj(
+            learning_rate=number(),
+            beta1=number(below=1.0),
+            beta2=number(below=1.0),
+            eps=number(),
+            weight_decay=number(),
+            grad_clip_norm=number(),
+        ),
+        "LoraConfig": obj(
+            rank=integer(1, MAX_LORA_RANK),
+            seed=null_or(INT),
+            train_mlp=BOOL,
+            train_attn=BOOL,
+            train_unembed=BOOL,
+        ),
+        "SamplingParams": obj(
+            max_tokens=null_or(integer(1)),
+            temperature=null_or(number()),
+            top_p=null_or({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
+            top_k=integer(-1),
+            seed=null_or(INT),
+            stop=ref("Stop"),
+        ),
+        "Message": obj(("role", "content"), role={"enum": list(ROLES)}, content=string()),
+        "Conversation": array(ref("Message"), min_items=1),
+        "Stop": stop,
+    }
+
+
+def describe() -> Schema:
+    """The whole document, built afresh (microseconds), so no caller shares a mutable copy.
+    In each group the operations that end or delete something come last, so that a fuzz run
+    in the document's order reaches the others with its ids still alive."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "tinkerd",
+            "version": tinkerd.__version__,
+            "description": "A self-hosted training service that speaks the Tinker API: the "
+            "SDK's protocol under /api/v1, a simple JSON API at the root, OpenAI-compatible "
+            'sampling under /v1. Errors are {"error", "category"} (OpenAI\'s shape on /v1).',
+        },
+        "components": {
+            "schemas": components(),
+            "securitySchemes": {
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                "bearer": {"type": "http", "scheme": "bearer"},
+            },
+        },
+        "security": [{"apiKey": []}, {"bearer": []}],
+        "paths": {**sdk_paths(), **rest_paths(), **simple_paths(), **openai_paths()},
+    }
+
+
+# -- /api/v1: the SDK's protocol ---------------------------------------------------------------
+
+
+def sdk_paths() -> dict[str, Schema]:
+    v1, sdk = "/api/v1", "sdk"
+    ordered = {"model_id": string(), "seq_id": integer(0)}  # a model's request in its order
+    save = {
+        **ordered,
+        "ttl_seconds": null_or(number(1e-9)),
+        "overwrite": BOOL,
+        "user_metadata": null_or(ANY_OBJECT),
+    }
+    sample_from = {"base_model": null_or(string()), "model_path": null_or(TINKER_PATH)}
+    return {
+        f"{v1}/client/config": {"post": op("SDK client flags", sdk)},
+        f"{v1}/client/dynamic_config": {"post": op("SDK refresh settings", sdk)},
+        f"{v1}/telemetry": {"post": op("accepted and dropped", sdk)},
+        f"{v1}/get_server_capabilities": {"get": op("base models this server trains", sdk)},
+        f"{v1}/create_session": {
+            "post": op(
+                "start a session",
+                sdk,
+                obj(tags=null_or(array({})), user_metadata=null_or(ANY_OBJECT)),
+                obj(("session_id",), session_id=string()),
+            )
+        },
+        f"{v1}/session_heartbeat": {
+            "post": op(
+                "keep a session alive (410 once it is finished)",
+                sdk,
+                obj(("session_id",), session_id=string()),
+            )
+        },
+        f"{v1}/create_model": {
+            "post": op(
+                "create a LoRA model as {session_id}:train:{model_seq_id}; answers a future",
+                sdk,
+                obj(
+                    ("session_id", "model_seq_id", "base_model"),
+                    session_id=string(),
+                    model_seq_id=integer(0),
+                    base_model=string(),
+                    lora_config=null_or(ref("LoraConfig")),
+                    optimizer_config=null_or(obj(type={"const": "adamw"})),
+                    user_metadata=null_or(ANY_OBJECT),
+                ),
+                FUTURE,
+            )
+        },
+        f"{v1}/get_info": {
+            "post": op(
+                "a model's base model and LoRA rank", sdk, obj(("model_id",), model_id=string())
+            )
+        },
+        f"{v1}/forward_backward": {
+            "post": op(
+                "queue a forward/backward pass; the SDK sends application/x-protobuf "
+                "(a ForwardBackwardRequest), this JSON form is the same request",
+                sdk,
+                ok=FUTURE,
+                body_content={
+                    **json_content(
+                        obj(
+                            ("model_id", "seq_id", "forward_backward_input"),
+                            **ordered,
+                            forward_only=BOOL,
+                            forward_backward_input=obj(
+                                ("data", "loss_fn"),
+                                data=array(ref("Datum")),
+                                loss_fn={"enum": list(LOSSES)},
+                                loss_fn_config=ref("LossFnConfig"),
+                            ),
+                        )
+                    ),
+                    "application/x-protobuf": {"schema": {"type": "string", "format": "binary"}},
+                },
+            )
+        },
+        f"{v1}/optim_step": {
+            "post": op(
+                "queue an AdamW step",
+                sdk,
+                obj(
+                    ("model_id", "seq_id", "adam_params"), **ordered, adam_params=ref("AdamParams")
+                ),
+                FUTURE,
+            )
+        },
+        f"{v1}/retrieve_future": {
+            "post": op(
+                "a request's result (long-polls; {type: try_again} while it runs)",
+                sdk,
+                obj(("request_id",), request_id=string()),
+                ok_content={
+                    **json_content(ANY_OBJECT),
+                    "application/x-protobuf": {"schema": {"type": "string", "format": "binary"}},
+                },
+            )
+        },
+        f"{v1}/save_weights": {
+            "post": op(
+                "queue a save of weights and optimizer state",
+                sdk,
+                obj(("model_id", "seq_id", "path"), **save, path=string(pattern=CHECKPOINT_NAME)),
+                FUTURE,
+            )
+        },
+        f"{v1}/save_weights_for_sampler": {
+            "post": op(
+                "queue a save of sampler weights (named by `path`), or of an in-memory snapshot "
+                "for a new sampling session (`sampling_session_seq_id`, without `path`)",
+                sdk,
+                obj(
+                    ("model_id", "seq_id"),
+                    **save,
+                    path=null_or(string(pattern=CHECKPOINT_NAME)),
+                    sampling_session_seq_id=integer(0),
+                ),
+                FUTURE,
+            )
+        },
+        f"{v1}/load_weights": {
+            "post": op(
+                "load a checkpoint into a live model (with `model_id`, in its order), or create "
+                "a model from it (with `session_id`)",
+                sdk,
+                {
+                    "anyOf": [
+                        obj(
+                            ("model_id", "seq_id", "path"),
+                            **ordered,
+                            path=TINKER_PATH,
+                            optimizer=BOOL,
+                        ),
+                        obj(
+                            ("session_id", "model_seq_id", "path"),
+                            session_id=string(),
+                            model_seq_id=integer(0),
+                            path=TINKER_PATH,
+                            optimizer=BOOL,
+                            base_model=null_or(string()),
+                        ),
+                    ]
+                },
+                FUTURE,
+            )
+        },
+        f"{v1}/create_sampling_session": {
+            "post": op(
+                "a sampling session on a base model or a sampler checkpoint",
+                sdk,
+                obj(
+                    ("session_id", "sampling_session_seq_id"),
+                    session_id=string(),
+                    sampling_session_seq_id=integer(0),
+                    **sample_from,
+                ),
+                obj(("sampling_session_id",), sampling_session_id=string()),
+            )
+        },
+        f"{v1}/samplers/{{sampler_id}}": {
+            "get": op("a sampling session's weights", sdk, params=(path_param("sampler_id"),))
+        },
+        f"{v1}/asample": {
+            "post": op(
+                "queue a sampling request (of a sampling session, or naming its weights)",
+                sdk,
+                obj(
+                    ("prompt",),
+                    sampling_session_id=null_or(string()),
+                    **sample_from,
+                    prompt=ref("ModelInput"),
+                    num_samples=integer(1, MAX_NUM_SAMPLES),
+                    sampling_params=null_or(ref("SamplingParams")),
+                    prompt_logprobs=null_or(BOOL),
+                    topk_prompt_logprobs=null_or(integer(0, MAX_TOPK)),
+                    seq_id=integer(0),
+                    **{option: no_op(0) for option in UNSUPPORTED},
+                ),
+                obj(
+                    ("request_id", "sample_sequence_ids"),
+                    request_id=string(),
+                    sample_sequence_ids=array(string()),
+                ),
+            )
+        },
+        f"{v1}/sessions/{{session_id}}/finish": {
+            "post": op(
+                "finish a session",
+                sdk,
+                obj(reason=null_or(obj(type={"type": "string"}))),
+                params=(path_param("session_id"),),
+            )
+        },
+    }
+
+
+# -- /api/v1: REST on runs and checkpoints, operations ------------------------------------------
+
+
+def rest_paths() -> dict[str, Schema]:
+    v1, rest, ops = "/api/v1", "rest", "ops"
+    run = (path_param("run_id"),)
+    health = obj(("status",), status={"const": "ok"}, queue_depth=integer(0))
+    events = (
+        query("limit", integer(1, 1000)),
+        query("offset", integer(0)),
+        query("since", {"type": "number"}),
+        query("type", {"type": "string"}),
+    )
+    return {
+        f"{v1}/training_runs": {"get": op("training runs, a page", rest, params=PAGE)},
+        f"{v1}/training_runs/{{run_id}}": {"get": op("a training run", rest, params=run)},
+        f"{v1}/training_runs/{{run_id}}/checkpoints": {
+            "get": op("a run's checkpoints", rest, params=run)
+        },
+        f"{v1}/training_runs/{{run_id}}/save": {
+            "post": op(
+                "queue a save as the run's next request (no seq_id)",
+                rest,
+                obj(
+                    ("name",),
+                    name=string(pattern=CHECKPOINT_NAME),
+                    kind={"enum": list(KINDS)},
+                    ttl_seconds=null_or(number(1e-9)),
+                    overwrite=BOOL,
+                    user_metadata=null_or(ANY_OBJECT),
+                ),
+                params=run,
+            )
+        },
+        f"{v1}/training_runs/{{run_id}}/events": {
+            "get": op("a run's events, oldest first", rest, params=(*run, *events))
+        },
+        f"{v1}/training_runs/{{run_id}}/log": {
+            "get": op("a run's events as text", rest, params=(*run, *events), ok_content=TEXT)
+        },
+        f"{v1}/checkpoints": {
+            "get": op("every run's checkpoints, newest first", rest, params=PAGE)
+        },
+        f"{v1}/checkpoints/archive": {
+            "get": op(
+                "a checkpoint's files as a tar stream",
+                rest,
+                params=(query("path", TINKER_PATH, required=True), query("optimizer", BOOL)),
+                ok_content={"application/x-tar": {"schema": {"type": "string"}}},
+            )
+        },
+        f"{v1}/weights_info": {
+            "post": op(
+                "a checkpoint's base model and LoRA config",
+                rest,
+                obj(("tinker_path",), tinker_path=TINKER_PATH),
+            )
+        },
+        f"{v1}/training_runs/{{run_id}}/checkpoints/{{kind}}/{{name}}": {
+            "delete": op(
+                "delete a checkpoint",
+                rest,
+                params=(*run, path_param("kind"), path_param("name")),
+            )
+        },
+        f"{v1}/system/status": {"get": op("workers, queue, host, lost models", ops)},
+        f"{v1}/healthz": {"get": op("liveness", ops, ok=health, public=True)},
+        f"{v1}/loss_functions": {"get": op("the losses, their inputs and config", ops)},
+        "/healthz": {"get": op("liveness", ops, ok=health, public=True)},
+        "/loss_functions": {"get": op("the losses, their inputs and config", ops)},
+        "/metrics": {"get": op("Prometheus text exposition", ops, ok_content=TEXT)},
+        "/openapi.json": {"get": op("this document", ops, public=True)},
+    }
+
+
+# -- the simple JSON API at the root -----------------------------------------------------------
+
+
+def simple_paths() -> dict[str, Schema]:
+    simple = "simple"
+    name = string(pattern=NAME.pattern)
+    sequence = {"anyOf": [ref("Conversation"), array(integer(0), min_items=2)]}
+    per_datum = array({"anyOf": [NUMBER, array(NUMBER), ref("TensorData")]})
+    sample = obj(
+        model_id=null_or(name),
+        base_model=null_or(string()),
+        prompt=null_or({"anyOf": [string(), array(integer(0), min_items=1)]}),
+        messages=null_or(ref("Conversation")),
+        max_tokens=null_or(integer(1)),
+        temperature=null_or(number()),
+        top_p=null_or({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
+        top_k=null_or(integer(-1)),
+        seed=null_or(INT),
+        stop=ref("Stop"),
+        num_samples=integer(1, MAX_NUM_SAMPLES),
+    )
+    lora = {k: null_or(v) for k, v in components()["LoraConfig"]["properties"].items()}
+    return {
+        "/adapters": {"get": op("the adapters, oldest first", simple)},
+        "/add_lora": {
+            "post": op(
+                "create an adapter (409 if the name exists with another config)",
+                simple,
+                obj(("model_id",), model_id=name, base_model=null_or(string()), **lora),
+            )
+        },
+        "/fwdbwd": {
+            "post": op(
+                "queue a forward/backward pass on conversations or token ids (a new name "
+                "creates its adapter)",
+                simple,
+                obj(
+                    ("model_id", "data"),
+                    model_id=name,
+                    data=array(sequence, min_items=1),
+                    loss_fn={"enum": list(LOSSES)},
+                    loss_fn_config=ref("LossFnConfig"),
+                    loss_fn_inputs=null_or({"type": "object", "additionalProperties": per_datum}),
+                    forward_only=BOOL,
+                ),
+                FUTURE,
+            )
+        },
+        "/optim_step": {
+            "post": op(
+                "queue an AdamW step",
+                simple,
+                obj(
+                    ("model_id",),
+                    model_id=name,
+                    adam_params=null_or(ref("AdamParams")),
+                    learning_rate=null_or(number()),
+                ),
+                FUTURE,
+            )
+        },
+        "/retrieve_future": {
+            "post": op(
+                "a request's result as JSON (long-polls)",
+                simple,
+                obj(("request_id",), request_id=string()),
+            )
+        },
+        "/sample": {"post": op("sample text and wait for it", simple, sample)},
+        "/generate": {"post": op("sample text and wait for it (= /sample)", simple, sample)},
+        "/get_server_capabilities": {"get": op("base models this server trains", simple)},
+        "/remove_lora": {
+            "post": op("remove an adapter", simple, obj(("model_id",), model_id=name))
+        },
+        "/adapters/{name}": {
+            "delete": op("remove an adapter", simple, params=(path_param("name"),))
+        },
+    }
+
+
+# -- /v1: OpenAI-compatible sampling -----------------------------------------------------------
+
+
+def openai_paths() -> dict[str, Schema]:
+    openai = "openai"
+    options = {
+        "model": string(description="a base model, or a tinker:// sampler checkpoint"),
+        "max_tokens": null_or(integer(1)),
+        "temperature": null_or(number()),
+        "top_p": null_or({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
+        "top_k": null_or(integer(-1)),
+        "n": null_or(integer(1, MAX_NUM_SAMPLES)),
+        "best_of": null_or({**integer(1), "description": "only equal to n"}),
+        "seed": null_or(INT),
+        "stop": null_or({"anyOf": [string(), array(string())]}),
+        "stream": null_or(BOOL),
+        "stream_options": null_or(obj(include_usage=BOOL)),
+        "frequency_penalty": no_op(0),
+        "presence_penalty": no_op(0),
+        "logit_bias": no_op({}),
+        "tools": no_op([]),
+        "functions": no_op([]),
+        "response_format": no_op({"type": "text"}),
+    }
+    ids = array(integer(0), min_items=1)
+    prompt = {"anyOf": [{"type": "string"}, array(string(), 1), ids, array(ids, 1)]}
+    part = obj(("type", "text"), type={"const": "text"}, text={"type": "string"})
+    message = obj(
+        ("role", "content"),
+        role={"enum": [*ROLES, "developer"]},
+        content={"anyOf": [string(), array(part, 1)]},
+    )
+    answer = {
+        **json_content(ANY_OBJECT),
+        # Before OpenAPI 3.2 a stream's schema describes each event.
+        "text/event-stream": {
+            "schema": obj(("data",), data=string(description="a JSON chunk, or [DONE]"))
+        },
+    }
+    return {
+        "/v1/completions": {
+            "post": op(
+                "text completions",
+                openai,
+                obj(
+                    ("model", "prompt"),
+                    **options,
+                    prompt=prompt,
+                    logprobs=null_or(integer(0, 0)),
+                    echo=no_op(False),
+                    suffix=no_op(""),
+                ),
+                ok_content=answer,
+                error="OpenAIError",
+            )
+        },
+        "/v1/chat/completions": {
+            "post": op(
+                "chat completions",
+                openai,
+                obj(
+                    ("model", "messages"),
+                    **options,
+                    messages=array(message, 1),
+                    max_completion_tokens=null_or(integer(1)),
+                    logprobs=null_or(BOOL),
+                    top_logprobs=null_or(integer(0, 0)),
+                ),
+                ok_content=answer,
+                error="OpenAIError",
+            )
+        },
+        "/v1/models": {"get": op("the models to sample from", openai, error="OpenAIError")},
+        "/v1/models/{model}": {
+            "get": op(
+                "one model",
+                openai,
+                params=(path_param("model"),),
+                error="OpenAIError",
+            )
+        },
+    }
