@@ -109,6 +109,13 @@ def main(argv: list[str] | None = None) -> int:
         from tinkerd.cluster.worker import WorkerProcess
 
         WorkerProcess(settings).run()
+        # Drained: results, events and checkpoints are in Redis and on disk. Leave without the
+        # interpreter's teardown, in which native threads (torch's, Celery's libraries') that
+        # outlive it have been seen to abort the process ("terminate called ...").
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
