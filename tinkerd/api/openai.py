@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 from flask import Blueprint, Response, jsonify, request, stream_with_context
 
-from tinkerd import api
 from tinkerd.api import (
     get_bool,
     get_float,
@@ -32,6 +31,7 @@ from tinkerd.api import (
     registry,
     service,
     submit_unordered,
+    wait,
 )
 from tinkerd.api.weights import checkpoint_meta
 from tinkerd.base_models import TINY_MODEL, resolve_base_model
@@ -241,7 +241,7 @@ def submit(target: Target, prompt: list[int], params: SamplingParams, n: int) ->
 def sampled(request_id: str) -> SampleResult | None:
     """The request's SampleResult, None if it is still running after a long-poll interval;
     raises the error the worker settled it with."""
-    result = api.wait(request_id, service().settings.long_poll_seconds)
+    result = wait(request_id, service().settings.long_poll_seconds)
     if result is None:
         return None
     if result.content_type == "application/x-protobuf":

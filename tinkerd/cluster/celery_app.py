@@ -49,24 +49,7 @@ def task_args(kind: str, task: Task) -> list[Any]:
     return [kind, task.request_id, task.model_id, task.seq_id, payload, task.tenant, task.priority]
 
 
-def bind_scheduler(app: Celery, scheduler: Scheduler) -> None:
-    """Register the task on a worker: each delivery is queued on `scheduler`."""
-
-    @app.task(name=RUN_TASK)
-    def run(
-        kind: str,
-        request_id: str,
-        key: str,
-        seq_id: int,
-        payload: dict,
-        tenant: str = "",
-        priority: int = 0,
-    ) -> None:
-        queue_task(scheduler, kind, request_id, key, seq_id, payload, tenant, priority)
-
-
-def queue_task(
-    scheduler: Scheduler,
+def task_from_args(
     kind: str,
     request_id: str,
     key: str,
@@ -74,8 +57,27 @@ def queue_task(
     payload: dict,
     tenant: str = "",
     priority: int = 0,
-) -> None:
-    task = Task(request_id, key, seq_id, codec.decode(payload), tenant, int(priority))
+) -> tuple[str, Task]:
+    """`task_args`' inverse; a message of an older API (five arguments) has no tenant."""
+    return kind, Task(request_id, key, seq_id, codec.decode(payload), tenant, int(priority))
+
+
+def send(celery: Celery, worker: str, kind: str, task: Task) -> None:
+    """Queue `task` for `worker`'s Celery consumer."""
+    celery.send_task(RUN_TASK, args=task_args(kind, task), queue=worker_queue(worker))
+
+
+def bind_scheduler(app: Celery, scheduler: Scheduler) -> None:
+    """Register the task on a worker: each delivery is queued on `scheduler`."""
+
+    @app.task(name=RUN_TASK)
+    def run(*args: Any) -> None:
+        queue_task(scheduler, *args)
+
+
+def queue_task(scheduler: Scheduler, *args: Any) -> None:
+    """Queue one message's task (its `task_args`) on `scheduler`."""
+    kind, task = task_from_args(*args)
     if kind == "ordered":
         scheduler.enqueue(task)
     else:

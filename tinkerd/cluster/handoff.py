@@ -17,13 +17,11 @@ import logging
 import time
 import uuid
 from dataclasses import replace
-from typing import Any
 
 import redis
 from celery import Celery
 
-from tinkerd.cluster.celery_app import RUN_TASK, take_undelivered, task_args, worker_queue
-from tinkerd.cluster.codec import decode
+from tinkerd.cluster.celery_app import send, take_undelivered, task_from_args
 from tinkerd.cluster.state import PLACEMENT, as_text, inflight_key, live_workers
 from tinkerd.storage import CheckpointPath
 from tinkerd.tasks import Scheduler, Task
@@ -131,9 +129,8 @@ class HandOff:
         a model's request if its model went there)."""
         count = 0
         for args in take_undelivered(self.redis, self.name):
-            kind, request_id, key, seq_id, payload, *rest = args
-            task = Task(request_id, key, seq_id, decode(payload), *rest)
-            if kind == "ordered" and key not in self.moved:
+            kind, task = task_from_args(*args)
+            if kind == "ordered" and task.model_id not in self.moved:
                 self.scheduler.enqueue(task)  # a model unknown here: the drain settles it
                 continue
             self._send(kind, task)
@@ -143,10 +140,9 @@ class HandOff:
     def _send(self, kind: str, task: Task) -> None:
         """Queue `task` at the target and move its in-flight record there, so that the reaper
         of this worker does not fail it."""
-        pipe = self.redis.pipeline(transaction=True)
-        if not task.request_id.startswith("handoff-"):
+        if not task.request_id.startswith("handoff-"):  # the re-creation was never in flight
+            pipe = self.redis.pipeline(transaction=True)
             pipe.srem(inflight_key(self.name), task.request_id)
             pipe.sadd(inflight_key(self.target), task.request_id)
-        pipe.execute()
-        args: list[Any] = task_args(kind, task)
-        self.celery.send_task(RUN_TASK, args=args, queue=worker_queue(self.target))
+            pipe.execute()
+        send(self.celery, self.target, kind, task)

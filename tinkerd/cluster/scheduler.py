@@ -22,7 +22,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from tinkerd.cluster.celery_app import RUN_TASK, task_args, worker_queue
+from tinkerd.cluster.celery_app import send
 from tinkerd.cluster.state import (
     LOST,
     PLACEMENT,
@@ -350,11 +350,7 @@ class RedisScheduler:
 
     def _send(self, worker: str, kind: str, task: Task) -> None:
         try:
-            self.celery.send_task(
-                RUN_TASK,
-                args=task_args(kind, task),
-                queue=worker_queue(worker),
-            )
+            send(self.celery, worker, kind, task)
         except Exception as e:  # the broker went away between recording and sending
             error = ServerError(f"could not queue the request to {worker}: {e}")
             self.futures.settle_error(task.request_id, error, worker, tenant=task.tenant)
