@@ -11,7 +11,18 @@ import pytest
 
 from tinkerd import keys as keys_module
 from tinkerd.cli import main
-from tinkerd.keys import OPEN, FileKeys, KeyRing, RedisKeys, create_key, digest
+from tinkerd.keys import (
+    KEYED,
+    OPEN,
+    OPEN_MODE,
+    REDIS_KEYS,
+    REDIS_MODE,
+    FileKeys,
+    KeyRing,
+    RedisKeys,
+    create_key,
+    digest,
+)
 
 
 @pytest.fixture(params=["file", "redis"])
@@ -64,7 +75,7 @@ def test_a_revoked_key_stops_working_within_the_cache_interval(
     assert ring.find(alice) is None and ring.find(bob).name == "bob"
     store.revoke("bob")
     time.sleep(0.1)
-    assert ring.open and ring.find(None) is OPEN  # no keys left: open again
+    assert not ring.open and ring.find(None) is None  # no keys left: still keyed
 
 
 def test_an_empty_store_is_an_open_server(store) -> None:
@@ -121,3 +132,127 @@ def test_an_open_server_says_so_at_start(tmp_path: Path, caplog: pytest.LogCaptu
     with app.test_client() as http:
         assert http.get("/api/v1/training_runs").status_code == 401
         assert http.get("/api/v1/healthz").status_code == 200
+
+
+# -- the server's mode: once keyed, open only on request ---------------------------------------
+
+
+def test_revoking_the_last_key_leaves_the_server_keyed_until_it_is_opened(
+    store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(keys_module, "CACHE_SECONDS", 0.05)
+    assert store.mode() is None  # never held a key: open
+    alice, _ = create_key(store, "alice")
+    ring = KeyRing(store)
+    with pytest.raises(ValueError, match="revoke them first"):
+        store.set_open()  # not while a key is active
+    assert store.mode() == KEYED and not ring.open
+    assert store.revoke("alice")
+    time.sleep(0.1)
+    for r in (ring, KeyRing(store)):  # a running server, and one started now
+        assert not r.open and r.active == 0
+        assert r.find(alice) is None and r.find(None) is None and r.find("tml-x" * 9) is None
+    store.set_open()  # the explicit choice
+    time.sleep(0.1)
+    assert store.mode() == OPEN_MODE and ring.open and ring.find(None) is OPEN
+    bob, _ = create_key(store, "bob")  # a key closes it again
+    time.sleep(0.1)
+    assert store.mode() == KEYED and not ring.open and ring.find(None) is None
+    assert ring.find(bob).name == "bob"
+
+
+def test_a_running_server_stays_keyed_when_its_redis_forgets_the_keys(
+    client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis that restarts empty (no persistence) loses keys and mode: the API processes
+    that saw keys keep refusing, rather than opening."""
+    monkeypatch.setattr(keys_module, "CACHE_SECONDS", 0.05)
+    store = RedisKeys(client)
+    create_key(store, "alice")
+    ring = KeyRing(store)
+    client.flushdb()
+    time.sleep(0.1)
+    assert store.mode() is None and not ring.open and ring.find(None) is None
+
+
+def test_stores_written_by_an_older_version_are_keyed(client, tmp_path: Path) -> None:
+    """keys.json as a plain list (even empty: it was only written once a key was added), and a
+    cluster's key hash without a mode."""
+    (tmp_path / "keys.json").write_text("[]")
+    files = FileKeys(tmp_path)
+    assert files.mode() == KEYED and not KeyRing(files).open
+    secret, record = create_key(files, "alice")
+    assert KeyRing(files).find(secret) == record
+
+    redis_keys = RedisKeys(client)
+    create_key(redis_keys, "old")
+    client.delete(REDIS_MODE)  # as an older version wrote it
+    assert redis_keys.mode() == KEYED and not KeyRing(redis_keys).open
+    assert redis_keys.revoke("old") and client.hlen(REDIS_KEYS) == 0
+    assert redis_keys.mode() == KEYED and not KeyRing(redis_keys).open
+
+
+def test_keys_commands_say_what_the_server_does_and_http_agrees(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reported fault: create alice, revoke alice; the revoked key and no key at all must
+    then answer 401, not 200, and see nothing. Each command says what the server does next."""
+    from tinkerd.app import create_app
+    from tinkerd.config import Settings
+    from tinkerd.tasks import Scheduler
+
+    monkeypatch.setattr(keys_module, "CACHE_SECONDS", 0.0)
+    data = ["--data-dir", str(tmp_path)]
+    http = create_app(Settings.load(data_dir=tmp_path), Scheduler()).test_client()
+
+    def status(key: str | None) -> int:
+        return http.get(
+            "/api/v1/training_runs", headers={"X-API-Key": key} if key else {}
+        ).status_code
+
+    assert status(None) == 200  # a fresh server runs open
+    assert main(["keys", "list", *data]) == 0
+    assert "runs OPEN" in capsys.readouterr().out
+
+    assert main(["keys", "create", "alice", *data]) == 0
+    out = capsys.readouterr()
+    secret = out.out.strip()
+    assert "refuses every request without a valid key (1 active key)" in out.err
+    assert (status(secret), status(None)) == (200, 401)
+
+    assert main(["keys", "open", *data]) == 2  # refused while alice's key is active
+    assert "revoke them first" in capsys.readouterr().err
+    assert status(None) == 401
+
+    assert main(["keys", "revoke", "alice", *data]) == 0
+    err = capsys.readouterr().err
+    assert "answer 401" in err and "refuses every request (0 active keys" in err
+    assert (status(secret), status(None), status("tml-" + "y" * 43)) == (401, 401, 401)
+    r = http.get("/api/v1/checkpoints", headers={"X-API-Key": secret})
+    assert r.status_code == 401 and r.json["category"] == "user"
+    assert http.get("/api/v1/healthz").status_code == 200  # liveness stays public
+    assert main(["keys", "list", *data]) == 0
+    assert "refuses every request (0 active keys" in capsys.readouterr().out
+
+    assert main(["keys", "open", *data]) == 0  # the explicit choice
+    assert "runs OPEN (explicitly opened)" in capsys.readouterr().err
+    assert (status(None), status(secret)) == (200, 200)
+
+    assert main(["keys", "create", "bob", *data]) == 0
+    capsys.readouterr()
+    assert status(None) == 401
+
+
+def test_a_keyed_server_without_keys_says_so_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tinkerd.app import create_app
+    from tinkerd.config import Settings
+    from tinkerd.tasks import Scheduler
+
+    create_key(FileKeys(tmp_path), "alice")
+    FileKeys(tmp_path).revoke("alice")
+    with caplog.at_level("WARNING", logger="tinkerd.app"):
+        app = create_app(Settings.load(data_dir=tmp_path), Scheduler())
+    assert "refuses every request" in caplog.text and "OPEN" not in caplog.text
+    assert app.test_client().get("/api/v1/training_runs").status_code == 401

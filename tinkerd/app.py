@@ -64,8 +64,13 @@ def create_app(
     )
     if keys.open:
         log.warning(
-            "no API keys configured: this server is OPEN to anyone who can reach it; "
+            "no API keys required: this server is OPEN to anyone who can reach it; "
             "`tinkerd keys create NAME` makes one, and from then on every request needs one"
+        )
+    elif not keys.active:
+        log.warning(
+            "this server is keyed but holds no active key: it refuses every request (401); "
+            "`tinkerd keys create NAME` makes one, `tinkerd keys open` runs it open"
         )
 
     @app.before_request

@@ -1,5 +1,6 @@
-"""`tinkerd keys create|list|revoke`: manage the API keys of a server's state directly (its
-data directory, or the Redis of a cluster), so they work while the server runs or not."""
+"""`tinkerd keys create|list|revoke|open`: manage the API keys of a server's state directly (its
+data directory, or the Redis of a cluster), so they work while the server runs or not. Each
+command ends by saying what the server does with requests from then on."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tinkerd.config import Settings
-from tinkerd.keys import DEFAULT_PRIORITY, MAX_PRIORITY, KeyStore, create_key, key_store
+from tinkerd.keys import (
+    CACHE_SECONDS,
+    DEFAULT_PRIORITY,
+    MAX_PRIORITY,
+    KeyStore,
+    create_key,
+    describe,
+    key_store,
+)
 
 
 def _store(args: argparse.Namespace) -> KeyStore:
@@ -19,10 +28,16 @@ def _store(args: argparse.Namespace) -> KeyStore:
     return key_store(settings.data_dir, settings.redis_url)
 
 
+def _tell_mode(store: KeyStore, file: Any = None) -> None:
+    """What a running server does from now on (within CACHE_SECONDS); on stderr by default."""
+    print(describe(store.mode(), store.all()), file=file or sys.stderr)
+
+
 def _create(args: argparse.Namespace) -> int:
+    store = _store(args)
     try:
         secret, key = create_key(
-            _store(args), args.name, args.priority, args.max_models, args.max_queued, args.admin
+            store, args.name, args.priority, args.max_models, args.max_queued, args.admin
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -33,6 +48,7 @@ def _create(args: argparse.Namespace) -> int:
         "keep it, the server stores only its hash",
         file=sys.stderr,
     )
+    _tell_mode(store)
     return 0
 
 
@@ -41,12 +57,15 @@ def _limit(value: int | None) -> str:
 
 
 def _list(args: argparse.Namespace) -> int:
-    keys = sorted(_store(args).all(), key=lambda k: k.created_at)
+    store = _store(args)
+    keys = sorted(store.all(), key=lambda k: k.created_at)
     if args.json:
         print(json.dumps([k.public() for k in keys], indent=2))
+        _tell_mode(store)
         return 0
     if not keys:
-        print("no keys: the server runs open (`tinkerd keys create NAME` makes one)")
+        print("no keys")
+        _tell_mode(store, sys.stdout)
         return 0
     rows = [["NAME", "PRIORITY", "MAX MODELS", "MAX QUEUED", "ADMIN", "CREATED (UTC)"]]
     for k in keys:
@@ -64,14 +83,33 @@ def _list(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    _tell_mode(store, sys.stdout)
     return 0
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    if not _store(args).revoke(args.name):
+    store = _store(args)
+    if not store.revoke(args.name):
         print(f"error: no key named {args.name!r}", file=sys.stderr)
+        _tell_mode(store)
         return 1
-    print(f"revoked key {args.name!r}; requests with it now answer 401", file=sys.stderr)
+    print(
+        f"revoked key {args.name!r}; requests with it answer 401 within {CACHE_SECONDS:g} s",
+        file=sys.stderr,
+    )
+    _tell_mode(store)
+    return 0
+
+
+def _open(args: argparse.Namespace) -> int:
+    store = _store(args)
+    try:
+        store.set_open()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        _tell_mode(store)
+        return 2
+    _tell_mode(store)
     return 0
 
 
@@ -91,9 +129,10 @@ def add_key_commands(commands: Any) -> None:
     )
     keys = commands.add_parser(
         "keys",
-        help="create, list and revoke API keys",
-        description="API keys: with any configured, every request needs one (X-API-Key), and "
-        "each key sees only its own sessions, models, samplers and checkpoints.",
+        help="create, list and revoke API keys; open a server",
+        description="API keys: once a key was created, every request needs a valid one "
+        "(X-API-Key), even after the last is revoked, until `keys open`; each key sees only "
+        "its own sessions, models, samplers and checkpoints.",
     )
     actions = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
 
@@ -124,7 +163,20 @@ def add_key_commands(commands: Any) -> None:
     listing.set_defaults(client_command=_list)
 
     revoke = actions.add_parser(
-        "revoke", help="remove a key: its requests answer 401", parents=[state]
+        "revoke",
+        help="remove a key: its requests answer 401 (the server stays keyed)",
+        parents=[state],
     )
     revoke.add_argument("name")
     revoke.set_defaults(client_command=_revoke)
+
+    opening = actions.add_parser(
+        "open",
+        help="run the server open: no key needed, every caller sees everything",
+        description="Run the server open: every request is served without a key, as one "
+        "all-seeing tenant. Refused while any key is active (revoke them first). A server "
+        "that had keys never opens otherwise: revoking its last key makes it refuse every "
+        "request. `keys create` makes it require keys again.",
+        parents=[state],
+    )
+    opening.set_defaults(client_command=_open)

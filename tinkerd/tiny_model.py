@@ -4,11 +4,14 @@ here on generated text. Built on first use, deterministic, no downloads.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 _WORDS = (
@@ -28,7 +31,7 @@ CHAT_TEMPLATE = (
     "{{ message['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-_build_lock = threading.Lock()
+_build_lock = threading.Lock()  # fcntl locks are per process: this orders its threads
 
 
 def _corpus(n_lines: int = 4000, seed: int = 0) -> list[str]:
@@ -91,8 +94,11 @@ def build_tiny_model(
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
-    with _build_lock:
-        if (path / "config.json").is_file():
+    if (path / "config.json").is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock, _file_lock(path.parent / f".{path.name}.lock"):
+        if (path / "config.json").is_file():  # another process built it while we waited
             return path
         tokenizer = build_tokenizer(vocab_size)
         config = LlamaConfig(
@@ -112,13 +118,32 @@ def build_tiny_model(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = LlamaForCausalLM(config)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
         try:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             os.replace(tmp, path)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (path / "config.json").is_file():  # not someone else's finished build
+                raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return path
+
+
+@contextmanager
+def _file_lock(lock_path: Path) -> Iterator[None]:
+    """An exclusive fcntl lock on `lock_path`, held until the block ends: the processes that
+    share a data directory (a cluster's workers and API) build the model one at a time."""
+    with open(lock_path, "a") as f:
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX)  # POSIX record lock: also across hosts on NFS
+        except OSError:  # a filesystem without locks: the build's rename settles who wins
+            yield
+            return
+        try:
+            yield
+        finally:
+            fcntl.lockf(f, fcntl.LOCK_UN)
