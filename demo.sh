@@ -14,4 +14,4 @@ for _ in $(seq 120); do
   kill -0 $SERVER 2>/dev/null || { echo "tinkerd exited" >&2; exit 1; }
   sleep 0.5
 done
-.venv/bin/python examples/train_tiny.py --base-url "http://127.0.0.1:$PORT" "$@"
+.venv/bin/python examples/train_tiny.py --url "http://127.0.0.1:$PORT" "$@"

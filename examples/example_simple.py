@@ -2,8 +2,9 @@
 sampled answers, and the adapters the server holds.
 
 Start a server first (`tinkerd serve`; its adapters train the built-in tiny model by default),
-then `python examples/example_simple.py [--url http://127.0.0.1:8000]`. No SDK, no token ids:
-conversations go in as JSON and the server renders them with the model's chat template.
+then `python examples/example_simple.py [--url URL]` (default $TINKERD_URL, else
+http://127.0.0.1:8000). No SDK, no token ids: conversations go in as JSON and the server renders
+them with the model's chat template.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import time
 
 import requests
+from _common import server_url
 
 CHATS = [
     [
@@ -119,11 +121,10 @@ def ppo_step(client: Client, model_id: str, learning_rate: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--learning-rate", type=float, default=1e-2)
-    args = parser.parse_args()
-    client = Client(args.url)
+    args, url = server_url(parser)
+    client = Client(url)
 
     print("=== Health ===")
     print(client.get("/healthz"))

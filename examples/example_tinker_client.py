@@ -2,7 +2,7 @@
 training client, a few supervised steps, a checkpoint, and sampling from it.
 
     tinkerd serve &                                   # the built-in tiny model, no downloads
-    python examples/example_tinker_client.py [--url http://127.0.0.1:8000]
+    python examples/example_tinker_client.py [--url URL]     # default $TINKERD_URL
 
 Only the official `tinker` SDK is used: the same script runs against any Tinker-compatible service
 (pass another --base-model there).
@@ -14,6 +14,7 @@ import argparse
 import os
 
 import tinker
+from _common import server_url
 from tinker import types
 
 TEXTS = [
@@ -36,15 +37,14 @@ def sft_datum(tokenizer, text: str) -> types.Datum:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", default=os.environ.get("TINKERD_URL", "http://127.0.0.1:8000"))
     parser.add_argument("--base-model", default="tinkerd/tiny")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=1e-2)
-    args = parser.parse_args()
+    args, url = server_url(parser)
 
     api_key = os.environ.get("TINKER_API_KEY", "tml-local")  # tinkerd takes any tml- key
-    service = tinker.ServiceClient(base_url=args.url, api_key=api_key)
-    rest = tinker.RestClient(base_url=args.url, api_key=api_key)
+    service = tinker.ServiceClient(base_url=url, api_key=api_key)
+    rest = tinker.RestClient(base_url=url, api_key=api_key)
 
     # 1. What the server offers.
     capabilities = rest.get_server_capabilities().result()

@@ -17,6 +17,7 @@ import argparse
 import os
 
 import tinker
+from _common import server_url
 from tinker import types
 
 SFT_TEXTS = [
@@ -82,7 +83,6 @@ def rollouts(sampler, prompts, target, group_size, max_tokens, seed):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", default=os.environ.get("TINKERD_URL", "http://127.0.0.1:8000"))
     parser.add_argument("--base-model", default="tinkerd/tiny")
     parser.add_argument(
         "--loss", default="importance_sampling", choices=["importance_sampling", "ppo"]
@@ -92,10 +92,10 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=2e-2)
-    args = parser.parse_args()
+    args, url = server_url(parser)
 
     api_key = os.environ.get("TINKER_API_KEY", "tml-local")
-    service = tinker.ServiceClient(base_url=args.url, api_key=api_key)
+    service = tinker.ServiceClient(base_url=url, api_key=api_key)
     training = service.create_lora_training_client(
         base_model=args.base_model, rank=8, seed=0
     ).result()

@@ -10,6 +10,7 @@ import argparse
 import os
 
 import tinker
+from _common import server_url
 from tinker import types
 
 TEXTS = [
@@ -31,16 +32,13 @@ def make_datum(tokenizer, text: str) -> types.Datum:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument(
-        "--base-url", default=os.environ.get("TINKER_BASE_URL", "http://127.0.0.1:8000")
-    )
     parser.add_argument("--base-model", default="tinkerd/tiny")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--learning-rate", type=float, default=1e-2)
-    args = parser.parse_args()
+    args, url = server_url(parser)
 
     api_key = os.environ.get("TINKER_API_KEY", "tml-local")
-    with tinker.ServiceClient(base_url=args.base_url, api_key=api_key) as service:
+    with tinker.ServiceClient(base_url=url, api_key=api_key) as service:
         training = service.create_lora_training_client(base_model=args.base_model, rank=8, seed=0)
         training = training.result()
         tokenizer = training.get_tokenizer()
