@@ -256,6 +256,18 @@ def test_server_capabilities(server) -> None:
     names = [m.model_name for m in caps.supported_models]
     assert "tinkerd/tiny" in names
     assert all(m.trainable for m in caps.supported_models)
+    assert all(m.sampleable for m in caps.supported_models)
+
+
+def test_every_model_said_sampleable_samples(server, service_client) -> None:
+    caps = tinker.RestClient(base_url=server.url, api_key="tml-test").get_server_capabilities()
+    for model in caps.result(timeout=30).supported_models:
+        assert model.sampleable
+        sampler = service_client.create_sampling_client(base_model=model.model_name)
+        params = types.SamplingParams(max_tokens=2, seed=0)
+        prompt = types.ModelInput.from_ints(TOKENS)
+        result = sampler.sample(prompt, num_samples=1, sampling_params=params).result(timeout=60)
+        assert len(result.sequences[0].tokens) >= 1, model.model_name
 
 
 @pytest.mark.parametrize("path", ["/loss_functions", "/api/v1/loss_functions"])
@@ -268,6 +280,10 @@ def test_loss_functions(server, path) -> None:
         assert len(entry["description"]) > 20
         assert "target_tokens" in entry["loss_fn_inputs"]
     assert losses["cross_entropy"]["loss_fn_inputs"] == ["target_tokens", "weights"]
+    assert losses["cross_entropy"]["loss_fn_input_defaults"] == {"weights": 1.0}
+    assert losses["ppo"]["loss_fn_input_defaults"] == {}
+    for entry in losses.values():
+        assert entry["loss_fn_outputs"] == ["logprobs", "elementwise_loss"]
     assert "advantages" in losses["ppo"]["loss_fn_inputs"]
     assert losses["ppo"]["loss_fn_config"] == {
         "clip_low_threshold": 0.8,
@@ -341,6 +357,10 @@ def test_forward_backward_forward_and_optim_step(server, training_client) -> Non
     expected = -sum(float((lp * w).sum()) for lp, w in zip(logprobs(fb), weights, strict=True))
     assert fb.metrics["loss:sum"] == pytest.approx(expected, rel=1e-4)
     assert fwd.metrics["loss:sum"] == pytest.approx(expected, rel=1e-4)
+    # beside logprobs, each target's loss: -logprob * weight, shaped like target_tokens
+    for out, lp, w in zip(fb.loss_fn_outputs, logprobs(fb), weights, strict=True):
+        assert out["elementwise_loss"].shape == [len(w)]
+        np.testing.assert_allclose(out["elementwise_loss"].to_numpy(), -lp * w, rtol=1e-6)
     # neither forward nor forward_backward moves the weights; optim_step does
     assert weights_equal(before, server.backend.adapter_state(training_client.model_id))
     step = training_client.optim_step(types.AdamParams(learning_rate=0.05)).result(timeout=60)
@@ -432,9 +452,21 @@ def test_json_forward_backward_body(server, base_model) -> None:
     }
     r = post(server, "forward_backward", body)
     assert r.status_code == 200, r.text
-    from_json = logprobs(fwdbwd_result(server, r.json()["request_id"]))
+    with_weights = fwdbwd_result(server, r.json()["request_id"])
+    from_json = logprobs(with_weights)
     proto_id = submit_fwdbwd(server, fwdbwd_body(model_id, 2, [ce_datum()], forward_only=True))
     np.testing.assert_allclose(from_json[0], logprobs(fwdbwd_result(server, proto_id))[0])
+    # cross_entropy without weights (as other servers take it): 1.0 on every target
+    del body["forward_backward_input"]["data"][0]["loss_fn_inputs"]["weights"]
+    body["seq_id"] = 3
+    r = post(server, "forward_backward", body)
+    assert r.status_code == 200, r.text
+    without = fwdbwd_result(server, r.json()["request_id"])
+    assert without.metrics == with_weights.metrics
+    np.testing.assert_array_equal(
+        without.loss_fn_outputs[0]["elementwise_loss"].to_numpy(),
+        with_weights.loss_fn_outputs[0]["elementwise_loss"].to_numpy(),
+    )
 
 
 # -- ordering and retries --------------------------------------------------------------------

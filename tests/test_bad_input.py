@@ -190,7 +190,7 @@ def test_bad_cross_entropy_datum(probe: Probe, bad: types.Datum, fragments: list
     [
         ("ppo", rl_datum(advantages=None), ["ppo", "advantages"]),
         ("importance_sampling", rl_datum(logprobs=None), ["logprobs"]),
-        ("cross_entropy", datum(weights=None), ["weights"]),
+        ("cross_entropy", datum(target_tokens=None), ["target_tokens"]),  # weights default
         (
             "importance_sampling",
             rl_datum(advantages=[1.0, math.inf, 1, 1, 1]),
@@ -203,7 +203,7 @@ def test_bad_cross_entropy_datum(probe: Probe, bad: types.Datum, fragments: list
     ids=[
         "ppo-no-advantages",
         "is-no-logprobs",
-        "ce-no-weights",
+        "ce-no-targets",
         "is-inf-advantage",
         "ppo-nan-advantages",
         "dro-inf-logprob",

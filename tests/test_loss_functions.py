@@ -21,23 +21,28 @@ from tinkerd.types import UserError
 ADAM = types.AdamParams(learning_rate=0.1, eps=1.0)
 
 
-def reference_loss(name: str, lp, inputs: dict, config: dict) -> torch.Tensor:
-    """Tinker's losses, each a sum over tokens (never a mean)."""
+def reference_elementwise(name: str, lp, inputs: dict, config: dict) -> torch.Tensor:
+    """Tinker's losses, token by token: each one's contribution to the loss."""
     if name == "cross_entropy":
-        return -(lp * inputs["weights"]).sum()
+        return -lp * inputs["weights"]
     q, adv = inputs["logprobs"], inputs["advantages"]
     ratio = torch.exp(lp - q)
     if name == "importance_sampling":
-        return -(ratio * adv).sum()
+        return -ratio * adv
     if name == "ppo":
         clipped = torch.clamp(ratio, config["clip_low_threshold"], config["clip_high_threshold"])
-        return -torch.minimum(ratio * adv, clipped * adv).sum()
+        return -torch.minimum(ratio * adv, clipped * adv)
     if name == "cispo":
         clipped = torch.clamp(ratio, config["clip_low_threshold"], config["clip_high_threshold"])
-        return -(clipped.detach() * adv * lp).sum()
+        return -clipped.detach() * adv * lp
     if name == "dro":
-        return -(lp * adv - config["beta"] / 2 * (lp - q) ** 2).sum()
+        return -(lp * adv - config["beta"] / 2 * (lp - q) ** 2)
     raise AssertionError(name)
+
+
+def reference_loss(name: str, lp, inputs: dict, config: dict) -> torch.Tensor:
+    """Tinker's losses, each a sum over tokens (never a mean)."""
+    return reference_elementwise(name, lp, inputs, config).sum()
 
 
 # -- unit tests on small tensors -----------------------------------------------------------------
@@ -92,7 +97,7 @@ def test_loss_value_gradient_and_metrics_match_formula(name, k):
     )
     lp, inputs, mask = small_batch(k)
     lp_tinkerd = lp.clone().requires_grad_(True)
-    value, metrics = loss.fn(lp_tinkerd, inputs, config, mask)
+    value, elementwise, metrics = loss(lp_tinkerd, inputs, config, mask)
     (grad,) = torch.autograd.grad(value, lp_tinkerd)
 
     lp_ref = lp.clone().requires_grad_(True)
@@ -101,6 +106,11 @@ def test_loss_value_gradient_and_metrics_match_formula(name, k):
     torch.testing.assert_close(value, expected)
     torch.testing.assert_close(grad, expected_grad)
     assert expected_grad.abs().sum() > 0
+    # the per-token loss: shaped like the targets, the reference's token by token, 0 at padding
+    assert elementwise.shape == lp.shape
+    torch.testing.assert_close(elementwise, reference_elementwise(name, lp, inputs, config))
+    assert not elementwise[1, 3].any()
+    torch.testing.assert_close(elementwise.sum(), value)
 
     assert metrics["loss:sum"] == pytest.approx(expected.item(), rel=1e-6)
     for key, v in metrics.items():
@@ -119,7 +129,7 @@ def test_loss_value_gradient_and_metrics_match_formula(name, k):
 def test_cross_entropy_with_several_targets_per_position():
     lp, inputs, mask = small_batch(k=2)
     lp.requires_grad_(True)
-    value, _ = get_loss("cross_entropy").fn(lp, inputs, {}, mask)
+    value, _, _ = get_loss("cross_entropy")(lp, inputs, {}, mask)
     manual = sum(
         -lp[b, t, j] * inputs["weights"][b, t, j]
         for b in range(2)
@@ -131,11 +141,31 @@ def test_cross_entropy_with_several_targets_per_position():
     torch.testing.assert_close(lp.grad, -inputs["weights"])
 
 
+def test_elementwise_loss_by_hand():
+    """Two tokens, numbers worked out on paper: cross_entropy's is -logprob * weight, and
+    importance_sampling's -exp(logprob - q) * advantage."""
+    lp = torch.tensor([[-0.5, -2.0]])
+    mask = torch.tensor([[True, True]])
+    inputs = {"target_tokens": torch.tensor([[1, 2]]), "weights": torch.tensor([[1.0, 0.25]])}
+    loss, elementwise, _ = get_loss("cross_entropy")(lp, inputs, {}, mask)
+    torch.testing.assert_close(elementwise, torch.tensor([[0.5, 0.5]]))
+    assert loss.item() == pytest.approx(1.0)
+
+    inputs = {
+        "target_tokens": torch.tensor([[1, 2]]),
+        "logprobs": torch.tensor([[-0.5, -2.0 - float(np.log(2.0))]]),  # ratios 1 and 2
+        "advantages": torch.tensor([[3.0, -1.0]]),
+    }
+    loss, elementwise, _ = get_loss("importance_sampling")(lp, inputs, {}, mask)
+    torch.testing.assert_close(elementwise, torch.tensor([[-3.0, 2.0]]))
+    assert loss.item() == pytest.approx(-1.0)
+
+
 @pytest.mark.parametrize("name", ["ppo", "cispo"])
 def test_clip_thresholds_must_be_ordered(name):
     lp, inputs, mask = small_batch()
     with pytest.raises(UserError, match="clip_low_threshold"):
-        get_loss(name).fn(lp, inputs, {"clip_low_threshold": 1.2, "clip_high_threshold": 0.8}, mask)
+        get_loss(name)(lp, inputs, {"clip_low_threshold": 1.2, "clip_high_threshold": 0.8}, mask)
 
 
 # -- through the server --------------------------------------------------------------------------
@@ -226,9 +256,17 @@ def test_loss_through_server_matches_reference(
     opt.step()
 
     assert result.metrics["loss:sum"] == pytest.approx(loss.item(), rel=1e-5, abs=1e-5)
-    for out, lp in zip(result.loss_fn_outputs, lps, strict=True):
+    for out, lp, t in zip(result.loss_fn_outputs, lps, tensors, strict=True):
         got = torch.from_numpy(out["logprobs"].to_numpy())
         torch.testing.assert_close(got, lp.detach(), rtol=1e-5, atol=1e-5)
+        # beside logprobs, each target's contribution to the loss
+        assert out["elementwise_loss"].shape == list(t["target_tokens"].shape)
+        torch.testing.assert_close(
+            torch.from_numpy(out["elementwise_loss"].to_numpy()),
+            reference_elementwise(name, lp.detach(), t, config),
+            rtol=1e-5,
+            atol=1e-5,
+        )
     if name in ("importance_sampling", "ppo", "cispo"):
         lp_all = torch.cat(lps).detach()
         ratio = torch.exp(lp_all - torch.cat([t["logprobs"] for t in tensors]))
@@ -239,6 +277,46 @@ def test_loss_through_server_matches_reference(
             assert 0 < outside.float().mean() < 1  # both branches of the clip are exercised
             assert result.metrics["clip_fraction:mean"] == pytest.approx(outside.float().mean())
     assert_same_update(server.backend.adapter_state(training_client.model_id), params, before)
+
+
+@pytest.mark.parametrize("k", [None, 2])
+def test_cross_entropy_weights_default_to_one(
+    server, service_client, training_client, tiny_model_dir, k
+):
+    """Datums without `weights` (as scripts written for other servers send them) train exactly
+    as with weights 1.0 on every target, also with K targets per position."""
+    seqs, _ = rl_batch(tiny_model_dir, seed=11)
+    if k is not None:  # (T, K) targets: the next token and the one after it
+        seqs = [(x, np.stack([y, np.roll(y, -1)], axis=1)) for x, y in seqs]
+    ones = [{"target_tokens": y, "weights": np.ones(y.shape, np.float32)} for _, y in seqs]
+    bare = [{"target_tokens": y} for _, y in seqs]
+    other = service_client.create_lora_training_client(
+        base_model=str(tiny_model_dir), rank=RANK, seed=SEED
+    ).result()
+    before = server.backend.adapter_state(training_client.model_id)
+    data = [make_datum(x, d) for (x, _), d in zip(seqs, ones, strict=True)]
+    want = training_client.forward_backward(data, "cross_entropy").result()
+    training_client.optim_step(ADAM).result()
+    data = [make_datum(x, d) for (x, _), d in zip(seqs, bare, strict=True)]
+    got = other.forward_backward(data, "cross_entropy").result()
+    other.optim_step(ADAM).result()
+
+    assert got.metrics == want.metrics
+    assert got.metrics["num_weighted_tokens:sum"] == sum(y.size for _, y in seqs)
+    for g, w, (_, y) in zip(got.loss_fn_outputs, want.loss_fn_outputs, seqs, strict=True):
+        assert g["elementwise_loss"].shape == list(y.shape)
+        np.testing.assert_array_equal(
+            g["elementwise_loss"].to_numpy(), w["elementwise_loss"].to_numpy()
+        )
+        # cross_entropy's per-token loss with weight 1: -logprob
+        np.testing.assert_allclose(
+            g["elementwise_loss"].to_numpy(), -g["logprobs"].to_numpy(), rtol=1e-6
+        )
+    assert_same_update(
+        server.backend.adapter_state(other.model_id),
+        server.backend.adapter_state(training_client.model_id),
+        before,
+    )
 
 
 def custom_cross_entropy(data, logprobs_list):

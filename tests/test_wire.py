@@ -356,6 +356,9 @@ _JSON_DATUM = {
 }
 
 
+_TARGETS_ONLY = {**_JSON_DATUM, "loss_fn_inputs": {"target_tokens": [2, 3]}}
+
+
 def test_valid_json_request_decodes() -> None:
     body = {
         "forward_backward_input": {
@@ -393,12 +396,20 @@ def test_valid_json_request_decodes() -> None:
                 "loss_fn_config": {"beta": "big"},
             }
         },
-        {"forward_backward_input": {"data": [_JSON_DATUM], "loss_fn": "cross_entropy"}},
+        {"forward_backward_input": {"data": [_TARGETS_ONLY], "loss_fn": "importance_sampling"}},
     ],
 )
 def test_malformed_json_request_is_a_user_error(body) -> None:
     with pytest.raises(UserError):
         parse_forward_backward_json(body)
+
+
+def test_cross_entropy_weights_default_to_one() -> None:
+    """A datum without weights (as other servers take it) weighs each target 1.0."""
+    body = {"forward_backward_input": {"data": [_TARGETS_ONLY], "loss_fn": "cross_entropy"}}
+    fb = parse_forward_backward_json(body)
+    np.testing.assert_array_equal(fb.datums[0].loss_fn_inputs["weights"], [1.0, 1.0])
+    assert fb.datums[0].loss_fn_inputs["weights"].dtype == np.float32
 
 
 # -- responses: tinkerd encoder -> SDK decoder -----------------------------------------------

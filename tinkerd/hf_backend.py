@@ -302,7 +302,7 @@ class HFBackend:
             attention_mask = mask.long() if padded else None
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
             logprobs = target_logprobs(logits, inputs["target_tokens"]) * _expand(mask, inputs)
-            loss_value, metrics = loss.fn(logprobs, inputs, request.loss_fn_config, mask)
+            loss_value, elementwise, metrics = loss(logprobs, inputs, request.loss_fn_config, mask)
             if not torch.isfinite(loss_value):
                 raise UserError(
                     f"{loss.name} loss is not finite ({loss_value.item()}); nothing applied"
@@ -313,7 +313,11 @@ class HFBackend:
                     if g is not None:
                         p.grad = g if p.grad is None else p.grad.add_(g)
         lp = logprobs.detach().float().cpu().numpy()
-        outputs = [{"logprobs": lp[i, : len(d.tokens)]} for i, d in enumerate(request.datums)]
+        el = elementwise.detach().float().cpu().numpy()
+        outputs = [  # each shaped like the datum's target_tokens
+            {"logprobs": lp[i, : len(d.tokens)], "elementwise_loss": el[i, : len(d.tokens)]}
+            for i, d in enumerate(request.datums)
+        ]
         return ForwardBackwardResult(outputs, metrics)
 
     def _check_vocab(self, base: _Base, datums: list[Datum]) -> None:

@@ -2,11 +2,13 @@
 
 Each loss takes the target-token logprobs of the training model, `logprobs` (B, T) or (B, T, K)
 for K targets per position, the datums' loss inputs stacked and padded the same way, its config,
-and `mask` (B, T), true at real (not padding) positions. It returns a scalar loss, which is a SUM
-over datums and tokens as in Tinker (never a mean), and metrics named `name:reduction`: every loss
-reports `loss:sum` and `num_tokens:sum` (real positions), cross_entropy `num_weighted_tokens:sum`
-(positions with a non-zero weight), the RL losses `advantage:mean`, and `ratio:mean` and
-`clip_fraction:mean` where they have them, over the positions with a non-zero advantage.
+and `mask` (B, T), true at real (not padding) positions. It returns the per-token loss, shaped like
+`logprobs`, and metrics named `name:reduction`. Calling the `Loss` sums the per-token loss into the
+scalar loss, a SUM over datums and tokens as in Tinker (never a mean), so the `elementwise_loss`
+each datum gets back always adds up to the loss that was trained on. Every loss reports `loss:sum`
+and `num_tokens:sum` (real positions), cross_entropy `num_weighted_tokens:sum` (positions with a
+non-zero weight), the RL losses `advantage:mean`, and `ratio:mean` and `clip_fraction:mean` where
+they have them, over the positions with a non-zero advantage.
 
 This module uses only tensor methods, so the API can import the registry without torch.
 """
@@ -14,7 +16,7 @@ This module uses only tensor methods, so the API can import the registry without
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tinkerd.types import UserError
@@ -22,6 +24,7 @@ from tinkerd.types import UserError
 if TYPE_CHECKING:
     from torch import Tensor
 
+# (logprobs, inputs, config, mask) -> (per-token loss shaped like logprobs, metrics)
 LossFn = Callable[
     ["Tensor", dict[str, "Tensor"], dict[str, float], "Tensor"], tuple["Tensor", dict]
 ]
@@ -33,22 +36,37 @@ class Loss:
     fn: LossFn
     inputs: tuple[str, ...]
     config: dict[str, float]  # accepted loss_fn_config keys and their defaults
+    # inputs a datum may leave out, and the value each target then gets (as other servers do)
+    input_defaults: dict[str, float] = field(default_factory=dict)
 
     @property
     def description(self) -> str:
         return (self.fn.__doc__ or "").strip()
+
+    def __call__(
+        self, logprobs: Tensor, inputs: dict[str, Tensor], config: dict, mask: Tensor
+    ) -> tuple[Tensor, Tensor, dict[str, float]]:
+        """(loss, elementwise, metrics): the scalar loss is the sum of `elementwise`, the
+        per-token loss shaped like `logprobs`, which is 0 at padding."""
+        elementwise, metrics = self.fn(logprobs, inputs, config, mask)
+        elementwise = elementwise.masked_fill(~_expand(mask, elementwise), 0.0)
+        loss = elementwise.sum()
+        return loss, elementwise, {"loss:sum": loss.item(), **metrics}
+
+    @property
+    def required_inputs(self) -> tuple[str, ...]:
+        return tuple(k for k in self.inputs if k not in self.input_defaults)
 
 
 def cross_entropy(logprobs: Tensor, inputs: dict[str, Tensor], config: dict, mask: Tensor):
     """Supervised learning: loss = sum_i -logprob_i * weight_i.
 
     Weights may be fractional or negative (forward_backward_custom sends -dLoss/dlogprob as
-    weights), so this is also the backward pass of any client-side loss.
+    weights), so this is also the backward pass of any client-side loss. A datum without
+    weights weighs every target 1.0.
     """
-    loss = -(logprobs * inputs["weights"]).sum()
     weighted = (inputs["weights"] != 0) & _expand(mask, logprobs)
-    return loss, {
-        "loss:sum": loss.item(),
+    return -logprobs * inputs["weights"], {
         "num_tokens:sum": float(mask.sum().item()),
         "num_weighted_tokens:sum": float(weighted.sum().item()),
     }
@@ -64,8 +82,7 @@ def importance_sampling(logprobs: Tensor, inputs: dict[str, Tensor], config: dic
     `logprobs` in the inputs are the sampler's logprobs q of the target tokens.
     """
     ratio = _ratio(logprobs, inputs)
-    loss = -(ratio * inputs["advantages"]).sum()
-    return loss, {"loss:sum": loss.item(), **_rl_metrics(inputs, mask, ratio)}
+    return -ratio * inputs["advantages"], _rl_metrics(inputs, mask, ratio)
 
 
 def ppo(logprobs: Tensor, inputs: dict[str, Tensor], config: dict, mask: Tensor):
@@ -78,8 +95,8 @@ def ppo(logprobs: Tensor, inputs: dict[str, Tensor], config: dict, mask: Tensor)
     _check_clip(low, high)
     adv = inputs["advantages"]
     clipped = ratio.clamp(low, high)
-    loss = -(ratio * adv).minimum(clipped * adv).sum()
-    return loss, {"loss:sum": loss.item(), **_rl_metrics(inputs, mask, ratio, low, high)}
+    elementwise = -(ratio * adv).minimum(clipped * adv)
+    return elementwise, _rl_metrics(inputs, mask, ratio, low, high)
 
 
 def cispo(logprobs: Tensor, inputs: dict[str, Tensor], config: dict, mask: Tensor):
@@ -92,8 +109,8 @@ def cispo(logprobs: Tensor, inputs: dict[str, Tensor], config: dict, mask: Tenso
     low, high = config["clip_low_threshold"], config["clip_high_threshold"]
     _check_clip(low, high)
     weight = ratio.detach().clamp(low, high)
-    loss = -(weight * inputs["advantages"] * logprobs).sum()
-    return loss, {"loss:sum": loss.item(), **_rl_metrics(inputs, mask, ratio, low, high)}
+    elementwise = -weight * inputs["advantages"] * logprobs
+    return elementwise, _rl_metrics(inputs, mask, ratio, low, high)
 
 
 def dro(logprobs: Tensor, inputs: dict[str, Tensor], config: dict, mask: Tensor):
@@ -102,8 +119,8 @@ def dro(logprobs: Tensor, inputs: dict[str, Tensor], config: dict, mask: Tensor)
     An off-policy objective with a quadratic penalty on the log ratio. Config: beta (default 0.1).
     """
     penalty = (logprobs - inputs["logprobs"]) ** 2
-    loss = -(logprobs * inputs["advantages"] - 0.5 * config["beta"] * penalty).sum()
-    return loss, {"loss:sum": loss.item(), **_rl_metrics(inputs, mask)}
+    elementwise = -(logprobs * inputs["advantages"] - 0.5 * config["beta"] * penalty)
+    return elementwise, _rl_metrics(inputs, mask)
 
 
 def _check_clip(low: float, high: float) -> None:
@@ -151,7 +168,7 @@ _RL_INPUTS = ("target_tokens", "logprobs", "advantages")
 LOSSES: dict[str, Loss] = {
     loss.name: loss
     for loss in [
-        Loss("cross_entropy", cross_entropy, ("target_tokens", "weights"), {}),
+        Loss("cross_entropy", cross_entropy, ("target_tokens", "weights"), {}, {"weights": 1.0}),
         Loss("importance_sampling", importance_sampling, _RL_INPUTS, {}),
         Loss("ppo", ppo, _RL_INPUTS, {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}),
         Loss("cispo", cispo, _RL_INPUTS, {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}),

@@ -343,7 +343,7 @@ def make_forward_backward(
         n = len(datum.tokens)
         if n == 0:
             raise UserError(f"datum {i} has no tokens")
-        missing = [k for k in loss.inputs if k not in datum.loss_fn_inputs]
+        missing = [k for k in loss.required_inputs if k not in datum.loss_fn_inputs]
         if missing:
             raise UserError(f"datum {i}: loss {loss.name} needs loss_fn_inputs {missing}")
         target_shape = datum.loss_fn_inputs["target_tokens"].shape
@@ -351,6 +351,9 @@ def make_forward_backward(
             raise UserError(
                 f"datum {i}: target_tokens has {target_shape[0]} positions, input has {n}"
             )
+        for name, value in loss.input_defaults.items():  # left out: the same value per target
+            if name not in datum.loss_fn_inputs:
+                datum.loss_fn_inputs[name] = np.full(target_shape, value, np.float32)
         for name in loss.inputs:
             shape = datum.loss_fn_inputs[name].shape
             if shape != target_shape:

@@ -251,7 +251,9 @@ def sdk_paths() -> dict[str, Schema]:
         f"{v1}/client/config": {"post": op("SDK client flags", sdk)},
         f"{v1}/client/dynamic_config": {"post": op("SDK refresh settings", sdk)},
         f"{v1}/telemetry": {"post": op("accepted and dropped", sdk)},
-        f"{v1}/get_server_capabilities": {"get": op("base models this server trains", sdk)},
+        f"{v1}/get_server_capabilities": {
+            "get": op("base models this server trains and samples", sdk)
+        },
         f"{v1}/create_session": {
             "post": op(
                 "start a session",
@@ -576,7 +578,9 @@ def simple_paths() -> dict[str, Schema]:
         },
         "/sample": {"post": op("sample text and wait for it", simple, sample)},
         "/generate": {"post": op("sample text and wait for it (= /sample)", simple, sample)},
-        "/get_server_capabilities": {"get": op("base models this server trains", simple)},
+        "/get_server_capabilities": {
+            "get": op("base models this server trains and samples", simple)
+        },
         "/remove_lora": {
             "post": op("remove an adapter", simple, obj(("model_id",), model_id=name))
         },

@@ -30,7 +30,9 @@ def loss_functions():
                     "name": loss.name,
                     "description": loss.description,
                     "loss_fn_inputs": list(loss.inputs),
+                    "loss_fn_input_defaults": loss.input_defaults,  # inputs that may be left out
                     "loss_fn_config": loss.config,
+                    "loss_fn_outputs": ["logprobs", "elementwise_loss"],
                 }
                 for loss in LOSSES.values()
             ],

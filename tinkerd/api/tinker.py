@@ -83,6 +83,8 @@ def telemetry():
 
 @bp.get("/get_server_capabilities")
 def server_capabilities():
+    """The base models in use. Each one trains LoRA adapters and also samples, as itself
+    (`create_sampling_client(base_model=...)`) and through its adapters' checkpoints."""
     svc = service()
     names = [TINY_MODEL] + sorted(
         {svc.settings.base_model, *(m.base_model for m in registry().models())} - {TINY_MODEL}
@@ -90,7 +92,7 @@ def server_capabilities():
     return jsonify(
         {
             "supported_models": [
-                {"model_name": n, "trainable": True, "sampleable": False} for n in names
+                {"model_name": n, "trainable": True, "sampleable": True} for n in names
             ]
         }
     )
