@@ -227,3 +227,36 @@ def test_save_of_a_run_from_before_a_restart_is_a_clear_error(cli_server, cli) -
     assert response.status_code == 400
     assert "create_training_client_from_state" in response.get_json()["error"]
     assert client.post("/api/v1/training_runs/nope/save", json={"name": "x"}).status_code == 404
+
+
+def test_sample_cuts_the_stop_string_as_the_server_does(cli_server, cli) -> None:
+    """`tinkerd sample --stop S` prints the text up to S, without it: the same text /sample
+    returns for the same request (the sampler's last token completes S)."""
+    import httpx
+
+    url, _ = cli_server
+    args = ["sample", "The cat sees", "--max-tokens", "16", "--seed", "5", "--temperature", "1"]
+    full = ok(cli(*args, "--model", "tinkerd/tiny")).removesuffix("\n")
+    words = full.split()
+    assert len(words) >= 3, full
+    stop = f" {words[2]}"  # a stop string in the middle of the unstopped text
+    expected = full[: full.find(stop)]
+    printed = ok(cli(*args, "--model", "tinkerd/tiny", "--stop", stop))
+    assert printed == expected + "\n"
+    assert stop not in printed
+
+    body = {"prompt": "The cat sees", "max_tokens": 16, "seed": 5, "temperature": 1.0}
+    response = httpx.post(f"{url}/sample", json={**body, "stop": [stop]}, timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.json()["text"] == expected
+
+
+def test_save_of_a_name_in_use_names_the_overwrite_flag(cli) -> None:
+    run = ok(cli("create", "--model", "tinkerd/tiny", "--rank", "2")).strip()
+    path = ok(cli("save", run, "twice")).strip()
+    fails(cli("save", run, "twice"), f"checkpoint {path} already exists")
+    fails(cli("save", run, "twice"), "--overwrite")
+    assert ok(cli("save", run, "twice", "--overwrite")).strip() == path
+    sampler = ok(cli("save", run, "snap", "--sampler")).strip()
+    fails(cli("save", run, "snap", "--sampler"), "--overwrite")
+    assert ok(cli("save", run, "snap", "--sampler", "--overwrite")).strip() == sampler

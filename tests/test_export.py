@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import stat
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from tinkerd import export
@@ -69,6 +72,29 @@ def run_export(server, *args: str) -> int:
     return main(["export", *args, "--url", server.url])
 
 
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    """The usual umask, so that "normal permissions" are 0o644 files and 0o755 directories."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def modes(directory: Path) -> dict[str, int]:
+    """Permission bits of a directory and of everything in it, by name ("." for itself)."""
+    out = {".": stat.S_IMODE(directory.stat().st_mode)}
+    out.update({p.name: stat.S_IMODE(p.stat().st_mode) for p in directory.iterdir()})
+    return out
+
+
+def assert_normal_modes(directory: Path) -> None:
+    for name, mode in modes(directory).items():
+        want = 0o755 if (directory / name).is_dir() else 0o644
+        assert mode == want, f"{directory / name}: {oct(mode)}, want {oct(want)}"
+
+
 @pytest.fixture(scope="module")
 def local_checkpoints(server, tiny_model_dir):
     import tinker
@@ -96,6 +122,66 @@ def test_adapter_export_loads_with_peft(server, tiny_model_dir, local_checkpoint
     theirs = reference_logits(tiny_model_dir, checkpoint_dir(server, state))
     torch.testing.assert_close(exported, theirs, atol=0, rtol=0)
     assert (exported - reference_logits(tiny_model_dir, None)).abs().max() > 1e-2  # trained
+
+
+def test_adapter_export_loads_with_auto_peft(
+    server, tiny_model_dir, local_checkpoints, tmp_path, umask_022
+):
+    """AutoPeftModelForCausalLM finds the base model (offline: the local path the config names)
+    from the task type, which the server's checkpoints record too."""
+    state, sampler = local_checkpoints
+    for path in (state, sampler):
+        config = json.loads((checkpoint_dir(server, path) / "adapter_config.json").read_text())
+        assert config["task_type"] == "CAUSAL_LM"
+    out = tmp_path / "adapter"
+    assert run_export(server, state, str(out)) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    assert_normal_modes(out)
+
+    model = AutoPeftModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    expected = reference_logits(tiny_model_dir, checkpoint_dir(server, state))
+    torch.testing.assert_close(logits(model.eval()), expected, atol=0, rtol=0)
+
+
+def test_old_checkpoint_without_task_type_exports_with_it(
+    server, tiny_model_dir, local_checkpoints, tmp_path
+):
+    """A checkpoint written before tinkerd recorded the task type ("task_type": null) still
+    exports as an adapter that AutoPeftModelForCausalLM loads."""
+    old = tmp_path / "old-checkpoint"
+    old.mkdir()
+    for name in (*export.ADAPTER_FILES, export.META_FILE):
+        (old / name).write_bytes((checkpoint_dir(server, local_checkpoints[0]) / name).read_bytes())
+    config = json.loads((old / "adapter_config.json").read_text())
+    (old / "adapter_config.json").write_text(json.dumps({**config, "task_type": None}))
+
+    out = tmp_path / "adapter"
+    export.export_checkpoint(old, out, merge=False, progress=lambda _: None)
+    assert json.loads((out / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    model = AutoPeftModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    expected = reference_logits(tiny_model_dir, old)
+    torch.testing.assert_close(logits(model.eval()), expected, atol=0, rtol=0)
+
+
+def test_exports_and_checkpoints_have_normal_permissions(
+    server, service_client, local_checkpoints, tmp_path, umask_022
+):
+    """Files as a plain write makes them (0o644, directories 0o755 under umask 022), not the
+    0o600 of safetensors' writer and mkdtemp's 0o700: others on the machine may load them."""
+    merged, cache = tmp_path / "merged", tmp_path / "cache"
+    assert run_export(server, local_checkpoints[1], str(merged), "--merge") == 0
+    assert (merged / "model.safetensors").is_file()
+    assert_normal_modes(merged)
+
+    # the server's own checkpoints, written under the same umask
+    training = service_client.create_lora_training_client(base_model="tinkerd/tiny", rank=2)
+    path = training.result().save_state("modes").result().path
+    assert_normal_modes(checkpoint_dir(server, path))
+
+    # the built-in model, rebuilt where the exported adapter's config points
+    assert run_export(server, path, str(tmp_path / "adapter"), "--cache-dir", str(cache)) == 0
+    assert (cache / "models" / "tiny" / "model.safetensors").is_file()
+    assert_normal_modes(cache / "models" / "tiny")
 
 
 @pytest.mark.parametrize("kind", ["weights", "sampler_weights"])

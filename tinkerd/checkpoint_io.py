@@ -17,6 +17,9 @@ from safetensors.torch import load_file, save_file
 from tinkerd.types import UserError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Recorded in adapter_config.json so that AutoPeftModelForCausalLM can load it (it refuses none);
+# the server's own PeftModel is built without one, so reading a checkpoint drops it again.
+TASK_TYPE = "CAUSAL_LM"
 OPTIMIZER_STATE = "optimizer.pt"
 GRADIENTS = "gradients.pt"  # only in a hand-off between workers, taken between fwd/bwd and step
 
@@ -29,6 +32,7 @@ def write_adapter(peft: PeftModel, adapter_name: str, base_location: str, direct
     config = copy.deepcopy(peft.peft_config[adapter_name])
     config.base_model_name_or_path = base_location
     config.inference_mode = True
+    config.task_type = TASK_TYPE
     config.save_pretrained(str(directory))
 
 
@@ -50,7 +54,11 @@ def read_gradients(directory: Path, device: torch.device) -> list[torch.Tensor |
 
 
 def read_adapter_config(directory: Path) -> PeftLoraConfig:
-    return PeftLoraConfig.from_pretrained(str(directory))
+    """A checkpoint's LoRA config, without its task type (see TASK_TYPE): the adapter joins
+    the server's plain PeftModel like those it creates."""
+    config = PeftLoraConfig.from_pretrained(str(directory))
+    config.task_type = None
+    return config
 
 
 def load_adapter(peft: PeftModel, adapter_name: str, directory: Path) -> None:

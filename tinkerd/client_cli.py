@@ -213,7 +213,7 @@ def sample(server: Server, args: argparse.Namespace) -> None:
     from tinker import types
 
     from tinkerd.export import default_cache_dir
-    from tinkerd.text import text_codec
+    from tinkerd.text import stop_cut, text_codec
     from tinkerd.types import UserError
 
     with server.service_client() as service:
@@ -240,7 +240,8 @@ def sample(server: Server, args: argparse.Namespace) -> None:
     for i, sequence in enumerate(sequences):
         if len(sequences) > 1:
             print(f"--- sample {i + 1} ---")
-        print(codec.decode(list(sequence.tokens)))
+        text = codec.decode(list(sequence.tokens))
+        print(text[: stop_cut(text, args.stop or ())])  # without the stop string, as /sample
 
 
 def _default_model(server: Server) -> str:

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from tinkerd.base_models import TINY_MODEL
+from tinkerd.storage import umask_modes
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+TASK_TYPE = "CAUSAL_LM"  # checkpoint_io.TASK_TYPE (that module imports torch)
 META_FILE = "tinkerd.json"  # storage.META_FILE
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -130,12 +132,14 @@ def local_base_model(name: str, cache_dir: Path) -> str:
 
 def write_adapter(checkpoint_dir: Path, out: Path, base_location: str) -> None:
     """The PEFT adapter directory, naming `base_location` as its base model, so
-    `AutoPeftModelForCausalLM.from_pretrained(out)` works on this machine."""
+    `AutoPeftModelForCausalLM.from_pretrained(out)` works on this machine. That needs the
+    task type, which checkpoints written before tinkerd recorded it lack."""
     out.mkdir(parents=True, exist_ok=True)
     for name in ADAPTER_FILES:
         shutil.copyfile(checkpoint_dir / name, out / name)
     config = json.loads((out / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = base_location
+    config["task_type"] = config.get("task_type") or TASK_TYPE
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -214,7 +218,7 @@ def export_checkpoint(
             merge_adapter(checkpoint_dir, location, tmp, dtype, progress)
         else:
             write_adapter(checkpoint_dir, tmp, location)
-        tmp.chmod(0o755)  # mkdtemp's 0o700 is for the unfinished directory
+        umask_modes(tmp)  # mkdtemp's 0o700 and safetensors' 0o600 were for the unfinished copy
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

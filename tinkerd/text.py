@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -118,6 +119,15 @@ class TextCodec:
                 f"{what} is {n_tokens} tokens, over the model's context length "
                 f"of {self.context_length}"
             )
+
+
+def stop_cut(text: str, stops: Iterable[str]) -> int | None:
+    """Where a completion's text ends: the start of the first stop string in it, else None.
+
+    The sampler stops on the token that completes a stop string and returns that token, so the
+    text holds the stop string; /sample, /v1 and `tinkerd sample` all return it cut here, as
+    OpenAI does."""
+    return min((i for s in stops if (i := text.find(s)) >= 0), default=None)
 
 
 @lru_cache(maxsize=16)

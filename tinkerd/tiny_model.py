@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tinkerd.storage import umask_modes
+
 _WORDS = (
     "the a one two three four five six seven eight nine ten cat dog bird fish tree river "
     "stone house road city sun moon star rain wind snow fire water light dark red green blue "
@@ -122,6 +124,7 @@ def build_tiny_model(
         try:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            umask_modes(tmp)  # not mkdtemp's 0o700 and safetensors' 0o600: others load it too
             os.replace(tmp, path)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -35,7 +35,7 @@ from tinkerd.api import (
 )
 from tinkerd.api.weights import checkpoint_meta
 from tinkerd.base_models import TINY_MODEL, resolve_base_model
-from tinkerd.text import TextCodec, text_codec, validate_messages
+from tinkerd.text import TextCodec, stop_cut, text_codec, validate_messages
 from tinkerd.types import (
     Sample,
     SampleResult,
@@ -266,7 +266,7 @@ def choices(codec: TextCodec, result: SampleResult, stops: tuple[str, ...]) -> l
         tokens = [int(t) for t in seq.tokens]
         pieces = token_pieces(codec, tokens)
         text = "".join(pieces)
-        cut = min((i for s in stops if (i := text.find(s)) >= 0), default=None)
+        cut = stop_cut(text, stops)
         if cut is not None:  # the sampler stopped on it: the stop string is not returned
             text, pieces = text[:cut], _clip(pieces, cut)
         reason = "stop" if seq.stop_reason == "stop" or cut is not None else "length"

@@ -44,7 +44,7 @@ from tinkerd.loss_functions import Loss, get_loss
 from tinkerd.registry import ModelName, ModelRecord
 from tinkerd.storage import iso_time
 from tinkerd.tasks import Result
-from tinkerd.text import TextCodec, text_codec, validate_messages
+from tinkerd.text import TextCodec, stop_cut, text_codec, validate_messages
 from tinkerd.types import (
     CreateModel,
     Datum,
@@ -462,10 +462,9 @@ def sample():
     samples = []
     for seq in sequences:
         text = codec.decode([int(t) for t in seq.tokens])
-        cut = min((i for s in params.stop_strings if (i := text.find(s)) >= 0), default=None)
         samples.append(
             {
-                "text": text if cut is None else text[:cut],  # without the stop string
+                "text": text[: stop_cut(text, params.stop_strings)],  # without the stop string
                 "tokens": [int(t) for t in seq.tokens],
                 "logprobs": [float(x) for x in seq.logprobs],
                 "stop_reason": seq.stop_reason,
