@@ -546,3 +546,47 @@ def test_reused_seq_id_with_different_content_is_refused(server, base_model) -> 
     assert r.status_code == 400 and r.json()["category"] == "user"
     assert "seq_id 1" in r.json()["error"]
     assert len(fwdbwd_result(server, fb_id).loss_fn_outputs[0]["logprobs"].data) == len(TOKENS) - 1
+
+
+# -- refused numbered requests ---------------------------------------------------------------
+# The server's gap skip (`seq_gap_seconds`, 30 s here) would unstall the model too: these expect
+# the refusal itself to take the seq_id, well before that.
+
+
+def settles_soon(server, request_id: str, seconds: float = 15.0) -> httpx.Response:
+    """retrieve_future's answer, which must come within `seconds`."""
+    started = time.monotonic()
+    r = retrieve(server, request_id)
+    assert time.monotonic() - started < seconds, "the model waited for a refused seq_id"
+    return r
+
+
+def test_a_refused_sdk_call_does_not_stall_the_model(server, training_client) -> None:
+    """save_weights_external is numbered by the SDK but not served here: its 404 takes its
+    seq_id, so the model's next request (save_state) runs."""
+    with pytest.raises(tinker.NotFoundError, match="does not serve"):
+        training_client.save_weights_external("external").result(timeout=30)
+    saved = training_client.save_state("after-refused").result(timeout=15)
+    assert saved.path.endswith("/weights/after-refused")
+
+
+def test_an_unserved_route_takes_the_seq_id_it_names(server, base_model) -> None:
+    model_id = create_model(server, new_session(server), base_model=base_model)
+    r = post(server, "no_such_operation", {"model_id": model_id, "seq_id": 1, "x": 1})
+    assert r.status_code == 404 and r.json()["category"] == "user"
+    assert "does not serve POST /api/v1/no_such_operation" in r.json()["error"]
+    assert f"seq_id 1 of {model_id} is taken" in r.json()["error"]
+    assert settles_soon(server, submit_optim(server, optim_body(model_id, 2))).status_code == 200
+    # a body without a numbered model's request takes nothing, and is told the usual 404
+    for body in ({"model_id": model_id}, {"seq_id": 3}, {"model_id": "nope:train:0", "seq_id": 3}):
+        r = post(server, "no_such_operation", body)
+        assert r.status_code == 404 and "taken" not in r.json()["error"], r.text
+    json_result(server, submit_optim(server, optim_body(model_id, 3)))
+
+
+def test_a_bad_unnamed_save_for_sampler_takes_its_seq_id(server, base_model) -> None:
+    model_id = create_model(server, new_session(server), base_model=base_model)
+    body = {"model_id": model_id, "seq_id": 1, "sampling_session_seq_id": "first"}
+    r = post(server, "save_weights_for_sampler", body)
+    assert r.status_code == 400 and "sampling_session_seq_id" in r.json()["error"]
+    assert settles_soon(server, submit_optim(server, optim_body(model_id, 2))).status_code == 200

@@ -20,7 +20,13 @@ import redis
 from tinkerd.cluster import codec
 from tinkerd.cluster import scheduler as cluster_scheduler
 from tinkerd.cluster.celery_app import make_celery, queue_task, take_undelivered, worker_queue
-from tinkerd.cluster.scheduler import Reaper, RedisScheduler, Unavailable, lost_models
+from tinkerd.cluster.scheduler import (
+    Reaper,
+    RedisScheduler,
+    Unavailable,
+    lost_models,
+    skip_seq,
+)
 from tinkerd.cluster.state import (
     PLACEMENT,
     WORKERS,
@@ -30,6 +36,7 @@ from tinkerd.cluster.state import (
     pending_key,
     worker_key,
 )
+from tinkerd.local_cluster import RedisServer, wait_until
 from tinkerd.tasks import MAX_SEQ_AHEAD, Result, Scheduler
 from tinkerd.types import (
     AdamParams,
@@ -559,6 +566,122 @@ def test_tenant_and_priority_ride_with_the_celery_message(
     assert [(t.request_id, t.tenant, t.priority) for b in worker.take_ready(0.0) for t in b] == [
         ("old-style", "", 0)
     ]
+
+
+# -- gaps that never fill ----------------------------------------------------------------------
+
+
+def test_a_seq_id_never_sent_is_skipped_in_redis_and_answered_if_it_comes_late(
+    client: redis.Redis, scheduler: RedisScheduler
+) -> None:
+    """What a worker does with a gap Redis does not know once it has waited `seq_gap_seconds`:
+    the seq_id is recorded as skipped and the model's sequence moves on past it."""
+    register(client, "w1")
+    open_and_create(scheduler)
+    two = scheduler.submit(MODEL, 2, optim(2), "fp2")
+    delivered(client, "w1")
+    assert client.get(f"tinkerd:next:{MODEL}") == b"1"  # stuck at the missing 1
+    skipped = skip_seq(client, MODEL, 1, "w1")
+    assert skipped is not None and skipped != two
+    assert client.get(f"tinkerd:next:{MODEL}") == b"3"
+    assert client.sismember(inflight_key("w1"), skipped)  # the worker settles it in its turn
+    # seq 1 arriving after all gets the skip's request (and its error), and is not sent
+    assert scheduler.submit(MODEL, 1, optim(1), "fp1") == skipped
+    assert delivered(client, "w1") == []
+    assert skip_seq(client, MODEL, 1, "w1") is None  # taken: nothing to skip
+    assert skip_seq(client, MODEL, 2, "w1") is None  # recorded: on its way to the worker
+    assert scheduler.submit_next(MODEL, optim(3)) and delivered(client, "w1")[0][3] == 3
+
+
+@pytest.fixture
+def own_redis(tmp_path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own, to stop and start again."""
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def scheduler_on(own_redis: RedisServer) -> Iterator[Callable[[float], RedisScheduler]]:
+    """Makes an API process's RedisScheduler on `own_redis`, with this `send_retry_seconds`."""
+    made: list[RedisScheduler] = []
+
+    def make(send_retry_seconds: float) -> RedisScheduler:
+        c = connect(own_redis.url)
+        made.append(
+            RedisScheduler(c, make_celery(own_redis.url), RedisFutures(c, 60), send_retry_seconds)
+        )
+        return made[-1]
+
+    yield make
+    for sched in made:
+        sched.outbox.stop()
+        sched.futures.close()
+        sched.celery.close()
+
+
+def stop_redis_before_sending(own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis stops after the submit script recorded the request and before Celery sends it."""
+    real_send = cluster_scheduler.send
+
+    def redis_stops_first(*args: Any) -> None:
+        own_redis.stop()
+        real_send(*args)
+
+    monkeypatch.setattr(cluster_scheduler, "send", redis_stops_first)
+
+
+def test_a_request_recorded_when_redis_stopped_is_sent_once_redis_is_back(
+    own_redis: RedisServer, scheduler_on: Callable[[float], RedisScheduler], monkeypatch
+) -> None:
+    sched = scheduler_on(60)
+    register(sched.redis, "w1")
+    open_and_create(sched)
+    delivered(sched.redis, "w1")
+    stop_redis_before_sending(own_redis, monkeypatch)
+    request_id = sched.submit(MODEL, 1, optim(1), "fp1")  # recorded: the client polls for it
+    monkeypatch.undo()
+    assert sched.outbox.held() == 1
+    time.sleep(1.5)  # the outbox tries meanwhile, in vain
+    own_redis.start()
+    started = time.monotonic()
+    wait_until(lambda: sched.outbox.held() == 0, 10, "the outbox to send the request")
+    assert time.monotonic() - started < 5
+    assert delivered(sched.redis, "w1") == [("ordered", request_id, MODEL, 1, optim(1))]
+    assert sched.wait(request_id, 0.0) is None  # pending at its worker, not failed
+    assert sched.submit(MODEL, 1, optim(1), "fp1") == request_id
+
+
+@pytest.mark.parametrize("kind", ["ordered", "unordered"])
+def test_a_request_held_past_send_retry_seconds_fails_with_the_true_reason(
+    own_redis: RedisServer,
+    scheduler_on: Callable[[float], RedisScheduler],
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+) -> None:
+    sched = scheduler_on(0.5)
+    register(sched.redis, "w1", base_models=[BASE])
+    open_and_create(sched)
+    delivered(sched.redis, "w1")
+    stop_redis_before_sending(own_redis, monkeypatch)
+    if kind == "ordered":
+        request_id = sched.submit(MODEL, 1, optim(1), "fp1")
+    else:
+        request_id = sched.submit_unordered("k", 0, sample(SamplerWeights(BASE)), "s")
+    monkeypatch.undo()
+    time.sleep(1.5)
+    own_redis.start()
+    wait_until(lambda: sched.outbox.held() == 0, 10, "the outbox to fail the request")
+    reason = "could not be sent to worker w1: Redis was unreachable for"
+    if kind == "ordered":  # to its worker as a rejected request, settled in the model's order
+        [(sent_kind, sent_id, key, seq_id, payload)] = delivered(sched.redis, "w1")
+        assert (sent_kind, sent_id, key, seq_id) == ("ordered", request_id, MODEL, 1)
+        assert isinstance(payload, Rejected) and payload.error["category"] == "server"
+        assert reason in payload.error["error"]
+    else:  # a sample has no order to keep: it fails at once
+        assert reason in error_of(sched.wait(request_id, 1.0))["error"]
+        assert not sched.redis.sismember(inflight_key("w1"), request_id)
+        assert delivered(sched.redis, "w1") == []
 
 
 # -- the reaper ------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ each tenant's pending count as the worker settles."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,6 +94,32 @@ def test_a_request_recorded_but_never_sent_fails_and_the_model_goes_on(
     assert worker.fill_gaps() == []
     worker.worker.run_cycle(timeout=0.1)
     assert api.wait(later, 0.1) is None
+
+
+def test_a_seq_id_never_sent_is_skipped_after_seq_gap_seconds(
+    worker: WorkerProcess, api: RedisScheduler, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A seq_id Redis never recorded (the client never sent it, or the API refused it before
+    recording it) holds the model's later requests `seq_gap_seconds`, counted from when the
+    worker first sees the gap: then it is skipped in Redis and here, and logged."""
+    api.open_model(MODEL)
+    created = api.submit(MODEL, 0, CreateModel("tinkerd/tiny", LoraConfig(rank=4, seed=0)), "c")
+    after = api.submit(MODEL, 2, forward(), "f2")
+    deliver(worker)
+    worker.worker.run_cycle(timeout=1)
+    assert api.wait(created, 1) is not None
+    worker.settings.seq_gap_seconds = 0.5
+    assert worker.fill_gaps() == []  # first seen now
+    time.sleep(0.6)
+    with caplog.at_level("WARNING", logger="tinkerd.cluster.worker"):
+        [skipped] = worker.fill_gaps()
+    assert f"model {MODEL}: seq_id 1 never arrived" in caplog.text
+    worker.worker.run_cycle(timeout=1)
+    assert api.wait(after, 1).content_type == "application/x-protobuf"  # it ran
+    error = json.loads(api.wait(skipped, 1).body)
+    assert error["category"] == "user" and f"seq_id 1 of {MODEL} never arrived" in error["error"]
+    assert api.submit(MODEL, 1, forward(), "f1") == skipped  # late: the skip's answer
+    assert take_undelivered(worker.redis, worker.name) == []
 
 
 def test_a_restarted_worker_reports_its_earlier_models_lost(

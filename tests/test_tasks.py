@@ -106,6 +106,46 @@ def test_take_ready_times_out_with_nothing(scheduler: Scheduler) -> None:
     assert time.monotonic() - start >= 0.15
 
 
+def test_a_gap_that_never_fills_is_skipped_after_gap_seconds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A seq_id the client never sent (or the server refused before recording it) holds the
+    model's later requests only `gap_seconds`: then it is skipped, logged, and answered with
+    an error should it come after all."""
+    s = Scheduler(gap_seconds=0.3)
+    s.open_model(MODEL)
+    s.submit(MODEL, 0, payload("create"), "fp-create")
+    assert released(s) == [(MODEL, 0, "create")]
+    two = s.submit(MODEL, 2, payload("two"), "fp2")
+    assert s.take_ready(0.1) == []  # 2 waits for 1 ...
+    time.sleep(0.3)
+    with caplog.at_level("WARNING", logger="tinkerd.tasks"):
+        [step] = s.take_ready(0.1)  # ... until 1 has been missing for gap_seconds
+    assert [(t.seq_id, type(t.payload).__name__) for t in step] == [(1, "Rejected"), (2, "dict")]
+    assert step[1].request_id == two
+    skipped = step[0]
+    assert skipped.payload.error["category"] == "user"
+    assert "seq_id 1 of s:train:0 never arrived" in skipped.payload.error["error"]
+    assert f"model {MODEL}: seq_id 1 never arrived" in caplog.text
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    # seq 1 arriving after all gets the skip's answer, not a run out of order
+    assert s.submit(MODEL, 1, payload("one"), "fp1") == skipped.request_id
+    assert released(s) == []
+    s.submit(MODEL, 3, payload("three"), "fp3")
+    assert released(s) == [(MODEL, 3, "three")]
+
+
+def test_a_gap_filled_in_time_is_not_skipped() -> None:
+    s = Scheduler(gap_seconds=0.5)
+    s.open_model(MODEL)
+    s.submit(MODEL, 0, payload("create"), "fp-create")
+    s.submit(MODEL, 2, payload("two"), "fp2")
+    assert released(s, 0.2) == [(MODEL, 0, "create")]
+    s.submit(MODEL, 1, payload("one"), "fp1")
+    time.sleep(0.5)
+    assert released(s) == [(MODEL, 1, "one"), (MODEL, 2, "two")]
+
+
 # -- retries and clashes ---------------------------------------------------------------------
 
 

@@ -55,6 +55,12 @@ class Settings:
         max_tokens_per_request: tokens over all datums of one forward/backward request.
         drain_seconds: on SIGTERM, how long the worker may take to finish its running and
             queued work before what is left fails with a server error.
+        seq_gap_seconds: a model's next seq_id that never arrives while later ones wait is
+            skipped (logged, and answered with an error should it come after all) once they
+            have waited this long, so a lost request cannot stall its model for good.
+        send_retry_seconds: scaled out, a request recorded in Redis that could not be handed
+            to its worker (Redis went away in between) is sent again as soon as Redis is back;
+            past this age it fails instead, with that reason.
     """
 
     host: str = "127.0.0.1"
@@ -77,6 +83,8 @@ class Settings:
     max_sequence_tokens: int = 131_072
     max_tokens_per_request: int = 4 * 1024 * 1024
     drain_seconds: float = 300.0
+    seq_gap_seconds: float = 30.0
+    send_retry_seconds: float = 120.0
 
     @property
     def input_limits(self) -> InputLimits:
@@ -111,5 +119,7 @@ class Settings:
         settings.max_sequence_tokens = int(settings.max_sequence_tokens)
         settings.max_tokens_per_request = int(settings.max_tokens_per_request)
         settings.drain_seconds = float(settings.drain_seconds)
+        settings.seq_gap_seconds = float(settings.seq_gap_seconds)
+        settings.send_retry_seconds = float(settings.send_retry_seconds)
         settings.data_dir = Path(settings.data_dir).expanduser().resolve()
         return settings

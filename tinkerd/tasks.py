@@ -17,6 +17,7 @@ priority (see `effective_priority`), and `pending(tenant)` counts a key's unsett
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -30,10 +31,14 @@ from tinkerd.types import (
     NotFound,
     OptimStep,
     Payload,
+    Rejected,
     RemoveModel,
     ServerError,
+    TinkerdError,
     UserError,
 )
+
+log = logging.getLogger(__name__)
 
 # How far ahead of a model's next seq_id a request may arrive (buffered until its turn).
 MAX_SEQ_AHEAD = 100_000
@@ -45,6 +50,9 @@ first while the worker is contended; aging keeps a low key from starving behind 
 a ready request climbs one level per AGING_SECONDS, so it waits at most about 20 s behind a
 saturating priority-10 key. That is long against a training step (well under a second here), so
 priority still decides under ordinary contention, and short against a client's patience."""
+# The fingerprint a skipped seq_id is remembered by: that request, arriving after all, gets the
+# skip's answer (an error) rather than running out of order. Never a real fingerprint (hex).
+SKIPPED = "*skipped"
 
 
 @dataclass(frozen=True)
@@ -138,6 +146,15 @@ class Gap(NamedTuple):
     priority: int
 
 
+def skipped_message(gap: Gap, waited: float) -> str:
+    """Why a gap's seq_id was skipped: what the request, if it comes after all, is told."""
+    return (
+        f"seq_id {gap.seq_id} of {gap.model_id} never arrived: the model's later requests "
+        f"waited {waited:.0f} s for it, so it was skipped (the server refused it before "
+        "recording it, or the client never sent it); nothing of it was applied"
+    )
+
+
 @dataclass
 class _ModelQueue:
     next_seq: int
@@ -210,10 +227,19 @@ class FutureStore:
 
 
 class Scheduler:
-    """Per-model ordering and de-duplication, and the hand-off of ready work to the worker."""
+    """Per-model ordering and de-duplication, and the hand-off of ready work to the worker.
 
-    def __init__(self, futures: FutureStore | None = None) -> None:
+    With `gap_seconds` (the whole queue, `tinkerd serve`), a model's missing next request is
+    skipped once a later one has waited that long for it (`skip_gaps`): a request the server
+    refused before recording it, or a client that died mid-send, must not stall the model for
+    good. A worker process fed by Celery leaves it None: Redis decides its gaps (`fill_gaps`)."""
+
+    def __init__(
+        self, futures: FutureStore | None = None, gap_seconds: float | None = None
+    ) -> None:
         self.futures = futures or FutureStore()
+        self.gap_seconds = gap_seconds
+        self._next_gap_check = 0.0
         self._cond = threading.Condition()
         self._queues: dict[str, _ModelQueue] = {}
         self._ready: set[str] = set()
@@ -282,7 +308,7 @@ class Scheduler:
                 raise NotFound(f"unknown model_id {model_id!r}")
             if seq_id in queue.seen:
                 request_id, first_fingerprint = queue.seen[seq_id]
-                if first_fingerprint != fingerprint:
+                if first_fingerprint not in (fingerprint, SKIPPED):
                     raise UserError(
                         f"seq_id {seq_id} of {model_id} was already used by a different request"
                     )
@@ -346,8 +372,9 @@ class Scheduler:
 
     def gaps(self, min_age: float) -> list[Gap]:
         """Each model whose next request has not arrived although a later one has been waiting
-        for `min_age` seconds. A worker process asks Redis about these: an API process may have
-        died between recording a request and sending it."""
+        for `min_age` seconds. Alone, the scheduler skips these (`skip_gaps`); a worker process
+        asks Redis about them (an API process may have died between recording a request and
+        sending it, or the client never sent it)."""
         now = time.monotonic()
         found = []
         with self._cond:
@@ -358,6 +385,37 @@ class Scheduler:
                 if now - oldest.queued_at >= min_age:
                     found.append(Gap(model_id, queue.next_seq, oldest.tenant, oldest.priority))
         return found
+
+    def skip_gaps(self, min_age: float) -> list[Gap]:
+        """Skip each model's missing next request that later ones have waited `min_age`
+        seconds for (see `gaps`), logging each: it takes the seq_id as a rejected request, so
+        the later ones run, and the request itself, if it comes after all, gets that error."""
+        skipped = self.gaps(min_age)
+        for gap in skipped:
+            log.warning(
+                "model %s: seq_id %d never arrived although later requests waited %.0f s for "
+                "it; skipping it so they run",
+                gap.model_id,
+                gap.seq_id,
+                min_age,
+            )
+            self.fill_gap(gap, UserError(skipped_message(gap, min_age)))
+        return skipped
+
+    def fill_gap(self, gap: Gap, error: TinkerdError, request_id: str | None = None) -> str:
+        """Take `gap`'s seq_id as a rejected request that settles to `error` in its turn (as
+        `request_id`, made here when None), remembered as skipped; returns the request id. A
+        seq_id that arrived meanwhile is left alone (its own request id is returned)."""
+        with self._cond:
+            queue = self._queues.get(gap.model_id)
+            if queue is None or gap.seq_id < queue.next_seq or gap.seq_id in queue.pending:
+                return request_id or ""
+            request_id = request_id or self.futures.create(gap.tenant)
+            queue.seen.setdefault(gap.seq_id, (request_id, SKIPPED))
+            rejected = Rejected(error.to_json())
+            task = Task(request_id, gap.model_id, gap.seq_id, rejected, gap.tenant, gap.priority)
+            self._enqueue_locked(queue, task)
+            return request_id
 
     def _enqueue_locked(self, queue: _ModelQueue, task: Task) -> None:
         queue.pending[task.seq_id] = task
@@ -411,13 +469,23 @@ class Scheduler:
         meanwhile. A model's wait starts when its next request arrives or its last step was
         taken, whichever is later, so a long backlog gains no seniority over a newcomer."""
         with self._cond:
+            self._skip_old_gaps()
             if not self._ready and not self._unordered:
                 self._cond.wait(timeout)
+                self._skip_old_gaps()
             batches = [self._take_step(model_id) for model_id in self._turn()]
             if self._unordered:
                 batches.append(self._unordered)
                 self._unordered = []
             return batches
+
+    def _skip_old_gaps(self) -> None:
+        """`skip_gaps(gap_seconds)`, at most about once a second (each cycle of the worker)."""
+        now = time.monotonic()
+        if self.gap_seconds is None or now < self._next_gap_check:
+            return
+        self._next_gap_check = now + min(1.0, self.gap_seconds / 2)
+        self.skip_gaps(self.gap_seconds)
 
     def _turn(self) -> list[str]:
         """The ready models whose turn it is, in the order they run."""

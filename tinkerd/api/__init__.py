@@ -23,6 +23,7 @@ from tinkerd.types import (
     NotFound,
     Payload,
     Rejected,
+    TinkerdError,
     TooManyRequests,
     UserError,
 )
@@ -34,6 +35,8 @@ SESSION_IDLE_SECONDS = 600.0
 # frees only when the user deletes a model or ends a session.
 QUEUE_RETRY_SECONDS = 1.0
 MODELS_RETRY_SECONDS = 30.0
+# The 4xx answers the SDK sends again with the same seq_id (as it does every 5xx).
+RETRIED_STATUSES = (408, 409, 429)
 
 
 def service():
@@ -229,18 +232,39 @@ def submit_ordered(
 ) -> Response:
     """Queue build() as (model_id, seq_id) and answer its future. A request that fails validation
     still takes its seq_id (as a Rejected task), so the model's later requests are not left
-    waiting for it."""
+    waiting for it. An answer the SDK retries (429, a server error) takes nothing: the same
+    seq_id comes again."""
     registry().touch_model(model_id)
     try:
         payload = build()
     except UserError as e:
-        try:
-            submit(model_id, seq_id, Rejected(e.to_json()), content)
-        except UserError:
-            pass  # a seq_id from the past or a clash (or the key's limit): nothing to hold open
+        if e.status not in RETRIED_STATUSES:
+            record_refused(model_id, seq_id, content, e)
         raise
     request_id = submit(model_id, seq_id, payload, content)
     return jsonify({"request_id": request_id, "model_id": model_id})
+
+
+def record_refused(model_id: str, seq_id: int, content: str, error: TinkerdError) -> bool:
+    """Take (model_id, seq_id) as a Rejected request that settles to `error`, as this request's
+    key, so the model's later requests do not wait for one the server refused (the SDK numbers
+    every training request and sends the next whatever became of this one). Not counted
+    against the key's `max_queued`: refusing it would leave the gap. False, and nothing held
+    open, for another key's or an unknown model, a seq_id from the past or a clash."""
+    key = caller()
+    try:
+        registry().model(model_id)  # this key's
+        service().scheduler.submit(
+            model_id,
+            seq_id,
+            Rejected(error.to_json()),
+            content,
+            tenant=key.name,
+            priority=key.priority,
+        )
+    except TinkerdError:
+        return False
+    return True
 
 
 def get_optional_float(body: dict[str, Any], key: str) -> float | None:

@@ -6,6 +6,7 @@ future id at once; `retrieve_future` long-polls for the result.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
@@ -18,6 +19,7 @@ from tinkerd.api import (
     json_body,
     limits,
     lora_config,
+    record_refused,
     registry,
     service,
     start_model,
@@ -149,6 +151,35 @@ def _adam_params(body: dict[str, Any]) -> AdamParams:
     if "optimizer_params" in body and "adam_params" not in body:
         raise UserError("only adam_params are supported (the model was created with adamw)")
     return adam_params(body.get("adam_params"))
+
+
+@bp.after_app_request
+def take_unserved_seq_id(response: Response) -> Response:
+    """A POST under /api/v1 that no route serves (a newer SDK's, such as save_weights_external)
+    whose JSON body names a model_id and seq_id still takes that seq_id, as a rejected request:
+    the SDK numbers each training request and sends the model's next one whatever became of
+    this one, which would wait for it. An app hook: a path no route matches has no view."""
+    if (
+        response.status_code not in (404, 405)
+        or request.routing_exception is None
+        or request.method != "POST"
+        or not request.path.startswith(f"{bp.url_prefix}/")
+    ):
+        return response
+    try:
+        body = request.get_json(force=True, silent=True)
+    except RecursionError:
+        return response
+    if not isinstance(body, dict):
+        return response
+    model_id, seq_id = body.get("model_id"), body.get("seq_id")
+    if not isinstance(model_id, str) or type(seq_id) is not int or seq_id < 0:
+        return response
+    error = UserError(f"tinkerd does not serve POST {request.path}; nothing of it was applied")
+    if record_refused(model_id, seq_id, fingerprint(body), error):
+        error.message += f" (seq_id {seq_id} of {model_id} is taken, so its later requests run)"
+        response.set_data(json.dumps(error.to_json()))
+    return response
 
 
 # -- futures ---------------------------------------------------------------------------------

@@ -66,12 +66,18 @@ def save_weights_for_sampler():
     if body.get("path") is not None:
         build = lambda: _save(body, "sampler_weights")  # noqa: E731
     else:  # unnamed: the server creates the sampling session, on an in-memory snapshot
-        model = registry().model(model_id)
-        sampler_id = f"{model.session_id}:sample:{get_int(body, 'sampling_session_seq_id')}"
-        weights = SamplerWeights(model.base_model, snapshot_id=sampler_id)
-        registry().add_sampler(SamplerRecord(sampler_id, model.session_id, weights))
-        build = lambda: SaveWeights(path=None, kind="sampler_weights", snapshot_id=sampler_id)  # noqa: E731
+        build = lambda: _snapshot(model_id, body)  # noqa: E731
     return submit_ordered(model_id, seq_id, fingerprint(body), build)
+
+
+def _snapshot(model_id: str, body: dict[str, Any]) -> SaveWeights:
+    """An unnamed save_weights_for_sampler: the sampling session it creates, registered here,
+    and the save of the snapshot it samples."""
+    model = registry().model(model_id)
+    sampler_id = f"{model.session_id}:sample:{get_int(body, 'sampling_session_seq_id')}"
+    weights = SamplerWeights(model.base_model, snapshot_id=sampler_id)
+    registry().add_sampler(SamplerRecord(sampler_id, model.session_id, weights))
+    return SaveWeights(path=None, kind="sampler_weights", snapshot_id=sampler_id)
 
 
 def checkpoint_meta(path: object) -> tuple[CheckpointPath, CheckpointMeta]:
@@ -90,8 +96,7 @@ def load_weights():
     body = json_body()
     if "model_id" in body:  # load_state*: into a live model, in its order
         model_id, seq_id = get_str(body, "model_id"), get_int(body, "seq_id")
-        model = registry().model(model_id)
-        build = lambda: _load(body, model)  # noqa: E731
+        build = lambda: _load(body, registry().model(model_id))  # noqa: E731
         return submit_ordered(model_id, seq_id, fingerprint(body), build)
     return _create_from_checkpoint(body)
 

@@ -19,6 +19,7 @@ import time
 import uuid
 from typing import Any
 
+import kombu.exceptions
 import redis
 from celery import Celery
 
@@ -38,10 +39,11 @@ from tinkerd.cluster.state import (
     request_key,
 )
 from tinkerd.metrics import MonitorStore
-from tinkerd.tasks import MAX_SEQ_AHEAD, RETRY_WINDOW, Result, Task
+from tinkerd.tasks import MAX_SEQ_AHEAD, RETRY_WINDOW, SKIPPED, Result, Task
 from tinkerd.types import (
     NotFound,
     Payload,
+    Rejected,
     RemoveModel,
     Sample,
     SaveWeights,
@@ -53,17 +55,41 @@ from tinkerd.types import (
 log = logging.getLogger(__name__)
 
 # The start of both submit scripts: a (key, seq_id) seen before answers its first request id (a
-# retry), or a clash when its content differs. KEYS[1]: the seen hash; ARGV[1], ARGV[2]: seq_id
-# and fingerprint.
+# retry, or a seq_id skipped meanwhile: its answer is the skip's error), or a clash when its
+# content differs. KEYS[1]: the seen hash; ARGV[1], ARGV[2]: seq_id and fingerprint.
 SEEN = """
 local v = redis.call('HGET', KEYS[1], ARGV[1])
 if v then
   local sep = string.find(v, '|', 1, true)
   local rid = string.sub(v, 1, sep - 1)
-  if string.sub(v, sep + 1) ~= ARGV[2] then return {'clash', rid} end
+  local first = string.sub(v, sep + 1)
+  if first ~= ARGV[2] and first ~= '@SKIPPED@' then return {'clash', rid} end
   return {'dup', rid}
 end
-"""
+""".replace("@SKIPPED@", SKIPPED)
+
+# Takes a model's seq_id that never came as skipped, unless it was recorded meanwhile (then its
+# entry is answered: the worker asks again later). The model's next seq_id moves on past it and
+# the seq_ids recorded after it, as a submit's does.
+# KEYS: seen hash, next key, request key, inflight set of the worker
+# ARGV: seq_id, new request id, worker, retry window, request ttl
+SKIP_SEQ = """
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if v then return {'recorded', v} end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '|@SKIPPED@')
+local nxt = tonumber(redis.call('GET', KEYS[2]) or '0')
+if tonumber(ARGV[1]) == nxt then
+  local window = tonumber(ARGV[4])
+  while redis.call('HEXISTS', KEYS[1], tostring(nxt)) == 1 do
+    if nxt >= window then redis.call('HDEL', KEYS[1], tostring(nxt - window)) end
+    nxt = nxt + 1
+  end
+  redis.call('SET', KEYS[2], nxt)
+end
+redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[5])
+redis.call('SADD', KEYS[4], ARGV[2])
+return {'skipped', ARGV[2]}
+""".replace("@SKIPPED@", SKIPPED)
 
 # Counts a new request as pending for its tenant, and drops entries older than the horizon (a
 # request whose settle never came: the count cannot leak). KEY: the tenant's pending set;
@@ -132,6 +158,126 @@ return {'new', ARGV[3]}
 )
 
 
+def skip_seq(client: redis.Redis, model_id: str, seq_id: int, worker: str) -> str | None:
+    """Record `model_id`'s `seq_id`, which never came although later ones wait at `worker`, as
+    skipped: a new request id that the worker settles with the skip's error, and that the
+    request gets should it come after all. None if it was recorded meanwhile (on its way)."""
+    request_id = uuid.uuid4().hex
+    keys = [
+        f"tinkerd:seq:{model_id}",
+        f"tinkerd:next:{model_id}",
+        request_key(request_id),
+        inflight_key(worker),
+    ]
+    args = [seq_id, request_id, worker, RETRY_WINDOW, REQUEST_TTL]
+    status, _ = (as_text(v) for v in client.register_script(SKIP_SEQ)(keys=keys, args=args))
+    return request_id if status == "skipped" else None
+
+
+# What sending raises while Redis is unreachable (kombu wraps some of Redis's errors).
+UNREACHABLE = (
+    kombu.exceptions.OperationalError,
+    redis.ConnectionError,
+    redis.TimeoutError,
+    OSError,
+)
+
+
+class Outbox:
+    """The requests this API process recorded in Redis but could not hand to Celery (Redis went
+    away between the two steps), and the results it could not store: a thread sends them again
+    every `interval` until Redis takes them. A request older than `max_age` is not sent but
+    failed, with that reason: an ordered one as a rejected request in its model's order (its
+    worker holds the model's later requests for it), a sample straight away."""
+
+    def __init__(
+        self, celery: Celery, futures: RedisFutures, max_age: float, interval: float = 0.5
+    ) -> None:
+        self.celery = celery
+        self.futures = futures
+        self.max_age = max_age
+        self.interval = interval
+        self._held: list[tuple[str, str, Task, float]] = []  # worker, kind, task, first failure
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def add(self, worker: str, kind: str, task: Task) -> None:
+        with self._lock:
+            self._held.append((worker, kind, task, time.monotonic()))
+        self.start()
+
+    def held(self) -> int:
+        with self._lock:
+            return len(self._held)
+
+    def start(self) -> Outbox:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="tinkerd-outbox", daemon=True
+                )
+                self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - the thread must outlive any error
+                log.exception("outbox round failed")
+
+    def flush(self) -> int:
+        """One round: send what is held, oldest first, until Redis refuses; returns how many
+        are left."""
+        self.futures.flush()
+        while True:
+            with self._lock:
+                if not self._held:
+                    return 0
+                worker, kind, task, since = self._held[0]
+            age = time.monotonic() - since
+            if age > self.max_age and not isinstance(task.payload, Rejected):
+                task = self._expired(worker, kind, task, age)
+                if task is None:  # a sample: failed outright
+                    self._pop()
+                    continue
+                with self._lock:
+                    self._held[0] = (worker, kind, task, since)
+            try:
+                send(self.celery, worker, kind, task)
+            except UNREACHABLE as e:
+                log.debug("outbox: Redis still refuses (%s); %d held", e, self.held())
+                with self._lock:
+                    return len(self._held)
+            except Exception as e:  # the broker refused it: sending it again would not help
+                error = ServerError(f"could not queue the request to {worker}: {e}")
+                self.futures.settle_error(task.request_id, error, worker, tenant=task.tenant)
+                self._pop()
+                continue
+            log.info("request %s sent to worker %s after %.1f s", task.request_id, worker, age)
+            self._pop()
+
+    def _pop(self) -> None:
+        with self._lock:
+            self._held.pop(0)
+
+    def _expired(self, worker: str, kind: str, task: Task, age: float) -> Task | None:
+        error = ServerError(
+            f"request {task.request_id} could not be sent to worker {worker}: Redis was "
+            f"unreachable for {age:.0f} s; nothing of it was applied, send it again"
+        )
+        log.error("%s", error.message)
+        if kind == "ordered":
+            rejected = Rejected(error.to_json())
+            return Task(task.request_id, task.model_id, task.seq_id, rejected, task.tenant)
+        self.futures.settle_error(task.request_id, error, worker, tenant=task.tenant)
+        return None
+
+
 class Unavailable(TinkerdError):
     """The cluster cannot take the request now (no worker, Redis down): 503, try again."""
 
@@ -141,10 +287,17 @@ class Unavailable(TinkerdError):
 class RedisScheduler:
     """`tasks.TaskQueue` for API processes: the same contract as the in-process Scheduler."""
 
-    def __init__(self, client: redis.Redis, celery: Celery, futures: RedisFutures) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        celery: Celery,
+        futures: RedisFutures,
+        send_retry_seconds: float = 120.0,
+    ) -> None:
         self.redis = client
         self.celery = celery
         self.futures = futures
+        self.outbox = Outbox(celery, futures, send_retry_seconds)
         self._submit_ordered = client.register_script(SUBMIT_ORDERED)
         self._submit_unordered = client.register_script(SUBMIT_UNORDERED)
 
@@ -349,9 +502,14 @@ class RedisScheduler:
         return request_id
 
     def _send(self, worker: str, kind: str, task: Task) -> None:
+        """Hand a recorded request to its worker's queue; if Redis went away since it was
+        recorded, the outbox sends it once Redis is back (the client polls meanwhile)."""
         try:
             send(self.celery, worker, kind, task)
-        except Exception as e:  # the broker went away between recording and sending
+        except UNREACHABLE as e:
+            log.warning("request %s recorded but not yet sent (%s); retrying", task.request_id, e)
+            self.outbox.add(worker, kind, task)
+        except Exception as e:  # the broker refused it: sending it again would not help
             error = ServerError(f"could not queue the request to {worker}: {e}")
             self.futures.settle_error(task.request_id, error, worker, tenant=task.tenant)
 

@@ -27,17 +27,18 @@ from tinkerd.cluster.celery_app import (
     worker_queue,
 )
 from tinkerd.cluster.handoff import HandOff, pick_target
-from tinkerd.cluster.scheduler import Reaper
+from tinkerd.cluster.scheduler import Reaper, skip_seq
 from tinkerd.cluster.state import WORKERS, RedisFutures, connect, worker_key
 from tinkerd.config import Settings
 from tinkerd.metrics import RedisMonitor
 from tinkerd.storage import CheckpointStore
-from tinkerd.tasks import Scheduler, Task
-from tinkerd.types import Rejected, ServerError
+from tinkerd.tasks import Gap, Scheduler, Task, skipped_message
+from tinkerd.types import Rejected, ServerError, UserError
 
 log = logging.getLogger(__name__)
 
-# A model's next request missing this long while later ones wait: ask Redis what became of it.
+# A model's next request recorded in Redis but missing here this long (seen so while Redis was
+# reachable, so an API process's outbox had time to send it): the API process that took it died.
 GAP_SECONDS = 20.0
 
 
@@ -65,6 +66,7 @@ class WorkerProcess:
         self._registered = False
         self._draining = False
         self._stop = threading.Event()
+        self._gaps_seen: dict[tuple[str, int], float] = {}  # gap -> first seen, Redis reachable
 
     def registration(self) -> dict[str, Any]:
         try:
@@ -98,11 +100,20 @@ class WorkerProcess:
     def fill_gaps(self) -> list[str]:
         """Fail the requests that were recorded in Redis but never reached this worker (their
         API process died between the two steps), so the model's later requests can run. A gap
-        that Redis does not know is a request the client has not sent yet: it stays open."""
-        filled = []
-        for gap in self.scheduler.gaps(GAP_SECONDS):
+        that Redis does not know is a request the client has not sent yet, or one refused
+        before it was recorded: after `seq_gap_seconds` it is skipped (`skip_seq`). Each wait
+        counts from when this worker first saw the gap with Redis reachable."""
+        filled, now, seen_before = [], time.monotonic(), self._gaps_seen
+        self._gaps_seen = {}  # kept only for the gaps still open, and only if Redis answers
+        for gap in self.scheduler.gaps(0.0):
             seen = self.redis.hget(f"tinkerd:seq:{gap.model_id}", str(gap.seq_id))
+            key = (gap.model_id, gap.seq_id)
+            since = self._gaps_seen[key] = seen_before.get(key, now)
             if seen is None:
+                if now - since >= self.settings.seq_gap_seconds:
+                    filled += self._skip(gap, now - since)
+                continue
+            if now - since < GAP_SECONDS:
                 continue
             request_id = seen.decode().partition("|")[0]
             error = ServerError(
@@ -117,6 +128,20 @@ class WorkerProcess:
             filled.append(request_id)
         return filled
 
+    def _skip(self, gap: Gap, waited: float) -> list[str]:
+        log.warning(
+            "model %s: seq_id %d never arrived although later requests waited %.0f s for it; "
+            "skipping it so they run",
+            gap.model_id,
+            gap.seq_id,
+            waited,
+        )
+        request_id = skip_seq(self.redis, gap.model_id, gap.seq_id, self.name)
+        if request_id is None:  # recorded just now: on its way
+            return []
+        self.scheduler.fill_gap(gap, UserError(skipped_message(gap, waited)), request_id)
+        return [request_id]
+
     def _heartbeat_forever(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_seconds):
             try:
@@ -124,6 +149,7 @@ class WorkerProcess:
                 self.fill_gaps()
             except RedisError as e:
                 log.warning("heartbeat failed (%s); retrying", e)
+                self._gaps_seen = {}  # their waits count again once Redis is back
 
     def take_over_name(self) -> None:
         """A worker of this name registered before is an earlier process, now gone with its
