@@ -79,7 +79,8 @@ class EmbeddedServer:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = CheckpointStore(settings.data_dir / "runs")
-        self.scheduler = Scheduler(FutureStore(settings.future_ttl_seconds))
+        futures = FutureStore(settings.future_ttl_seconds)
+        self.scheduler = Scheduler(futures, gap_seconds=settings.seq_gap_seconds)
         self.backend = HFBackend(settings.data_dir, settings.device, store=self.store)
         self.monitor = LocalMonitor(
             worker=lambda: {**self.backend.held(), "queue_depth": self.scheduler.queue_depth()}
@@ -94,10 +95,6 @@ class EmbeddedServer:
             port=settings.port,
             threads=settings.threads,
             connection_limit=settings.connection_limit,
-            backlog=settings.connection_limit,  # the kernel caps it at net.core.somaxconn
-            # poll(), not select(): select() fails on a descriptor past 1023, i.e. once about a
-            # thousand connections are open, and that would end the HTTP loop.
-            asyncore_use_poll=True,
             channel_timeout=120,
             ident="tinkerd",
             # waitress refuses a body of this size or more itself: one byte over Flask's limit,

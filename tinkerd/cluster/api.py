@@ -4,7 +4,8 @@ Each process builds the same Flask app as `tinkerd serve`, over `RedisScheduler`
 registry's records in Redis, so any process answers any request. gunicorn's gevent workers hold
 a waiting `retrieve_future` as a greenlet, not a thread: a thousand long-polls cost little.
 While Redis is unreachable every route answers 503 with a clear message, and the process
-recovers by itself when Redis is back.
+recovers by itself when Redis is back: a request it had recorded but could not yet hand to its
+worker is sent then (`scheduler.Outbox`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def create_cluster_app(settings: Settings) -> Flask:
         raise ValueError("the cluster API needs a redis_url")
     client = connect(settings.redis_url)
     futures = RedisFutures(client, settings.future_ttl_seconds)
-    scheduler = RedisScheduler(client, make_celery(settings.redis_url), futures)
+    celery = make_celery(settings.redis_url)
+    scheduler = RedisScheduler(client, celery, futures, settings.send_retry_seconds)
+    scheduler.outbox.start()  # also stores the results this process could not store
     store = CheckpointStore(settings.data_dir / "runs", shared=True)
     registry = Registry(store, RedisRecords(client))
     monitor = RedisMonitor(client)
@@ -95,10 +98,7 @@ def serve(settings: Settings) -> None:
             self.cfg.set("bind", f"{settings.host}:{settings.port}")
             self.cfg.set("workers", settings.api_workers)
             self.cfg.set("worker_class", "tinkerd.cluster.http_worker.JsonErrorWorker")
-            # Each API process alone can hold every waiting client (10,000 by default): the
-            # processes share one listening socket and need not split the clients evenly.
             self.cfg.set("worker_connections", settings.connection_limit)
-            self.cfg.set("backlog", settings.connection_limit)  # capped at net.core.somaxconn
             self.cfg.set("timeout", 120)  # a worker silent this long is restarted
             self.cfg.set("graceful_timeout", 30)
             self.cfg.set("keepalive", 75)
