@@ -383,3 +383,142 @@ def test_checkpoints_and_runs_survive_restart_and_kill_9(tmp_path, tiny_model_di
         assert sampling.compute_logprobs(types.ModelInput.from_ints(SEQS[0])).result()[0] is None
     leftovers = [p for p in (data_dir / "runs").rglob(".*") if p.name != "run.json"]
     assert leftovers == []
+
+
+# -- absurd numbers: refused at the edge, and never able to break a listing -------------------
+
+
+def _cli(capsys: pytest.CaptureFixture, url: str, *args: str) -> str:
+    """`tinkerd ARGS` in this process against `url`; its stdout (it must succeed)."""
+    from tinkerd.cli import main
+
+    capsys.readouterr()
+    assert main([*args, "--url", url, "--api-key", KEY]) == 0, capsys.readouterr().err
+    return capsys.readouterr().out
+
+
+def test_absurd_ttls_are_refused_and_change_nothing(
+    server, training_client, rest, capsys: pytest.CaptureFixture
+) -> None:
+    """A TTL whose expiry no time can hold (10**12 s is year 33715) used to be stored, and then
+    every listing answered 500. Now a 400 names the field and its range, on every route that
+    takes one, and the longest TTL allowed still lists."""
+    from tinkerd.cli import main
+    from tinkerd.storage import MAX_TTL_SECONDS
+
+    tc = training_client
+    for future in (
+        tc.save_state("ttl-huge", ttl_seconds=10**12),
+        tc.save_weights_for_sampler("ttl-huge-sampler", ttl_seconds=10**12),
+    ):
+        with pytest.raises(tinker.BadRequestError) as info:
+            future.result(timeout=WAIT)
+        body = info.value.body
+        assert body["category"] == "user" and "'ttl_seconds' must be in" in body["error"]
+        assert str(MAX_TTL_SECONDS) in body["error"]
+
+    save = f"{server.url}/api/v1/training_runs/{tc.model_id}/save"
+    headers = {"X-API-Key": KEY, "Content-Type": "application/json"}
+    for ttl in (
+        "1e12",
+        "1e300",
+        "1e400",
+        "Infinity",
+        "-Infinity",
+        "NaN",
+        "0",
+        "-5",
+        '"1h"',
+        "true",
+    ):
+        r = httpx.post(
+            save, content=f'{{"name": "ttl-bad", "ttl_seconds": {ttl}}}', headers=headers
+        )
+        assert r.status_code == 400, (ttl, r.text)
+        assert r.json()["category"] == "user" and "'ttl_seconds'" in r.json()["error"], ttl
+    for ttl in ("inf", "nan", "1e12", "0", "-1", "soon"):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:  # argparse: refused before anything is sent
+            main(["save", tc.model_id, "ttl-cli", "--ttl", ttl, "--url", server.url])
+        assert exit_info.value.code == 2
+        assert "--ttl: must be a number of seconds in (0, 315360000]" in capsys.readouterr().err
+
+    listed = [c.tinker_path for c in rest.list_checkpoints(tc.model_id).result().checkpoints]
+    assert not [p for p in listed if "ttl-" in p]  # nothing was saved
+
+    t0 = time.time()
+    longest = tc.save_state("ttl-longest", ttl_seconds=MAX_TTL_SECONDS).result(timeout=WAIT)
+    (ckpt,) = rest.list_checkpoints(tc.model_id).result(timeout=WAIT).checkpoints
+    assert ckpt.tinker_path == longest.path
+    assert abs(ckpt.expires_at.timestamp() - t0 - MAX_TTL_SECONDS) < 60
+    assert longest.path in _cli(capsys, server.url, "checkpoints", tc.model_id)
+
+
+def _corrupt(path: Path, **fields: object) -> None:
+    """Write absurd values into a stored JSON record, as an older version or a hand edit did
+    (json.dumps writes inf and nan as Infinity and NaN, which json.loads reads back)."""
+    import json
+
+    record = json.loads(path.read_text())
+    record.update(fields)
+    path.write_text(json.dumps(record))
+
+
+def test_listings_render_stored_records_with_absurd_values(
+    tmp_path, tiny_model_dir, capsys: pytest.CaptureFixture
+) -> None:
+    """Records already on disk with expiries and times no datetime holds (written before TTLs
+    were checked) list everywhere: REST, the SDK's RestClient, `tinkerd list|checkpoints|status`.
+    An expiry past year 9999 (or not a number) renders as none, a creation time as 1970."""
+    data_dir = tmp_path / "data"
+    with embedded(data_dir) as url, sdk(url) as (client, _):
+        tc = new_client(client, tiny_model_dir, user_metadata={"n": "1"})
+        names = ["far", "huge", "inf", "nan", "text"]
+        paths = [tc.save_state(name).result(timeout=WAIT).path for name in names]
+        paths.append(tc.save_weights_for_sampler("fine", ttl_seconds=3600).result().path)
+        run_id = tc.model_id
+
+    runs = data_dir / "runs"
+    meta = {p: runs / run_id / p.split("/")[-2] / p.split("/")[-1] / "tinkerd.json" for p in paths}
+    far, huge, inf, nan, text, fine = paths
+    _corrupt(meta[far], expires_at=time.time() + 10**12)  # ttl_seconds=10**12: year 33715
+    _corrupt(meta[huge], expires_at=1e300, created_at=1e300)
+    _corrupt(meta[inf], expires_at=float("inf"), created_at=float("-inf"))
+    _corrupt(meta[nan], expires_at=float("nan"), created_at=float("nan"), size_bytes=1e300)
+    _corrupt(meta[text], expires_at="soon", user_metadata={"step": 1e308})
+    _corrupt(runs / run_id / "run.json", last_request_time=1e300, created_at=float("nan"))
+
+    with embedded(data_dir) as url, sdk(url) as (_, rest):
+        for route in ("training_runs", f"training_runs/{run_id}", "checkpoints"):
+            r = httpx.get(f"{url}/api/v1/{route}", headers={"X-API-Key": KEY})
+            assert r.status_code == 200, (route, r.text)
+        r = httpx.get(
+            f"{url}/api/v1/training_runs/{run_id}/checkpoints", headers={"X-API-Key": KEY}
+        )
+        assert r.status_code == 200, r.text
+        by_path = {c["tinker_path"]: c for c in r.json()["checkpoints"]}
+        assert set(by_path) == set(paths)  # none expired, none hidden
+        assert [by_path[p]["expires_at"] for p in (far, huge, inf, nan, text)] == [None] * 5
+        assert by_path[fine]["expires_at"] is not None
+        assert by_path[huge]["time"].startswith("1970-01-01")
+        assert by_path[nan]["size_bytes"] is None
+        assert by_path[text]["user_metadata"] == {"step": "1e+308"}
+
+        listed = rest.list_checkpoints(run_id).result(timeout=WAIT).checkpoints
+        assert {c.tinker_path for c in listed} == set(paths)
+        everything = rest.list_user_checkpoints().result(timeout=WAIT).checkpoints
+        assert {c.tinker_path for c in everything} == set(paths)
+        (run,) = rest.list_training_runs().result(timeout=WAIT).training_runs
+        assert run.training_run_id == run_id and run.user_metadata == {"n": "1"}
+        assert abs(run.last_request_time.timestamp() - time.time()) < 600  # its checkpoints'
+
+        assert run_id in _cli(capsys, url, "list")
+        table = _cli(capsys, url, "checkpoints", run_id)
+        assert all(p in table for p in paths) and table.count("never") == 5
+        assert "1 inactive" in _cli(capsys, url, "status")
+        # A checkpoint whose stored times are absurd still loads.
+        client = tinker.ServiceClient(base_url=url, api_key=KEY)
+        try:
+            client.create_training_client_from_state(far).result(timeout=WAIT)
+        finally:
+            client.close("success").result()

@@ -498,6 +498,8 @@ def test_unknown_session(server, tiny_model_dir: Path) -> None:
         {"base_model": 42},
         {"lora_config": [8]},
         {"lora_config": {"rank": 8, "seed": "x"}},
+        {"lora_config": {"rank": 8, "seed": 2**64}},  # stored with the run; torch takes < 2**64
+        {"lora_config": {"rank": 8, "seed": -(2**63) - 1}},
         {"lora_config": {"rank": 8, "train_mlp": "yes"}},
         {"optimizer_config": {"type": "dimuon", "version": 1}},
     ],

@@ -157,6 +157,23 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _ttl(text: str) -> float:
+    """`save --ttl`: refused here, as the server would (a 400), before anything is sent."""
+    import math
+
+    from tinkerd.storage import MAX_TTL_SECONDS
+
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= MAX_TTL_SECONDS:  # NaN and inf too
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds in (0, {MAX_TTL_SECONDS}] (10 years), got {text!r}"
+        )
+    return seconds
+
+
 def _time(iso: str | None) -> str:
     return iso[:19].replace("T", " ") if iso else "-"
 
@@ -479,7 +496,9 @@ def add_client_commands(commands: Any) -> None:
     p.add_argument("run", metavar="RUN", help="training run id")
     p.add_argument("name", metavar="NAME", help="checkpoint name (letters, digits, '.', '_', '-')")
     p.add_argument("--sampler", action="store_true", help="save sampler weights (no optimizer)")
-    p.add_argument("--ttl", type=float, help="delete the checkpoint after this many seconds")
+    p.add_argument(
+        "--ttl", type=_ttl, help="delete the checkpoint after this many seconds (at most 10 years)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint of this name")
 
     p = command(

@@ -8,7 +8,6 @@ import argparse
 import json
 import os
 import sys
-from datetime import UTC, datetime
 from typing import Any
 
 from tinkerd.config import Settings
@@ -21,6 +20,7 @@ from tinkerd.keys import (
     describe,
     key_store,
 )
+from tinkerd.storage import iso_time
 
 
 def _store(args: argparse.Namespace) -> KeyStore:
@@ -69,7 +69,7 @@ def _list(args: argparse.Namespace) -> int:
         return 0
     rows = [["NAME", "PRIORITY", "MAX MODELS", "MAX QUEUED", "ADMIN", "CREATED (UTC)"]]
     for k in keys:
-        created = datetime.fromtimestamp(k.created_at, UTC).strftime("%Y-%m-%d %H:%M")
+        created = iso_time(k.created_at)[:16].replace("T", " ")  # any stored value renders
         rows.append(
             [
                 k.name,

@@ -18,6 +18,7 @@ lists and resolves checkpoints; the worker writes their contents through `write`
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -38,6 +39,11 @@ META_FILE = "tinkerd.json"
 # in progress, not a crash's leftover.
 SHARED_STALE_SECONDS = 3600.0
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+# The longest TTL a checkpoint takes (the SDK documents 1 hour to 10 years): its expiry then
+# stays a time that every client can parse and show.
+MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
+# The times a record renders: 1970 to the end of year 9999 (what datetime and ISO 8601 hold).
+_LAST_TIME = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()
 
 
 def check_name(name: object, what: str = "checkpoint name") -> str:
@@ -96,20 +102,27 @@ class CheckpointMeta:
     size_bytes: int = 0
 
     def expired(self, now: float | None = None) -> bool:
-        return self.expires_at is not None and self.expires_at <= (now or time.time())
+        """Past its expiry; a stored expiry that is no number (NaN included) never expires."""
+        expires = self.expires_at
+        if isinstance(expires, bool) or not isinstance(expires, int | float):
+            return False
+        return expires <= (now or time.time())  # NaN compares False
 
     def to_api(self) -> dict[str, Any]:
-        """The SDK's Checkpoint shape."""
+        """The SDK's Checkpoint shape, for any stored values: an expiry past what a time can
+        hold renders as none (it never comes), an unreadable creation time as 1970."""
         path = CheckpointPath.parse(self.tinker_path)
+        metadata = self.user_metadata if isinstance(self.user_metadata, dict) else {}
+        size = self.size_bytes
         return {
             "checkpoint_id": path.checkpoint_id,
             "checkpoint_type": KINDS[self.kind],
             "time": iso_time(self.created_at),
             "tinker_path": self.tinker_path,
-            "size_bytes": self.size_bytes,
+            "size_bytes": size if type(size) is int and 0 <= size < 2**63 else None,
             "public": False,
-            "user_metadata": {k: str(v) for k, v in self.user_metadata.items()} or None,
-            "expires_at": iso_time(self.expires_at) if self.expires_at else None,
+            "user_metadata": {k: str(v) for k, v in metadata.items()} or None,
+            "expires_at": iso_time_or_none(self.expires_at),
         }
 
 
@@ -120,43 +133,31 @@ def _age(path: Path, now: float) -> float:
         return 0.0  # gone already: someone else finished with it
 
 
-def iso_time(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).isoformat()
+def timestamp(value: object) -> float | None:
+    """`value` as a POSIX time between 1970 and year 9999, or None: a stored record may hold
+    anything (an older version wrote times from whatever TTL it was sent, or a hand edit)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not (math.isfinite(value) and 0 <= value <= _LAST_TIME):
+        return None
+    return float(value)
 
 
-def _how_to_replace(kind: str) -> str:
-    """The advice for a name in use, in each client's terms: the message reaches the SDK, the
-    command line and REST alike (the SDK's sampler save has no overwrite)."""
-    if kind == "weights":
-        return (
-            "to replace it, save with overwrite (overwrite=True in the SDK, "
-            "--overwrite with tinkerd save)"
-        )
-    return "delete it first, or replace it with tinkerd save --sampler --overwrite"
+def iso_time_or_none(t: object) -> str | None:
+    """An ISO 8601 UTC time, or None when `t` is not a time a record can hold."""
+    checked = timestamp(t)
+    return None if checked is None else datetime.fromtimestamp(checked, UTC).isoformat()
 
 
-def _umask() -> int:
-    """This process's umask, read without changing it where Linux reports it (setting it to
-    read it back would race other threads' file creation)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+def iso_time(t: object) -> str:
+    """An ISO 8601 UTC time for a field that must have one: 1970-01-01 when `t` is not a time
+    (so one damaged record never fails a listing)."""
+    return iso_time_or_none(t) or datetime.fromtimestamp(0, UTC).isoformat()
 
 
-def umask_modes(root: Path) -> None:
-    """Give `root` and everything in it the modes a plain open() or mkdir() gives (0o666 and
-    0o777 less the umask). safetensors writes its files 0o600 and mkdtemp makes 0o700: left so,
-    a model directory or checkpoint is unreadable to anyone but the user who wrote it."""
-    mask = _umask()
-    for path in [root, *root.rglob("*")]:
-        if not path.is_symlink():
-            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+def sort_time(t: object) -> float:
+    """A sort key for stored times that any stored value yields (unreadable ones sort first)."""
+    return timestamp(t) or 0.0
 
 
 def _fsync_tree(directory: Path) -> int:
@@ -298,7 +299,7 @@ class CheckpointStore:
                     metas.append(self.meta(CheckpointPath(model_id, kind, directory.name)))
                 except NotFound:
                     continue
-        return sorted(metas, key=lambda m: m.created_at)
+        return sorted(metas, key=lambda m: sort_time(m.created_at))
 
     def delete(self, path: CheckpointPath) -> None:
         self.meta(path)  # NotFound if absent

@@ -15,6 +15,7 @@ from tinkerd.base_models import BaseModelSource
 from tinkerd.config import InputLimits
 from tinkerd.keys import ApiKey
 from tinkerd.registry import ModelRecord, Registry, Session
+from tinkerd.storage import MAX_TTL_SECONDS
 from tinkerd.tasks import Result
 from tinkerd.types import (
     AdamParams,
@@ -177,10 +178,15 @@ def get_float(
     default: float | None = None,
     minimum: float = 0.0,
     below: float = math.inf,
+    maximum: float | None = None,
 ) -> float:
+    """A finite number in [minimum, below), or in [minimum, maximum] when `maximum` is given;
+    a UserError naming the field and its range otherwise."""
     value = body.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise UserError(f"{key!r} must be a finite number, got {value!r}")
+    if maximum is not None and not minimum <= value <= maximum:
+        raise UserError(f"{key!r} must be in [{minimum}, {maximum}], got {value!r}")
     if not minimum <= value < below:
         raise UserError(f"{key!r} must be in [{minimum}, {below}), got {value!r}")
     return float(value)
@@ -203,6 +209,8 @@ def lora_config(raw: Any) -> LoraConfig:
     seed = raw.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise UserError(f"lora seed must be an integer, got {seed!r}")
+    if seed is not None and not -(2**63) <= seed < 2**64:  # what torch.manual_seed takes
+        raise UserError(f"lora seed must be in [-2**63, 2**64), got {seed!r}")
     return LoraConfig(
         rank=rank,
         seed=seed,
@@ -267,11 +275,12 @@ def record_refused(model_id: str, seq_id: int, content: str, error: TinkerdError
     return True
 
 
-def get_optional_float(body: dict[str, Any], key: str) -> float | None:
-    """A positive number, or None when absent."""
-    if body.get(key) is None:
+def get_ttl_seconds(body: dict[str, Any]) -> float | None:
+    """A checkpoint's `ttl_seconds`: None (absent) never expires, else (0, 10 years]. A
+    longer one would store an expiry past what a time can hold, and break listings."""
+    if body.get("ttl_seconds") is None:
         return None
-    return get_float(body, key, minimum=1e-9)
+    return get_float(body, "ttl_seconds", minimum=1e-9, maximum=MAX_TTL_SECONDS)
 
 
 def start_model(

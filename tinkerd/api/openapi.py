@@ -18,7 +18,7 @@ from tinkerd.api import MAX_LORA_RANK
 from tinkerd.api.sampling import UNSUPPORTED
 from tinkerd.api.simple import NAME
 from tinkerd.loss_functions import LOSSES
-from tinkerd.storage import KINDS
+from tinkerd.storage import KINDS, MAX_TTL_SECONDS
 from tinkerd.text import ROLES
 from tinkerd.wire import MAX_NUM_SAMPLES, MAX_TOPK
 
@@ -74,6 +74,8 @@ def obj(required: tuple[str, ...] = (), **properties: Schema) -> Schema:
 
 BOOL: Schema = {"type": "boolean"}
 INT: Schema = {"type": "integer"}
+# A checkpoint's ttl_seconds (`tinkerd.api.get_ttl_seconds`): none, or (0, 10 years].
+TTL: Schema = null_or(number(1e-9) | {"maximum": MAX_TTL_SECONDS})
 NUMBER: Schema = {"type": "number"}
 ANY_OBJECT: Schema = {"type": "object"}
 TOKENS: Schema = array(integer(0))
@@ -190,7 +192,7 @@ def components() -> dict[str, Schema]:
         ),
         "LoraConfig": obj(
             rank=integer(1, MAX_LORA_RANK),
-            seed=null_or(INT),
+            seed=null_or(integer(-(2**63), 2**64 - 1)),  # what torch.manual_seed takes
             train_mlp=BOOL,
             train_attn=BOOL,
             train_unembed=BOOL,
@@ -242,7 +244,7 @@ def sdk_paths() -> dict[str, Schema]:
     ordered = {"model_id": string(), "seq_id": integer(0)}  # a model's request in its order
     save = {
         **ordered,
-        "ttl_seconds": null_or(number(1e-9)),
+        "ttl_seconds": TTL,
         "overwrite": BOOL,
         "user_metadata": null_or(ANY_OBJECT),
     }
@@ -460,7 +462,7 @@ def rest_paths() -> dict[str, Schema]:
                     ("name",),
                     name=string(pattern=CHECKPOINT_NAME),
                     kind={"enum": list(KINDS)},
-                    ttl_seconds=null_or(number(1e-9)),
+                    ttl_seconds=TTL,
                     overwrite=BOOL,
                     user_metadata=null_or(ANY_OBJECT),
                 ),

@@ -12,8 +12,8 @@ from flask import Blueprint, Response, jsonify, request
 
 from tinkerd.api import (
     get_bool,
-    get_optional_float,
     get_str,
+    get_ttl_seconds,
     json_body,
     registry,
     service,
@@ -21,7 +21,7 @@ from tinkerd.api import (
 )
 from tinkerd.api.weights import checkpoint_meta
 from tinkerd.registry import ModelRecord
-from tinkerd.storage import KINDS, CheckpointPath, check_name, iso_time
+from tinkerd.storage import KINDS, CheckpointPath, check_name, iso_time, sort_time, timestamp
 from tinkerd.types import NotFound, SaveWeights, UserError
 
 bp = Blueprint("runs", __name__, url_prefix="/api/v1")
@@ -29,24 +29,27 @@ bp = Blueprint("runs", __name__, url_prefix="/api/v1")
 
 def _run(record: ModelRecord) -> dict[str, Any]:
     """The SDK's TrainingRun shape, with its latest checkpoints, and where it runs: `status`
-    active (with its `worker`), inactive (from before a restart), or lost (`lost_reason`)."""
+    active (with its `worker`), inactive (from before a restart), or lost (`lost_reason`).
+    Any stored value renders (see CheckpointMeta.to_api): one damaged record never fails a
+    listing."""
     checkpoints = service().store.list(record.model_id)
     last = {kind: None for kind in ("weights", "sampler_weights")}
     for meta in checkpoints:
         last[meta.kind] = meta.to_api()
+    times = [timestamp(t) for t in [record.last_request_time, *(m.created_at for m in checkpoints)]]
+    metadata = record.user_metadata if isinstance(record.user_metadata, dict) else {}
+    rank = record.lora.rank
     return {
         "training_run_id": record.model_id,
         "base_model": record.base_model,
         "model_owner": "local",
         "is_lora": True,
         "corrupted": False,
-        "lora_rank": record.lora.rank,
-        "last_request_time": iso_time(
-            max([record.last_request_time] + [m.created_at for m in checkpoints])
-        ),
+        "lora_rank": rank if type(rank) is int and 0 < rank < 2**31 else None,
+        "last_request_time": iso_time(max((t for t in times if t is not None), default=None)),
         "last_checkpoint": last["weights"],
         "last_sampler_checkpoint": last["sampler_weights"],
-        "user_metadata": {k: str(v) for k, v in record.user_metadata.items()} or None,
+        "user_metadata": {k: str(v) for k, v in metadata.items()} or None,
         **service().scheduler.model_status(record.model_id),
     }
 
@@ -100,7 +103,7 @@ def list_all_checkpoints():
     limit, offset = _page(default_limit=100)
     store = service().store
     metas = [m for r in registry().runs() for m in store.list(r.model_id)]
-    metas.sort(key=lambda m: m.created_at, reverse=True)
+    metas.sort(key=lambda m: sort_time(m.created_at), reverse=True)
     return jsonify(
         {
             "checkpoints": [m.to_api() for m in metas[offset : offset + limit]],
@@ -151,7 +154,7 @@ def save_training_run(run_id: str):
     save = SaveWeights(
         path=str(path),
         kind=kind,
-        ttl_seconds=get_optional_float(body, "ttl_seconds"),
+        ttl_seconds=get_ttl_seconds(body),
         overwrite=get_bool(body, "overwrite", False),
         user_metadata=metadata,
     )

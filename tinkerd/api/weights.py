@@ -14,8 +14,8 @@ from tinkerd.api import (
     fingerprint,
     get_bool,
     get_int,
-    get_optional_float,
     get_str,
+    get_ttl_seconds,
     json_body,
     registry,
     service,
@@ -46,7 +46,7 @@ def _save(body: dict[str, Any], kind: str) -> SaveWeights:
     return SaveWeights(
         path=str(CheckpointPath(model_id, kind, check_name(body.get("path")))),
         kind=kind,
-        ttl_seconds=get_optional_float(body, "ttl_seconds"),
+        ttl_seconds=get_ttl_seconds(body),
         overwrite=get_bool(body, "overwrite", False),
         user_metadata=metadata,
     )

@@ -444,8 +444,10 @@ function renderCheckpoints() {
     const name = c.checkpoint_id.split("/").slice(1).join("/");
     let expires = "never";
     if (c.expires_at) {
+      // Any value renders: one the browser cannot read is shown as it came.
       const left = (Date.parse(c.expires_at) - now) / 1000;
-      expires = left > 0 ? "in " + formatDuration(left) : "expired";
+      if (isNaN(left)) expires = String(c.expires_at);
+      else expires = left > 0 ? "in " + formatDuration(left) : "expired";
     }
     return {
       key: path,
