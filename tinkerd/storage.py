@@ -160,6 +160,41 @@ def sort_time(t: object) -> float:
     return timestamp(t) or 0.0
 
 
+def _how_to_replace(kind: str) -> str:
+    """The advice for a name in use, in each client's terms: the message reaches the SDK, the
+    command line and REST alike (the SDK's sampler save has no overwrite)."""
+    if kind == "weights":
+        return (
+            "to replace it, save with overwrite (overwrite=True in the SDK, "
+            "--overwrite with tinkerd save)"
+        )
+    return "delete it first, or replace it with tinkerd save --sampler --overwrite"
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux reports it (setting it to
+    read it back would race other threads' file creation)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def umask_modes(root: Path) -> None:
+    """Give `root` and everything in it the modes a plain open() or mkdir() gives (0o666 and
+    0o777 less the umask). safetensors writes its files 0o600 and mkdtemp makes 0o700: left so,
+    a model directory or checkpoint is unreadable to anyone but the user who wrote it."""
+    mask = _umask()
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _fsync_tree(directory: Path) -> int:
     """Flush every file in `directory` and the directory itself; returns the total size."""
     size = 0
