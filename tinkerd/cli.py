@@ -14,6 +14,8 @@ from tinkerd.client_cli import add_client_commands
 from tinkerd.config import Settings
 from tinkerd.keys_cli import add_key_commands
 
+log = logging.getLogger(__name__)
+
 
 def quiet_libraries() -> None:
     """A server's log is for its own events: no library progress bars or deprecation chatter."""
@@ -26,6 +28,45 @@ def quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+
+
+def raise_file_limit(connections: int | None = None) -> tuple[int, int]:
+    """Lift the soft open-file limit (often 1024) to the hard one, as an unprivileged process
+    may: each open HTTP connection is a descriptor, and a process short of them fails to accept
+    ("Too many open files") while clients wait. Logs both limits, and warns when the hard one
+    leaves fewer descriptors than `connections`, the connections this process accepts.
+    Returns the (soft, hard) limits now in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # A hard limit of "unlimited" (macOS) still caps the soft one at what the kernel allows.
+    targets = [hard] if hard != resource.RLIM_INFINITY else [1 << 20, 1 << 16, 10_240]
+    new = soft
+    for target in targets:
+        if soft != resource.RLIM_INFINITY and target <= soft:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            continue
+        new = target
+        break
+    shown = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    if new != soft:
+        log.info("open files: soft limit raised from %d to %d (hard limit %s)", soft, new, shown)
+    else:
+        log.info("open files: soft limit %s, hard limit %s", soft, shown)
+    spare = 64  # the process's own: Redis connections, logs, model files, the listener
+    if connections is not None and new != resource.RLIM_INFINITY and new < connections + spare:
+        log.warning(
+            "open files: a limit of %d holds about %d connections, fewer than the %d this "
+            "process accepts (connection_limit): raise the hard limit (ulimit -Hn, systemd "
+            "LimitNOFILE=, docker --ulimit nofile=)",
+            new,
+            max(new - spare, 0),
+            connections,
+        )
+    return new, hard
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         redis_url=args.redis,
     )
+    # A server's clients each hold a descriptor (a waiting long-poll too), the worker its
+    # model files and connections: neither should stop at a login shell's default of 1024.
+    raise_file_limit(settings.connection_limit if args.command == "serve" else None)
     if args.command == "serve" and settings.redis_url:
         from tinkerd.cluster.api import serve as serve_api
 

@@ -34,9 +34,13 @@ class Settings:
         long_poll_seconds: how long retrieve_future holds a request before `try_again`; the SDK
             gives up on a poll after 45 s, so stay well under that.
         threads: HTTP threads; each waiting long-poll holds one.
-        connection_limit: open HTTP connections accepted at once. The SDK opens one per request
-            in flight (up to 1000 per pool: an RL step samples every rollout concurrently, each
-            with a long-poll), and waitress's default of 100 stalls such a step for a minute.
+        connection_limit: open HTTP connections one API process accepts at once (gunicorn's
+            worker_connections per API process, waitress's connection_limit), and its listen
+            backlog. The SDK opens one per request in flight (up to 1000 per pool: an RL step
+            samples every rollout concurrently, each with a long-poll), and many clients wait
+            at once: the default holds 10,000 waiting long-polls even if one API process takes
+            them all. Each is a file descriptor: `tinkerd serve` raises its soft open-file limit
+            to the hard one at start (see README, "Deployment limits").
         future_ttl_seconds: how long a settled result stays retrievable.
         checkpoint_sweep_seconds: how often checkpoints past their TTL are removed (they are
             refused as soon as they expire, swept or not).
@@ -70,7 +74,7 @@ class Settings:
     device: str | None = None
     long_poll_seconds: float = 25.0
     threads: int = 128
-    connection_limit: int = 2000
+    connection_limit: int = 10_000
     future_ttl_seconds: float = 3600.0
     checkpoint_sweep_seconds: float = 60.0
     redis_url: str | None = None

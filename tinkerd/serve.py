@@ -95,6 +95,10 @@ class EmbeddedServer:
             port=settings.port,
             threads=settings.threads,
             connection_limit=settings.connection_limit,
+            backlog=settings.connection_limit,  # the kernel caps it at net.core.somaxconn
+            # poll(), not select(): select() fails on a descriptor past 1023, i.e. once about a
+            # thousand connections are open, and that would end the HTTP loop.
+            asyncore_use_poll=True,
             channel_timeout=120,
             ident="tinkerd",
             # waitress refuses a body of this size or more itself: one byte over Flask's limit,

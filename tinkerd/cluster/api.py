@@ -98,7 +98,10 @@ def serve(settings: Settings) -> None:
             self.cfg.set("bind", f"{settings.host}:{settings.port}")
             self.cfg.set("workers", settings.api_workers)
             self.cfg.set("worker_class", "tinkerd.cluster.http_worker.JsonErrorWorker")
+            # Each API process alone can hold every waiting client (10,000 by default): the
+            # processes share one listening socket and need not split the clients evenly.
             self.cfg.set("worker_connections", settings.connection_limit)
+            self.cfg.set("backlog", settings.connection_limit)  # capped at net.core.somaxconn
             self.cfg.set("timeout", 120)  # a worker silent this long is restarted
             self.cfg.set("graceful_timeout", 30)
             self.cfg.set("keepalive", 75)
