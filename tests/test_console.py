@@ -306,3 +306,31 @@ def test_console_asks_for_a_key_and_sends_it(browser, keyed_api) -> None:
     wait_for(driver, lambda: seen and banner() == "" and driver.find_element("id", "mode").text,
              "the page with the key from the fragment")  # fmt: skip
     assert set(seen) == {"tml-right"}
+
+
+def test_console_lists_stored_records_with_absurd_values(tmp_path, tiny_model_dir, browser) -> None:
+    """A checkpoint whose stored expiry and time no datetime holds (an older version took a TTL
+    of 10**12 s) once made the console's listings answer 500: it now lists, never expiring."""
+    import json
+
+    from test_api_runs import embedded, new_client, sdk
+
+    data_dir = tmp_path / "data"
+    with embedded(data_dir) as url, sdk(url) as (client, _):
+        tc = new_client(client, tiny_model_dir)
+        odd = tc.save_state("odd").result(timeout=WAIT).path
+        fine = tc.save_state("fine", ttl_seconds=3600).result(timeout=WAIT).path
+    meta = data_dir / "runs" / tc.model_id / "weights" / "odd" / "tinkerd.json"
+    record = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**record, "expires_at": 1e300, "created_at": float("nan")}))
+
+    with embedded(data_dir) as url:
+        driver = browser
+        driver.get(f"{url}/console#key={KEY}")
+        wait_for(driver, lambda: cell(driver, "checkpoints", odd, "ttl"), f"checkpoint {odd}")
+        assert cell(driver, "checkpoints", odd, "ttl")["text"] == "never"
+        assert cell(driver, "checkpoints", fine, "ttl")["text"].startswith("in ")
+        assert cell(driver, "runs", tc.model_id, "status") is not None
+        assert driver.find_element("id", "banner").get_attribute("hidden") is not None
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert errors == []
