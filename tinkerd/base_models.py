@@ -6,6 +6,7 @@ local Hugging Face model directory, or a hub name, loaded where the hub is reach
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 from tinkerd.types import UserError
 
 TINY_MODEL = "tinkerd/tiny"
+TRUE = {"1", "ON", "YES", "TRUE"}  # how huggingface_hub reads a flag variable
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
@@ -41,3 +43,19 @@ def resolve_base_model(name: object, data_dir: Path) -> BaseModelSource:
     if name.startswith(("/", ".", "~")) or not _HUB_NAME.match(name):
         raise UserError(f"base_model {name!r} is neither a model directory nor a hub model name")
     return BaseModelSource(name, name)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers, asked once (False under HF_HUB_OFFLINE). Loading a
+    hub name with the hub out of reach otherwise spends ~50 s in the hub client's retries
+    before it fails."""
+    import httpx
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in TRUE:
+        return False
+    try:
+        httpx.head(constants.ENDPOINT, timeout=timeout)
+    except httpx.HTTPError:
+        return False
+    return True

@@ -2,17 +2,24 @@
 
 `adapter_config.json` + `adapter_model.safetensors` load with `peft.PeftModel.from_pretrained` on
 the base model; `optimizer.pt` beside them holds the AdamW state of a training checkpoint.
+
+Tensors are serialized in memory, then written with a plain file write: on a full disk that
+fails with ENOSPC, which the store reports as such, where torch's own writer says only
+"unexpected pos 43520 vs 43412". A LoRA adapter and its optimizer state are small.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from tinkerd.types import UserError
 
@@ -28,7 +35,7 @@ def write_adapter(peft: PeftModel, adapter_name: str, base_location: str, direct
     """Write adapter `adapter_name` of `peft` as a PEFT directory that names its base model."""
     state = get_peft_model_state_dict(peft, adapter_name=adapter_name, save_embedding_layers=False)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-    save_file(tensors, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    (directory / ADAPTER_WEIGHTS).write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
     config = copy.deepcopy(peft.peft_config[adapter_name])
     config.base_model_name_or_path = base_location
     config.inference_mode = True
@@ -36,14 +43,21 @@ def write_adapter(peft: PeftModel, adapter_name: str, base_location: str, direct
     config.save_pretrained(str(directory))
 
 
+def _torch_save(obj: Any, path: Path) -> None:
+    """torch.save through memory, so that a full disk raises ENOSPC (see above)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    path.write_bytes(buffer.getbuffer())
+
+
 def write_optimizer(optimizer: torch.optim.Optimizer, steps: int, directory: Path) -> None:
-    torch.save({"optimizer": optimizer.state_dict(), "steps": steps}, directory / OPTIMIZER_STATE)
+    _torch_save({"optimizer": optimizer.state_dict(), "steps": steps}, directory / OPTIMIZER_STATE)
 
 
 def write_gradients(params: list[torch.nn.Parameter], directory: Path) -> None:
     """The gradients accumulated since the last optim_step (None where there are none)."""
     grads = [None if p.grad is None else p.grad.detach().cpu() for p in params]
-    torch.save(grads, directory / GRADIENTS)
+    _torch_save(grads, directory / GRADIENTS)
 
 
 def read_gradients(directory: Path, device: torch.device) -> list[torch.Tensor | None] | None:

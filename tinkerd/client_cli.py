@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -115,6 +116,10 @@ def sdk_error_message(e: BaseException) -> str:
     body = getattr(e, "body", None)
     if isinstance(body, dict) and body.get("error"):
         return str(body["error"])
+    # A failed future: the SDK wraps the server's message in its own reprs.
+    failed = re.fullmatch(r"Request failed: (.*) for self\.request_id=.*", str(e), re.S)
+    if failed:
+        return failed.group(1)
     return str(e) or type(e).__name__
 
 

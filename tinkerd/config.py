@@ -43,7 +43,9 @@ class Settings:
             to the hard one at start (see README, "Deployment limits").
         future_ttl_seconds: how long a settled result stays retrievable.
         checkpoint_sweep_seconds: how often checkpoints past their TTL are removed (they are
-            refused as soon as they expire, swept or not).
+            refused as soon as they expire, swept or not), and killed saves' temporary files.
+        temp_stale_seconds: a killed save's temporary directory is swept once this old (a live
+            save's never is: its writer holds a lock on it).
         redis_url: scaled out: the Redis that carries tasks (Celery's broker), futures,
             sequencing and the registry. None runs API and worker in one process.
         api_workers: API processes gunicorn runs (scaled-out mode).
@@ -77,6 +79,7 @@ class Settings:
     connection_limit: int = 10_000
     future_ttl_seconds: float = 3600.0
     checkpoint_sweep_seconds: float = 60.0
+    temp_stale_seconds: float = 300.0
     redis_url: str | None = None
     api_workers: int = 2
     worker_name: str | None = None
@@ -115,6 +118,7 @@ class Settings:
         settings.long_poll_seconds = float(settings.long_poll_seconds)
         settings.future_ttl_seconds = float(settings.future_ttl_seconds)
         settings.checkpoint_sweep_seconds = float(settings.checkpoint_sweep_seconds)
+        settings.temp_stale_seconds = float(settings.temp_stale_seconds)
         settings.api_workers = int(settings.api_workers)
         settings.heartbeat_seconds = float(settings.heartbeat_seconds)
         settings.worker_ttl_seconds = float(settings.worker_ttl_seconds)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tinkerd.base_models import TINY_MODEL
-from tinkerd.storage import umask_modes
+from tinkerd.storage import out_of_space, umask_modes
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TASK_TYPE = "CAUSAL_LM"  # checkpoint_io.TASK_TYPE (that module imports torch)
@@ -79,7 +79,16 @@ def download_checkpoint(
             raise ExportError(f"the download of {tinker_path} was cut short")
     except httpx.HTTPError as e:
         raise ExportError(f"cannot download {tinker_path} from {url}: {e}") from None
-    return _unpack(archive, dest / "checkpoint")
+    except OSError as e:
+        if out_of_space(e, dest):
+            raise ExportError(f"no space left on device ({archive})") from None
+        raise
+    try:
+        return _unpack(archive, dest / "checkpoint")
+    except OSError as e:
+        if out_of_space(e, dest):
+            raise ExportError(f"no space left on device ({dest / 'checkpoint'})") from None
+        raise
 
 
 def _error_of(response: Any) -> str:
@@ -222,7 +231,10 @@ def export_checkpoint(
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
+        full = out_of_space(e, out.parent)  # asked first: removing the temporary frees room
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise ExportError(f"no space left on device ({out})") from None
         raise
     return out

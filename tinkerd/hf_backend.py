@@ -28,7 +28,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from tinkerd import checkpoint_io
-from tinkerd.base_models import BaseModelSource, resolve_base_model
+from tinkerd.base_models import BaseModelSource, hub_reachable, resolve_base_model
 from tinkerd.loss_functions import get_loss
 from tinkerd.sampling import check_sample, generate
 from tinkerd.storage import CheckpointMeta, CheckpointPath, CheckpointStore
@@ -159,23 +159,43 @@ class HFBackend:
         source = resolve_base_model(name, self.data_dir)
         if source.location in self._bases:
             return self._bases[source.location]
-        from transformers import AutoModelForCausalLM
-
         if source.builtin:
             from tinkerd.tiny_model import build_tiny_model
 
             build_tiny_model(source.location)
         log.info("loading base model %s on %s", source.location, self.device)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=self.dtype)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot load base model {name!r}: {e}") from None
+        model = self._from_pretrained(source)
         model.to(self.device).eval().requires_grad_(False)
         vocab = min(
             model.get_input_embeddings().num_embeddings, model.get_output_embeddings().out_features
         )
         base = self._bases[source.location] = _Base(source, model, vocab)
         return base
+
+    def _from_pretrained(self, source: BaseModelSource) -> nn.Module:
+        """The base model's weights, or a UserError of one line. A hub name is read from its
+        snapshot in the local Hugging Face cache when the hub is offline or out of reach, so a
+        create fails in seconds, not after the hub client's retries (~50 s)."""
+        from huggingface_hub import try_to_load_from_cache
+        from transformers import AutoModelForCausalLM
+
+        location = source.location
+        failed = f"base model {source.name!r} could not be loaded"
+        if not Path(location).is_absolute() and not hub_reachable():
+            try:
+                cached = try_to_load_from_cache(location, "config.json")
+            except ValueError:  # not a name the hub could hold either
+                cached = None
+            if not isinstance(cached, str):
+                raise UserError(
+                    f"{failed}: not a local directory and the Hugging Face hub is not reachable"
+                )
+            location = str(Path(cached).parent)  # a directory: nothing asks the hub
+        try:
+            return AutoModelForCausalLM.from_pretrained(location, dtype=self.dtype)
+        except (OSError, ValueError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"{failed}: {reason}") from None
 
     def _add_adapter(
         self, base: _Base, config: PeftLoraConfig, seed: int | None, trainable: bool

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from tinkerd.storage import CheckpointStore
-from tinkerd.types import LoraConfig, NotFound, SamplerWeights
+from tinkerd.types import LoraConfig, NotFound, SamplerWeights, TinkerdError
 
 
 @dataclass
@@ -222,17 +222,47 @@ class Registry:
 
     def add_model(self, record: ModelRecord) -> ModelRecord:
         """Register `record` as this view's key's, or return the one already there (a retried
-        create)."""
+        create). Its run.json is written before the model is announced: a create that cannot
+        write it (DiskFull) leaves nothing, so its retry starts afresh. The retry of a create
+        whose creation failed (`forget_failed`) fails again with the same error."""
         record.owner = self._owner
+        failed = self._records.get("failed", record.model_id)
+        if failed is not None:
+            raise TinkerdError.from_json(failed["error"])
+        existing = self._records.get("model", record.model_id)
+        if existing is not None:
+            return ModelRecord.from_json(existing)
+        if self._store is not None:
+            self._store.save_run(record.model_id, record.to_json())
         stored = ModelRecord.from_json(
             self._records.add("model", record.model_id, record.to_json())
         )
         if stored == record:
             self._records.put("run", record.model_id, record.to_json())
-            if self._store is not None:
-                self._store.save_run(record.model_id, record.to_json())
             return record
+        if self._store is not None:  # another request created it meanwhile: its record stands
+            self._store.save_run(stored.model_id, stored.to_json())
         return stored
+
+    def forget_failed(self, model_id: str, error: dict[str, Any]) -> None:
+        """A model whose creation failed never came to be: no live model, run, run.json or
+        adapter name is left of it (nothing lists or advertises it), and a retry of its
+        create answers `error` (`TinkerdError.to_json`) again. Called by the worker."""
+        owner = (self._records.get("model", model_id) or {}).get("owner", "")
+        self._records.put("failed", model_id, {"error": error, "owner": owner})
+        for kind in ("model", "run", "created"):
+            self._records.delete(kind, model_id)
+        for raw in self._records.values("name"):
+            if raw.get("model_id") == model_id:
+                owner = raw.get("owner", "")
+                self._records.delete("name", f"{owner}/{raw['name']}" if owner else raw["name"])
+        if self._store is not None:
+            self._store.remove_run(model_id)
+
+    def failed(self, model_id: str) -> dict[str, Any] | None:
+        """Why this key's model `model_id` could not be created (`forget_failed`), or None."""
+        raw = self._visible(self._records.get("failed", model_id))
+        return None if raw is None else raw["error"]
 
     def model(self, model_id: str) -> ModelRecord:
         """A model that is live in this server (its weights are held by a worker)."""

@@ -39,13 +39,15 @@ def sweep_checkpoints(
     stop: threading.Event,
     may_sweep: Callable[[], bool] = lambda: True,
 ) -> None:
-    """Remove checkpoints past their TTL every `interval` seconds until `stop` (in a cluster,
-    `may_sweep` lets one API process per round do it)."""
+    """Remove checkpoints past their TTL, and killed saves' temporary directories, every
+    `interval` seconds until `stop` (in a cluster, `may_sweep` lets one API process per round
+    do it)."""
     while not stop.wait(interval):
         try:
             if may_sweep():
                 for path in store.expire():
                     log.info("checkpoint %s expired and was removed", path)
+                store.sweep_temporary()
         except Exception:  # noqa: BLE001 - a failed round must not end the sweeping
             log.exception("checkpoint sweep failed")
 
@@ -78,17 +80,23 @@ class EmbeddedServer:
 
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = CheckpointStore(settings.data_dir / "runs")
+        self.store = CheckpointStore(
+            settings.data_dir / "runs", stale_seconds=settings.temp_stale_seconds
+        )
         futures = FutureStore(settings.future_ttl_seconds)
         self.scheduler = Scheduler(futures, gap_seconds=settings.seq_gap_seconds)
         self.backend = HFBackend(settings.data_dir, settings.device, store=self.store)
         self.monitor = LocalMonitor(
             worker=lambda: {**self.backend.held(), "queue_depth": self.scheduler.queue_depth()}
         )
-        self.worker = Worker(self.scheduler, self.backend, monitor=self.monitor)
-        self.app = create_app(
-            settings, self.scheduler, Registry(self.store), self.store, self.monitor
+        self.registry = registry = Registry(self.store)
+        self.worker = Worker(
+            self.scheduler,
+            self.backend,
+            monitor=self.monitor,
+            on_create_failed=lambda model_id, e: registry.forget_failed(model_id, e.to_json()),
         )
+        self.app = create_app(settings, self.scheduler, registry, self.store, self.monitor)
         self._http = create_server(
             self.app,
             host=settings.host,

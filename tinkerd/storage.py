@@ -9,14 +9,19 @@ Layout under the data directory:
 
 A checkpoint is written into a temporary directory beside its final place, flushed to disk, and
 renamed into place, so a crash or a full disk never leaves a half-written checkpoint that loads.
-A new store (a restart) clears what a crash left behind, and puts back a checkpoint that an
-interrupted overwrite had moved aside.
+A full disk is reported as `DiskFull` ("no space left on device (<path>)"), whatever library hit
+it. A new store (a restart), and `sweep_temporary` every sweep after, clear what a crash left
+behind (a writer holds a lock on its temporary directory, so a live save is never swept), and put
+back a checkpoint that an interrupted overwrite had moved aside.
 `tinkerd.json` holds its metadata (times, TTL, base model, LoRA config). No torch here: the API
 lists and resolves checkpoints; the worker writes their contents through `write`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import math
 import os
@@ -35,15 +40,54 @@ from tinkerd.types import NotFound, ServerError, UserError
 
 KINDS = {"weights": "training", "sampler_weights": "sampler"}
 META_FILE = "tinkerd.json"
-# In a shared data directory, a temporary entry younger than this may be another process's write
-# in progress, not a crash's leftover.
-SHARED_STALE_SECONDS = 3600.0
+# A temporary entry younger than this may be a write in progress, not a crash's leftover; older
+# ones are swept unless their writer still holds their lock (Settings.temp_stale_seconds).
+STALE_SECONDS = 300.0
+LOCK_FILE = ".lock"  # in a temporary checkpoint directory, flock'ed by its writer
+# Below this many free bytes, a failed write is taken for a full disk: libraries that write
+# through their own code report a short write in their own words (torch: "unexpected pos").
+NEARLY_FULL_BYTES = 1 << 20
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 # The longest TTL a checkpoint takes (the SDK documents 1 hour to 10 years): its expiry then
 # stays a time that every client can parse and show.
 MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
 # The times a record renders: 1970 to the end of year 9999 (what datetime and ISO 8601 hold).
 _LAST_TIME = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()
+
+
+class DiskFull(ServerError):
+    """The data directory's filesystem has no room left: nothing of the write was kept."""
+
+    status = 507
+
+    def __init__(self, where: Path | str) -> None:
+        super().__init__(f"no space left on device ({where})")
+
+
+def out_of_space(e: BaseException, where: Path) -> bool:
+    """Whether `e`, raised while writing under `where`, means the disk is full: ENOSPC or EDQUOT
+    however it is wrapped (safetensors: "os error 28"), or any failed write while the
+    filesystem has (almost) no room left (torch's short write, "unexpected pos 43520 vs 43412").
+    Ask before removing what was written: that frees the room."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(e, OSError | RuntimeError) and type(e).__name__ != "SafetensorError":
+        return False
+    if "no space left on device" in str(e).lower() or "os error 28" in str(e):
+        return True
+    return free_bytes(where) < NEARLY_FULL_BYTES
+
+
+def free_bytes(where: Path) -> float:
+    """Free bytes (for an unprivileged writer) on the filesystem of `where` or its nearest
+    existing parent; infinite when that cannot be told."""
+    for path in (where, *where.parents):
+        try:
+            stat = os.statvfs(path)
+        except OSError:
+            continue
+        return float(stat.f_bavail * stat.f_frsize)
+    return math.inf
 
 
 def check_name(name: object, what: str = "checkpoint name") -> str:
@@ -160,6 +204,22 @@ def sort_time(t: object) -> float:
     return timestamp(t) or 0.0
 
 
+def _locked(directory: Path) -> bool:
+    """Whether a live writer holds the lock of a temporary checkpoint directory (flock: held
+    per open file, so this process's own saves count too; released when its writer dies)."""
+    try:
+        fd = os.open(directory / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return False  # no lock file: never locked, or its contents are complete
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def _how_to_replace(kind: str) -> str:
     """The advice for a name in use, in each client's terms: the message reaches the SDK, the
     command line and REST alike (the SDK's sampler save has no overwrite)."""
@@ -214,23 +274,32 @@ def _fsync_tree(directory: Path) -> int:
 class CheckpointStore:
     """The checkpoints and run records under `root` (the data directory's runs/)."""
 
-    def __init__(self, root: Path, shared: bool = False) -> None:
+    def __init__(
+        self, root: Path, shared: bool = False, stale_seconds: float = STALE_SECONDS
+    ) -> None:
         """`shared`: other processes (a cluster's API and workers) write to the same directory,
-        so start-up recovery leaves alone what may be their writes in progress."""
+        so start-up recovery leaves alone what may be their writes in progress: temporary
+        entries younger than `stale_seconds`, or locked by their writer."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._recover(SHARED_STALE_SECONDS if shared else 0.0)
+        self.stale_seconds = stale_seconds
+        self._recover(stale_seconds if shared else 0.0)
+
+    def sweep_temporary(self) -> None:
+        """What `_recover` does at start, again (every TTL sweep): a killed save's temporary
+        directory goes once it is `stale_seconds` old and no writer holds its lock."""
+        self._recover(self.stale_seconds)
 
     def _recover(self, min_age: float) -> None:
         """Finish what a crash interrupted: put back a checkpoint that an overwrite had moved
         aside but not yet replaced, and remove half-written or half-deleted directories (those
-        older than `min_age` seconds)."""
+        older than `min_age` seconds whose writer does not hold their lock)."""
         now = time.time()
         for entry in self.root.glob("*/*/.*"):
             if entry.parent.name not in KINDS or not entry.is_dir():
                 continue
-            if min_age and _age(entry, now) < min_age:
+            if min_age and _age(entry, now) < min_age or _locked(entry):
                 continue
             kind, _, rest = entry.name[1:].partition("-")
             name = rest[:-33]  # <name>-<uuid4 hex>
@@ -257,11 +326,36 @@ class CheckpointStore:
     # -- runs --------------------------------------------------------------------------------
 
     def save_run(self, model_id: str, record: dict[str, Any]) -> None:
+        """Write run.json atomically and durably (a temporary file, flushed, renamed): a
+        failure (DiskFull on a full disk) leaves the earlier run.json, or no run directory."""
         run_dir = self.run_dir(model_id)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        made = not run_dir.exists()
         tmp = run_dir / f".run.json.{uuid.uuid4().hex}"
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, run_dir / "run.json")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w") as f:
+                f.write(json.dumps(record))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, run_dir / "run.json")
+        except OSError as e:
+            full = out_of_space(e, run_dir)
+            tmp.unlink(missing_ok=True)
+            if made:
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()
+            where = run_dir / "run.json"
+            if full:
+                raise DiskFull(where) from None
+            raise ServerError(f"could not write {where}: {e}") from None
+
+    def remove_run(self, model_id: str) -> None:
+        """Forget a run that never came to be (its creation failed): its run.json, and its
+        directory unless something else is in it."""
+        run_dir = self.run_dir(model_id)
+        (run_dir / "run.json").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()
 
     def load_runs(self) -> list[dict[str, Any]]:
         runs = []
@@ -285,13 +379,17 @@ class CheckpointStore:
         final = self.directory(path)
         if final.exists() and not overwrite and not self._expired_dir(final):
             raise UserError(f"checkpoint {path} already exists; {_how_to_replace(path.kind)}")
-        final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f".tmp-{path.name}-{uuid.uuid4().hex}"
-        tmp.mkdir()
+        lock = -1
         try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+            lock = os.open(tmp / LOCK_FILE, os.O_CREAT | os.O_WRONLY, 0o644)
+            fcntl.flock(lock, fcntl.LOCK_EX)  # a sweep leaves this directory alone
             write_contents(tmp)
             umask_modes(tmp)  # a checkpoint is readable as any file its owner writes
             (tmp / META_FILE).write_text(json.dumps(asdict(meta)))
+            (tmp / LOCK_FILE).unlink()  # not part of the checkpoint; the lock stays held
             meta.size_bytes = _fsync_tree(tmp)
             (tmp / META_FILE).write_text(json.dumps(asdict(meta)))
             with self._lock:
@@ -306,12 +404,17 @@ class CheckpointStore:
                     shutil.rmtree(trash, ignore_errors=True)
                 else:
                     os.rename(tmp, final)
-        except OSError as e:
+        except BaseException as e:
+            full = out_of_space(e, final.parent)  # asked first: removing the temporary frees room
             shutil.rmtree(tmp, ignore_errors=True)
-            raise ServerError(f"could not write checkpoint {path}: {e}") from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if full:
+                raise DiskFull(final) from None
+            if isinstance(e, OSError):
+                raise ServerError(f"could not write checkpoint {path}: {e}") from None
             raise
+        finally:
+            if lock >= 0:
+                os.close(lock)
         return meta
 
     def meta(self, path: CheckpointPath) -> CheckpointMeta:

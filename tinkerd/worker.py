@@ -58,6 +58,9 @@ class Worker:
             (so they share one generation pass instead of two), up to `sample_gather_max`.
         monitor: where counters (steps, tokens, errors) and each run's events go, labelled with
             this worker's `name`.
+        on_create_failed: told (model_id, error) when a model's creation fails, before its
+            future settles: the registry forgets the model (`Registry.forget_failed`), so no
+            run is left listed or advertised.
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class Worker:
         sample_gather_max: float = 0.025,
         monitor: MonitorStore | None = None,
         name: str = "local",
+        on_create_failed: Callable[[str, TinkerdError], None] | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.backend = backend
@@ -75,6 +79,7 @@ class Worker:
         self.sample_gather_max = sample_gather_max
         self.monitor: MonitorStore = monitor or LocalMonitor()
         self.name = name
+        self.on_create_failed = on_create_failed
         self.failed_models: dict[str, TinkerdError] = {}  # creation failed: later work fails fast
         self._stop = threading.Event()
         self._draining = threading.Event()
@@ -173,9 +178,11 @@ class Worker:
         if isinstance(payload, CreateModel):
             try:
                 created = self.backend.create_model(task.model_id, payload)
-            except TinkerdError as e:
-                self.failed_models[task.model_id] = e
-                raise
+            except Exception as e:
+                error = _as_error(e)
+                self.failed_models[task.model_id] = error
+                self._creation_failed(task.model_id, error)
+                raise error from None
             self._event(
                 task,
                 "created",
@@ -231,6 +238,14 @@ class Worker:
         self._count_samples(results, time.perf_counter() - started)
         for task, result in zip(tasks, results, strict=True):
             self._settle(task, lambda r=result: _encoded(r, encode_sample_response))
+
+    def _creation_failed(self, model_id: str, error: TinkerdError) -> None:
+        if self.on_create_failed is None:
+            return
+        try:
+            self.on_create_failed(model_id, error)
+        except Exception:  # noqa: BLE001 - the request still gets its error
+            log.exception("could not forget %s after its creation failed", model_id)
 
     def _check_alive(self, model_id: str) -> None:
         error = self.failed_models.get(model_id)

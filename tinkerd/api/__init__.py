@@ -241,8 +241,13 @@ def submit_ordered(
     """Queue build() as (model_id, seq_id) and answer its future. A request that fails validation
     still takes its seq_id (as a Rejected task), so the model's later requests are not left
     waiting for it. An answer the SDK retries (429, a server error) takes nothing: the same
-    seq_id comes again."""
-    registry().touch_model(model_id)
+    seq_id comes again. A model whose creation failed is listed nowhere, but its requests are
+    still queued: its worker answers each with the reason."""
+    try:
+        registry().touch_model(model_id)
+    except NotFound:
+        if registry().failed(model_id) is None:
+            raise
     try:
         payload = build()
     except UserError as e:

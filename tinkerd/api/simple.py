@@ -11,6 +11,7 @@ adapter's queue, placement and run directory never meet the next one's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -106,8 +107,13 @@ def _find(name: str) -> Adapter | None:
     seen = registry()
     try:
         entry = seen.named(name)
-        return Adapter(entry, seen.model(entry.model_id))
     except NotFound:
+        return None
+    try:
+        return Adapter(entry, seen.model(entry.model_id))
+    except NotFound:  # its creation failed and the worker forgot the model: the name is free
+        with contextlib.suppress(NotFound):
+            seen.remove_name(name)
         return None
 
 
@@ -139,7 +145,8 @@ def _create(name: str, base_model: str, lora: LoraConfig) -> Adapter:
 def _remove(model_id: str) -> str | None:
     """Forget the model here and queue its RemoveModel after its queued work; the request id
     (None if the queue no longer knows the model)."""
-    registry().remove_model(model_id)
+    with contextlib.suppress(NotFound):  # a model whose creation failed is forgotten already
+        registry().remove_model(model_id)
     try:
         return submit_next(model_id, RemoveModel())
     except NotFound:
@@ -224,7 +231,8 @@ def add_lora():
     adapter = _create(name, source.name, lora)
     result = wait(adapter.entry.create_request_id, svc.settings.long_poll_seconds)
     if result is not None and "error" in (error := json.loads(result.body)):
-        registry().remove_name(name)
+        with contextlib.suppress(NotFound):  # the worker forgets a model that failed
+            registry().remove_name(name)
         _remove(adapter.model_id)
         raise TinkerdError.from_json(error)
     return jsonify({**_describe(adapter), "created": True})

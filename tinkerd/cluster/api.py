@@ -46,7 +46,9 @@ def create_cluster_app(settings: Settings) -> Flask:
     celery = make_celery(settings.redis_url)
     scheduler = RedisScheduler(client, celery, futures, settings.send_retry_seconds)
     scheduler.outbox.start()  # also stores the results this process could not store
-    store = CheckpointStore(settings.data_dir / "runs", shared=True)
+    store = CheckpointStore(
+        settings.data_dir / "runs", shared=True, stale_seconds=settings.temp_stale_seconds
+    )
     registry = Registry(store, RedisRecords(client))
     monitor = RedisMonitor(client)
     app = create_app(settings, scheduler, registry, store, monitor)

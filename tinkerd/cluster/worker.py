@@ -28,9 +28,10 @@ from tinkerd.cluster.celery_app import (
 )
 from tinkerd.cluster.handoff import HandOff, pick_target
 from tinkerd.cluster.scheduler import Reaper, skip_seq
-from tinkerd.cluster.state import WORKERS, RedisFutures, connect, worker_key
+from tinkerd.cluster.state import WORKERS, RedisFutures, RedisRecords, connect, worker_key
 from tinkerd.config import Settings
 from tinkerd.metrics import RedisMonitor
+from tinkerd.registry import Registry
 from tinkerd.storage import CheckpointStore
 from tinkerd.tasks import Gap, Scheduler, Task, skipped_message
 from tinkerd.types import Rejected, ServerError, UserError
@@ -51,14 +52,23 @@ class WorkerProcess:
             raise ValueError("tinkerd worker needs --redis")
         self.settings = settings
         self.redis = connect(settings.redis_url)
-        store = CheckpointStore(settings.data_dir / "runs", shared=True)
+        store = CheckpointStore(
+            settings.data_dir / "runs", shared=True, stale_seconds=settings.temp_stale_seconds
+        )
         self.backend = HFBackend(settings.data_dir, settings.device, store=store)
         device = str(self.backend.device)
         self.name = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}-{device}"
         self.futures = RedisFutures(self.redis, settings.future_ttl_seconds, worker=self.name)
         self.scheduler = Scheduler(self.futures)
         self.monitor = RedisMonitor(self.redis)  # steps, tokens, run events: cluster-wide
-        self.worker = Worker(self.scheduler, self.backend, monitor=self.monitor, name=self.name)
+        self.registry = Registry(store, RedisRecords(self.redis))  # the API processes' records
+        self.worker = Worker(
+            self.scheduler,
+            self.backend,
+            monitor=self.monitor,
+            name=self.name,
+            on_create_failed=lambda model_id, e: self.registry.forget_failed(model_id, e.to_json()),
+        )
         self.celery = make_celery(settings.redis_url)
         bind_scheduler(self.celery, self.scheduler)
         self.started_at = time.time()
