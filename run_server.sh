@@ -15,6 +15,10 @@
 #         them round-robin;
 #       - the API: `tinkerd serve --redis URL` (gunicorn, --api-workers processes, default 2).
 #       Ctrl-C or SIGTERM stops every child (API, then workers, then Redis) and waits for them.
+#       The workers stop together: none hands its models to another that is stopping; the last
+#       one saves every model exactly (weights, AdamW state, pending gradients) in
+#       <data-dir>/stopped, and the next start on the same data directory restores them under
+#       the same model ids. A worker gets TINKERD_DRAIN_SECONDS (default 300) + 60 s for that.
 #       A worker that dies is reported and the cluster carries on without it; if Redis, the API
 #       or the last worker exits, everything is stopped and the script fails.
 #       Redis logs to <data-dir>/redis/redis.log; tinkerd processes log to stderr.
@@ -101,9 +105,11 @@ stop_all() {
   stopping=1
   trap '' INT TERM
   # The API first (no new work; gunicorn lets long-polls end, up to 30 s), then the workers
-  # (they finish the step at hand and flush results to Redis), then Redis.
+  # (they finish the step at hand, flush results to Redis and save their models: killing one
+  # then loses them, so they get their drain time and more), then Redis.
   [[ -n $api_pid ]] && stop_group 40 "$api_pid"
-  stop_group 60 "${worker_pids[@]}"
+  local drain=${TINKERD_DRAIN_SECONDS:-300}
+  stop_group $((${drain%.*} + 60)) "${worker_pids[@]}"
   [[ -n $redis_pid ]] && stop_group 30 "$redis_pid"
   return 0
 }

@@ -240,7 +240,17 @@ class HFBackend:
                 self._delete_adapter(base, name)
                 raise
         self._adapters[model_id] = adapter
+        if request.from_checkpoint and request.with_gradients:
+            self._consume(CheckpointPath.parse(request.from_checkpoint))
         return {"model_id": model_id, "trainable_params": sum(p.numel() for p in params)}
+
+    def _consume(self, path: CheckpointPath) -> None:
+        """Remove a hand-over's or a clean stop's state once the model lives again from it: it
+        has no TTL (nothing may expire under a model in transit), and is of no use after."""
+        try:
+            self.store.delete(path)
+        except (NotFound, OSError) as e:
+            log.warning("could not remove %s after loading it: %s", path, e)
 
     def creation(self, model_id: str) -> CreateModel:
         """What creates this model again elsewhere (its base and LoRA config), from a checkpoint

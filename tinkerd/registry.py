@@ -290,6 +290,29 @@ class Registry:
     def created(self, model_id: str) -> dict[str, Any] | None:
         return self._records.get("created", model_id)
 
+    def records_of(self, model_id: str) -> list[tuple[str, str, dict[str, Any]]]:
+        """Every record that makes `model_id` a live model (it, its run, its session, its
+        creation's outcome, its names) as (kind, key, value): a clean stop keeps them with the
+        model's state, so that a start on a fresh record store answers it again."""
+        found = [
+            (kind, model_id, raw)
+            for kind in ("model", "run", "created")
+            if (raw := self._records.get(kind, model_id)) is not None
+        ]
+        model = self._records.get("model", model_id)
+        if model is not None and (session := self._records.get("session", model["session_id"])):
+            found.append(("session", model["session_id"], session))
+        for raw in self._records.values("name"):
+            if raw.get("model_id") == model_id:
+                owner = raw.get("owner", "")
+                found.append(("name", f"{owner}/{raw['name']}" if owner else raw["name"], raw))
+        return found
+
+    def put_back(self, records: list[tuple[str, str, dict[str, Any]]]) -> None:
+        """Add `records_of`'s records where missing (a record store that kept them wins)."""
+        for kind, key, value in records:
+            self._records.add(kind, key, value)
+
     def _name_key(self, name: str) -> str:
         """Each key names its adapters in its own namespace."""
         return f"{self._owner}/{name}" if self._owner else name

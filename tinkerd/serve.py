@@ -18,6 +18,7 @@ from waitress.channel import HTTPChannel
 from waitress.server import create_server
 from waitress.task import ErrorTask
 
+from tinkerd import suspend
 from tinkerd.app import create_app
 from tinkerd.config import Settings
 from tinkerd.metrics import LocalMonitor
@@ -128,6 +129,7 @@ class EmbeddedServer:
         return f"http://{self.settings.host}:{self.port}"
 
     def _start_background(self) -> None:
+        self.restore_stopped()
         self.worker.start()
         sweeper = threading.Thread(
             target=sweep_checkpoints,
@@ -154,12 +156,20 @@ class EmbeddedServer:
             self.settings.data_dir,
         )
         signal.signal(signal.SIGTERM, lambda *_: self.begin_drain())
+        signal.signal(signal.SIGINT, self._interrupted)
         try:
             self._http.run()
         finally:
             self._stop.set()
             self.worker.stop()
         log.info("tinkerd stopped")
+
+    def _interrupted(self, *_: object) -> None:
+        """Ctrl-C stops as SIGTERM does (models kept for the next start); a second one at
+        once, without waiting for the drain."""
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        log.warning("interrupted: draining (Ctrl-C again to stop at once, keeping nothing)")
+        self.begin_drain()
 
     def begin_drain(self) -> None:
         """Drain in the background (the HTTP loop keeps answering meanwhile); once only."""
@@ -170,8 +180,9 @@ class EmbeddedServer:
 
     def drain(self) -> None:
         """SIGTERM: take no new work (503), finish what is running and queued (checkpoints
-        included) within `drain_seconds`, fail what is left with a server error, give clients
-        waiting on futures a moment to collect their results, then stop."""
+        included) within `drain_seconds`, fail what is left with a server error, keep every
+        model for the next start (`save_models`), give clients waiting on futures a moment to
+        collect their results, then stop."""
         queued = self.scheduler.queue_depth()
         log.log(
             logging.WARNING if queued else logging.INFO,
@@ -183,8 +194,48 @@ class EmbeddedServer:
             "tinkerd is shutting down and takes no new work; send it again once it is back"
         )
         self.worker.drain(self.settings.drain_seconds)
+        self.save_models()
         time.sleep(DRAIN_GRACE_SECONDS)
         self.stop()
+
+    def save_models(self) -> list[str]:
+        """Once drained: save each model exactly as it is, for the next start on this data
+        directory to restore (`suspend`). Returns their ids."""
+        saved = []
+        for model_id in self.backend.held()["models"]:
+            next_seq, _ = self.scheduler.take_model(model_id)
+            try:
+                suspend.save(
+                    self.backend,
+                    self.settings.data_dir,
+                    model_id,
+                    max(next_seq - 1, 0),
+                    "tinkerd serve",
+                    self.registry.records_of(model_id),
+                )
+            except Exception:  # noqa: BLE001 - the others are still saved
+                log.exception("could not save model %s: it is lost with this process", model_id)
+                continue
+            saved.append(model_id)
+        if saved:
+            log.warning(
+                "saved %d model(s) in %s; the next start on it restores them",
+                len(saved),
+                suspend.stopped_dir(self.settings.data_dir),
+            )
+        return saved
+
+    def restore_stopped(self) -> list[str]:
+        """Before the worker starts: re-create each model that the last clean stop saved, in
+        this thread, so that it answers its next seq_id from the first request. Returns their
+        ids."""
+        restored = []
+        for model in suspend.claim(self.settings.data_dir):
+            suspend.restore(model, self.scheduler, self.registry)
+            restored.append(model.model_id)
+        while self.scheduler.has_ready():
+            self.worker.run_cycle(0)
+        return restored
 
     def stop(self) -> None:
         """Close the listener and every open connection, then stop the worker and sweeper."""

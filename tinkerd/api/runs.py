@@ -29,7 +29,8 @@ bp = Blueprint("runs", __name__, url_prefix="/api/v1")
 
 def _run(record: ModelRecord) -> dict[str, Any]:
     """The SDK's TrainingRun shape, with its latest checkpoints, and where it runs: `status`
-    active (with its `worker`), inactive (from before a restart), or lost (`lost_reason`).
+    active (with its `worker`), inactive (from before a restart), lost (`lost_reason`), or
+    stopped (saved by a clean stop of the cluster until a worker starts, `stopped_reason`).
     Any stored value renders (see CheckpointMeta.to_api): one damaged record never fails a
     listing."""
     checkpoints = service().store.list(record.model_id)

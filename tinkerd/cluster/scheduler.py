@@ -29,6 +29,7 @@ from tinkerd.cluster.state import (
     PLACEMENT,
     REAPER_LOCK,
     REQUEST_TTL,
+    STOPPED,
     WORKERS,
     RedisFutures,
     as_text,
@@ -329,7 +330,7 @@ class RedisScheduler:
         return workers
 
     def has_model(self, model_id: str) -> bool:
-        return bool(self.redis.hexists(PLACEMENT, model_id) or self.redis.hexists(LOST, model_id))
+        return any(self.redis.hexists(key, model_id) for key in (PLACEMENT, LOST, STOPPED))
 
     def model_status(self, model_id: str) -> dict[str, str]:
         worker = self.worker_of(model_id)
@@ -338,6 +339,9 @@ class RedisScheduler:
         lost = self.redis.hget(LOST, model_id)
         if lost is not None:
             return {"status": "lost", "lost_reason": as_text(lost)}
+        stopped = self.redis.hget(STOPPED, model_id)
+        if stopped is not None:  # saved by a clean stop: back when a worker starts
+            return {"status": "stopped", "stopped_reason": as_text(stopped)}
         return {"status": "inactive"}
 
     def worker_of(self, model_id: str) -> str | None:
@@ -380,6 +384,8 @@ class RedisScheduler:
         lost = None
         if worker is None:
             lost = self.redis.hget(LOST, model_id)
+            if lost is None and (stopped := self.redis.hget(STOPPED, model_id)) is not None:
+                raise Unavailable(f"model {model_id}: {as_text(stopped)}; send it again then")
             if lost is None:
                 raise NotFound(f"unknown model_id {model_id!r}")
         request_id = uuid.uuid4().hex

@@ -6,6 +6,8 @@ Keys (all under `tinkerd:`):
     inflight:<name>             request ids queued on or running at that worker
     placement                   hash: model id (or snapshot sampler id) -> worker name
     lost                        hash: model id -> why it is gone
+    stopped                     hash: model id -> a clean stop saved it; the next worker to
+                                start restores it (`suspend`)
     seq:<model_id>, next:<id>   the model's seen seq_ids ("request_id|fingerprint") and the
                                 lowest seq_id not yet submitted
     useen:<key>                 the same for unordered requests (sampling), by sampler key
@@ -39,6 +41,9 @@ PREFIX = "tinkerd:"
 WORKERS = PREFIX + "workers"
 PLACEMENT = PREFIX + "placement"
 LOST = PREFIX + "lost"
+# model id -> why it is not on any worker now: a clean stop saved it (`suspend`), and the next
+# worker to start restores it
+STOPPED = PREFIX + "stopped"
 SETTLED = PREFIX + "settled"
 PENDING = PREFIX + "pending:"
 REAPER_LOCK = PREFIX + "reaper"

@@ -26,7 +26,7 @@ from tinkerd.cluster.celery_app import (
     take_undelivered,
     worker_queue,
 )
-from tinkerd.cluster.handoff import HandOff, pick_target
+from tinkerd.cluster.handoff import HandOff, arrived, keep, leave, restore_kept
 from tinkerd.cluster.scheduler import Reaper, skip_seq
 from tinkerd.cluster.state import WORKERS, RedisFutures, RedisRecords, connect, worker_key
 from tinkerd.config import Settings
@@ -161,6 +161,15 @@ class WorkerProcess:
                 log.warning("heartbeat failed (%s); retrying", e)
                 self._gaps_seen = {}  # their waits count again once Redis is back
 
+    def _mark_stopping(self) -> None:
+        """Registered as draining: no new model, sample or hand-over is sent here."""
+        self._draining = True
+        self.heartbeat()
+
+    def _records(self) -> Registry:
+        """The API processes' registry records, in Redis."""
+        return Registry(None, RedisRecords(self.redis))
+
     def take_over_name(self) -> None:
         """A worker of this name registered before is an earlier process, now gone with its
         models: settle its requests and report its models lost now, as the reaper would, and
@@ -177,6 +186,11 @@ class WorkerProcess:
             logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
         self.take_over_name()
         self.heartbeat()
+        restored = restore_kept(
+            self.redis, self.scheduler, self._records(), self.settings.data_dir, self.name
+        )
+        if restored:
+            log.warning("restoring %d model(s) a clean stop saved", len(restored))
         self.worker.start()
         threading.Thread(
             target=self._heartbeat_forever, name="tinkerd-heartbeat", daemon=True
@@ -202,30 +216,33 @@ class WorkerProcess:
     def drain(self) -> None:
         """After Celery's warm shutdown (SIGTERM), still heartbeating (as draining: nothing new
         is placed here): the step running now finishes, and the models, with the requests
-        queued for them, are handed over to another live worker (`handoff`). With no other
-        worker, the queued work runs here, within `drain_seconds`, and what is left fails with
-        a server error. Then the registration goes, and the reaper reports what was left here
-        (in-memory sampler snapshots) lost."""
-        self._draining = True
+        queued for them, are handed over to another live worker that is not stopping too
+        (`handoff.leave`). With no such worker, the queued work runs here, within
+        `drain_seconds`, what is left fails with a server error, and each model is saved for
+        the next start (`handoff.keep`). Then the registration goes, and the reaper reports
+        what was left here (in-memory sampler snapshots) lost."""
         try:
-            self.heartbeat()
+            target = leave(self.redis, self.name, self._mark_stopping, self.settings.drain_seconds)
             undelivered = take_undelivered(self.redis, self.name)
-        except RedisError:
-            undelivered = []
+        except RedisError as e:
+            log.warning("drain: Redis is unreachable (%s); keeping the models here", e)
+            self._draining, target, undelivered = True, None, []
         for args in undelivered:
             queue_task(self.scheduler, *args)
         if undelivered:
             log.info(
                 "drain: %d request(s) taken from the queue after Celery stopped", len(undelivered)
             )
-        target = pick_target(self.redis, self.name)
         if target is not None:
             self.worker.stop(self.settings.drain_seconds)  # after the step that is running
             self.worker.run_samples()  # a sample may need a snapshot that lives only here
             handoff = HandOff(
                 self.redis, self.celery, self.backend, self.scheduler, self.name, target
             )
-            moved = handoff.run()
+            try:
+                moved = handoff.run()
+            finally:
+                arrived(self.redis, target)
             log.info(
                 "drain: %d model(s) and %d queued request(s) handed over to worker %s",
                 len(handoff.moved),
@@ -233,6 +250,14 @@ class WorkerProcess:
                 target,
             )
         self.worker.drain(self.settings.drain_seconds)
+        keep(
+            self.redis,
+            self.backend,
+            self.scheduler,
+            self._records(),
+            self.settings.data_dir,
+            self.name,
+        )
         self._stop.set()
         try:
             self.futures.flush()
