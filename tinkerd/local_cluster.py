@@ -98,10 +98,12 @@ class ChildProcess:
 
 
 class RedisServer:
-    """redis-server on a free loopback port, persisting to `directory`."""
+    """redis-server on a free loopback port, persisting to `directory` (unless not `persist`:
+    then each start comes back empty, as a Redis run without persistence does)."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, persist: bool = True) -> None:
         self.directory = directory
+        self.persist = persist
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -113,7 +115,7 @@ class RedisServer:
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--dir", str(self.directory),
-            "--appendonly", "yes",
+            "--appendonly", "yes" if self.persist else "no",
             "--appendfsync", "everysec",
             "--save", "",
         ]  # fmt: skip

@@ -4,6 +4,11 @@ The weights live with the worker; this is what the API answers from without aski
 (`get_info`, session checks, REST listings). Each training run's record is also written to the
 checkpoint store, so runs and their checkpoints are listed after a restart. Plain data, no torch.
 
+In a cluster the records live in Redis, which may come back empty (restarted without persistence,
+or flushed). Nothing is lost for good: runs are read back from the data directory when Redis does
+not have them, a session unknown to Redis is re-created for the key that uses it, and each worker
+writes back the models it holds (`restore`).
+
 Every record carries its owner, the name of the API key that made it; each request sees the
 registry through `seen_by(key)`, in which another key's records do not exist (NotFound, as for
 an unknown id), so no route can leak or touch them.
@@ -12,6 +17,9 @@ an unknown id), so no route can leak or touch them.
 from __future__ import annotations
 
 import copy
+import json
+import logging
+import re
 import threading
 import time
 import uuid
@@ -19,7 +27,21 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from tinkerd.storage import CheckpointStore
-from tinkerd.types import LoraConfig, NotFound, SamplerWeights, TinkerdError
+from tinkerd.types import (
+    LoraConfig,
+    NotFound,
+    SamplerWeights,
+    ServerError,
+    TinkerdError,
+    UserError,
+)
+
+log = logging.getLogger(__name__)
+
+# What a session id looks like (`create_session`): only such an id is re-created on use.
+SESSION_ID = re.compile(r"^[0-9a-f]{16}$")
+# The session of the simple JSON API's models (api/simple.py), which have no SDK session.
+SIMPLE_SESSION = "simple"
 
 
 @dataclass
@@ -118,6 +140,15 @@ class RecordStore(Protocol):
     memory (`LocalRecords`), or Redis when several API processes share them
     (`cluster.RedisRecords`)."""
 
+    # Whether the store may lose its records (a Redis that comes back empty) while the things
+    # they describe live on: then the registry rebuilds them from their owners.
+    forgets: bool
+
+    def rebuilding(self) -> bool:
+        """Whether the store lost its records so recently that their owners (the workers) may
+        still be writing them back."""
+        ...
+
     def get(self, kind: str, key: str) -> dict[str, Any] | None: ...
 
     def put(self, kind: str, key: str, value: dict[str, Any]) -> None: ...
@@ -132,6 +163,8 @@ class RecordStore(Protocol):
 
 
 class LocalRecords:
+    forgets = False  # the records go with the process, and so does all they describe
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._kinds: dict[str, dict[str, dict[str, Any]]] = {}
@@ -156,6 +189,9 @@ class LocalRecords:
         with self._lock:
             self._kinds.get(kind, {}).pop(key, None)
 
+    def rebuilding(self) -> bool:
+        return False
+
 
 class Registry:
     """Sessions, live models, every training run (past ones too) and samplers.
@@ -168,12 +204,32 @@ class Registry:
         self._records = records or LocalRecords()
         self._owner = ""  # the key whose records this view makes and sees
         self._sees_all = True  # an admin key, or an open server: every owner's records
-        for raw in store.load_runs() if store else []:
+        self._load_runs()
+
+    def _load_runs(self) -> None:
+        """Cache every run of the data directory in the records (those already there stay),
+        and mark them loaded: a store that comes back empty lacks the mark."""
+        if self._store is None:
+            return
+        for raw in self._store.load_runs():
             try:
                 record = ModelRecord.from_json(raw)
             except (KeyError, TypeError):
                 continue
             self._records.add("run", record.model_id, record.to_json())
+        self._records.put("loaded", "runs", {"at": time.time()})
+
+    def _load_run(self, model_id: str) -> dict[str, Any] | None:
+        """A run's record from the data directory (None if there is none, or it is damaged),
+        cached in the records."""
+        if self._store is None:
+            return None
+        try:
+            raw = json.loads((self._store.run_dir(model_id) / "run.json").read_text())
+            record = ModelRecord.from_json(raw)
+        except (OSError, ValueError, KeyError, TypeError, UserError):
+            return None
+        return self._records.add("run", model_id, record.to_json())
 
     def seen_by(self, owner: str, sees_all: bool = False) -> Registry:
         """This registry as the key named `owner` sees it: what it adds is its own, and other
@@ -206,7 +262,36 @@ class Registry:
         return session
 
     def session(self, session_id: str) -> Session:
-        return Session(**self._get("session", session_id, "session_id"))
+        """This key's session; one that a store which forgets (Redis came back empty) does not
+        know is re-created for this key, so its client goes on (see `_revive_session`)."""
+        raw = self._records.get("session", session_id)
+        if raw is None and self._records.forgets and SESSION_ID.match(session_id):
+            raw = self._revive_session(session_id)
+        if raw is None or self._visible(raw) is None:
+            raise NotFound(f"unknown session_id {session_id!r}")
+        return Session(**raw)
+
+    def _revive_session(self, session_id: str) -> dict[str, Any] | None:
+        """Re-create a session the records lost, owned by this view's key, unless a run of the
+        data directory shows it was another key's (then it stays unknown to this one)."""
+        if self._store is not None:
+            for run_file in self._store.root.glob(f"{session_id}:*/run.json"):
+                try:
+                    owner = json.loads(run_file.read_text()).get("owner", "")
+                except (OSError, ValueError, AttributeError):
+                    continue
+                if owner != self._owner:
+                    return None
+        session = Session(session_id, [], {}, owner=self._owner)
+        stored = self._records.add("session", session_id, asdict(session))
+        if stored.get("created_at") == session.created_at:
+            log.warning(
+                "session %s was unknown to the records (Redis came back empty?): re-created "
+                "for key %r",
+                session_id,
+                self._owner,
+            )
+        return stored
 
     def heartbeat(self, session_id: str) -> Session:
         session = self.session(session_id)
@@ -265,8 +350,19 @@ class Registry:
         return None if raw is None else raw["error"]
 
     def model(self, model_id: str) -> ModelRecord:
-        """A model that is live in this server (its weights are held by a worker)."""
-        return ModelRecord.from_json(self._get("model", model_id, "model_id"))
+        """A model that is live in this server (its weights are held by a worker). Moments after
+        the records were lost (Redis came back empty), a model whose run is on disk may be
+        live on a worker that has not written it back yet: 503, try again."""
+        raw = self._visible(self._records.get("model", model_id))
+        if raw is None:
+            if self._records.rebuilding() and self._visible(self._load_run(model_id)):
+                raise ServerError(
+                    f"model {model_id!r} is not registered yet: Redis came back empty moments "
+                    "ago and the workers are writing back the models they hold; try again",
+                    503,
+                )
+            raise NotFound(f"unknown model_id {model_id!r}")
+        return ModelRecord.from_json(raw)
 
     def touch_model(self, model_id: str) -> ModelRecord:
         record = self.model(model_id)
@@ -313,9 +409,10 @@ class Registry:
         for kind, key, value in records:
             self._records.add(kind, key, value)
 
-    def _name_key(self, name: str) -> str:
+    def _name_key(self, name: str, owner: str | None = None) -> str:
         """Each key names its adapters in its own namespace."""
-        return f"{self._owner}/{name}" if self._owner else name
+        owner = self._owner if owner is None else owner
+        return f"{owner}/{name}" if owner else name
 
     def add_name(self, entry: ModelName) -> ModelName:
         """Give `entry.model_id` its name, unless the name is taken: returns the stored entry."""
@@ -324,10 +421,30 @@ class Registry:
         return ModelName(**self._records.add("name", key, entry.to_json()))
 
     def named(self, name: str) -> ModelName:
+        """This key's adapter named `name`; 503 moments after the records were lost while an
+        adapter of that name has a run on disk (its worker may not have written it back yet)."""
         raw = self._records.get("name", self._name_key(name))
         if raw is None or raw.get("owner", "") != self._owner:
+            if raw is None and self._records.rebuilding() and self._simple_run_on_disk(name):
+                raise ServerError(
+                    f"adapter {name!r} is not registered yet: Redis came back empty moments "
+                    "ago and the workers are writing back the models they hold; try again",
+                    503,
+                )
             raise NotFound(f"unknown model_id {name!r}")
         return ModelName(**raw)
+
+    def _simple_run_on_disk(self, name: str) -> bool:
+        """Whether this key has a simple-API run named `name` in the data directory."""
+        if self._store is None or "/" in name or "*" in name or "[" in name or "?" in name:
+            return False
+        for run_file in self._store.root.glob(f"{SIMPLE_SESSION}:{name}:*/run.json"):
+            try:
+                if json.loads(run_file.read_text()).get("owner", "") == self._owner:
+                    return True
+            except (OSError, ValueError, AttributeError):
+                continue
+        return False
 
     def remove_name(self, name: str) -> None:
         self.named(name)
@@ -339,12 +456,34 @@ class Registry:
         return [ModelName(**raw) for raw in raws if raw.get("owner", "") == self._owner]
 
     def run(self, model_id: str) -> ModelRecord:
-        """A training run, live or from before a restart."""
-        return ModelRecord.from_json(self._get("run", model_id, "training run"))
+        """A training run, live or from before a restart: from the data directory when the
+        records do not have it (Redis came back empty)."""
+        raw = self._records.get("run", model_id) or self._load_run(model_id)
+        if raw is None or self._visible(raw) is None:
+            raise NotFound(f"unknown training run {model_id!r}")
+        return ModelRecord.from_json(raw)
 
     def runs(self) -> list[ModelRecord]:
+        if self._records.get("loaded", "runs") is None:  # the records lost them: read again
+            self._load_runs()
         runs = [ModelRecord.from_json(raw) for raw in self._values("run")]
         return sorted(runs, key=lambda r: r.created_at)
+
+    def restore(self, record: ModelRecord) -> None:
+        """Write back the records of a live model, owned by `record.owner`, that the store lost
+        (Redis came back empty) while a worker still holds the model: the model and its run,
+        and its SDK session, or its simple-API name. Records already there are kept."""
+        raw = record.to_json()
+        self._records.add("model", record.model_id, raw)
+        self._records.add("run", record.model_id, raw)
+        name = record.user_metadata.get("name")
+        if record.session_id == SIMPLE_SESSION and isinstance(name, str):
+            entry = ModelName(name, record.model_id, "", record.owner)
+            self._records.add("name", self._name_key(name, record.owner), entry.to_json())
+            self._records.add("created", record.model_id, {})  # created; its size unknown
+        elif SESSION_ID.match(record.session_id):
+            session = Session(record.session_id, [], {}, owner=record.owner)
+            self._records.add("session", record.session_id, asdict(session))
 
     def add_sampler(self, record: SamplerRecord) -> SamplerRecord:
         record.owner = self._owner

@@ -370,6 +370,14 @@ class Scheduler:
         with self._cond:
             return list(self._queues)
 
+    def waiting(self) -> tuple[dict[str, int], list[Task]]:
+        """Each model's next seq_id here, and every task queued (ordered or not): what a worker
+        process writes back to a Redis that came back empty."""
+        with self._cond:
+            nexts = {model_id: queue.next_seq for model_id, queue in self._queues.items()}
+            tasks = [t for queue in self._queues.values() for t in queue.pending.values()]
+            return nexts, tasks + self._unordered
+
     def gaps(self, min_age: float) -> list[Gap]:
         """Each model whose next request has not arrived although a later one has been waiting
         for `min_age` seconds. Alone, the scheduler skips these (`skip_gaps`); a worker process

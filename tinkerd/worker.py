@@ -81,6 +81,7 @@ class Worker:
         self.name = name
         self.on_create_failed = on_create_failed
         self.failed_models: dict[str, TinkerdError] = {}  # creation failed: later work fails fast
+        self.running: list[Task] = []  # taken from the scheduler this cycle (some settled)
         self._stop = threading.Event()
         self._draining = threading.Event()
         self._thread: threading.Thread | None = None
@@ -131,15 +132,20 @@ class Worker:
         """Run a step of each model whose turn it is, in turn, then all waiting samples
         together; returns how many tasks ran."""
         batches = self.scheduler.take_ready(timeout)
-        samples = [t for tasks in batches for t in tasks if isinstance(t.payload, Sample)]
-        for tasks in batches:
-            self._run_model([t for t in tasks if not isinstance(t.payload, Sample)])
-        ran = sum(len(tasks) for tasks in batches)
-        if samples:
-            more = self._gather_samples()
-            self._sample(by_priority(samples + more))
-            ran += len(more)
-        return ran
+        self.running = [t for tasks in batches for t in tasks]
+        try:
+            samples = [t for t in self.running if isinstance(t.payload, Sample)]
+            for tasks in batches:
+                self._run_model([t for t in tasks if not isinstance(t.payload, Sample)])
+            ran = len(self.running)
+            if samples:
+                more = self._gather_samples()
+                self.running = self.running + more
+                self._sample(by_priority(samples + more))
+                ran += len(more)
+            return ran
+        finally:
+            self.running = []
 
     def _gather_samples(self) -> list[Task]:
         more: list[Task] = []

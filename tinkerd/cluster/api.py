@@ -42,14 +42,16 @@ def create_cluster_app(settings: Settings) -> Flask:
     if not settings.redis_url:
         raise ValueError("the cluster API needs a redis_url")
     client = connect(settings.redis_url)
-    futures = RedisFutures(client, settings.future_ttl_seconds)
+    # after Redis comes back empty, the workers write back what they hold within a heartbeat
+    rebuild = settings.worker_ttl_seconds
+    futures = RedisFutures(client, settings.future_ttl_seconds, rebuild_seconds=rebuild)
     celery = make_celery(settings.redis_url)
     scheduler = RedisScheduler(client, celery, futures, settings.send_retry_seconds)
     scheduler.outbox.start()  # also stores the results this process could not store
     store = CheckpointStore(
         settings.data_dir / "runs", shared=True, stale_seconds=settings.temp_stale_seconds
     )
-    registry = Registry(store, RedisRecords(client))
+    registry = Registry(store, RedisRecords(client, rebuild))
     monitor = RedisMonitor(client)
     app = create_app(settings, scheduler, registry, store, monitor)
     reaper = Reaper(client, futures, settings.heartbeat_seconds, monitor)

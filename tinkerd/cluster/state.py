@@ -17,7 +17,14 @@ Keys (all under `tinkerd:`):
                                 (Unix); an entry older than the future TTL no longer counts;
                                 none for "" (no keys, no limits)
     records:<kind>              the registry: sessions, models, runs, samplers (JSON by id)
+    epoch                       "<unix time> <token>": when this Redis's state began; set by the
+                                first process that finds it missing, so a Redis that comes back
+                                empty (restarted without persistence, or flushed) gets a new one
     channel `tinkerd:settled`   a notice per settled request id
+
+Redis is rebuildable from the owners of the state: a worker that sees a new epoch writes back
+the models it holds (records, placement, next seq_id) and the requests it holds; the registry
+reads runs and checkpoints from the data directory and re-creates a session on first use.
 """
 
 from __future__ import annotations
@@ -26,13 +33,14 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections import deque
 from typing import Any
 
 import redis
 from redis.exceptions import RedisError
 
-from tinkerd.tasks import Result
+from tinkerd.tasks import SKIPPED, Result
 from tinkerd.types import NotFound, TinkerdError
 
 log = logging.getLogger(__name__)
@@ -48,8 +56,49 @@ SETTLED = PREFIX + "settled"
 PENDING = PREFIX + "pending:"
 REAPER_LOCK = PREFIX + "reaper"
 SWEEPER_LOCK = PREFIX + "sweeper"
+EPOCH = PREFIX + "epoch"
 # A request record outlives its result, so a late poll learns "expired", not "unknown".
 REQUEST_TTL = 7 * 86400
+# After Redis comes back empty, how long the workers may take to write back what they hold
+# (their next heartbeat; a worker silent longer than its TTL is lost anyway): meanwhile a model
+# or request that Redis does not know yet is answered "try again", not "unknown".
+REBUILD_SECONDS = 15.0
+# A worker keeps its results of this many seconds (at most RECENT_BYTES of them) to store them
+# again in a Redis that came back empty before their clients fetched them (they fetch at once).
+RECENT_SECONDS = 60.0
+RECENT_BYTES = 32 << 20
+
+# Writes back a model's sequence that Redis lost: the seq_ids its worker holds, and the model's
+# next seq_id: the worker's next one, moved past those held (as a submit moves it).
+# KEYS: seen hash, next key; ARGV: the worker's next seq_id, then (seq_id, "request_id|fp") pairs
+RESTORE_SEQUENCE = """
+for i = 2, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local nxt = math.max(tonumber(redis.call('GET', KEYS[2]) or '0'), tonumber(ARGV[1]))
+while redis.call('HEXISTS', KEYS[1], tostring(nxt)) == 1 do nxt = nxt + 1 end
+redis.call('SET', KEYS[2], nxt)
+return nxt
+"""
+
+# Writes back the requests a worker holds (queued or running) that Redis lost, unless settled:
+# their record (so a poll finds them), the worker's in-flight set, each tenant's pending count.
+# KEYS: the worker's in-flight set; ARGV: worker, request ttl, now, pending ttl, then
+# (request id, tenant) pairs
+RESTORE_REQUESTS = """
+local n = 0
+for i = 5, #ARGV, 2 do
+  local rid, tenant = ARGV[i], ARGV[i + 1]
+  if redis.call('EXISTS', '@PREFIX@result:' .. rid) == 0 then
+    redis.call('SET', '@PREFIX@req:' .. rid, ARGV[1], 'EX', ARGV[2], 'NX')
+    redis.call('SADD', KEYS[1], rid)
+    if tenant ~= '' then
+      redis.call('ZADD', '@PREFIX@pending:' .. tenant, ARGV[3], rid)
+      redis.call('EXPIRE', '@PREFIX@pending:' .. tenant, ARGV[4])
+    end
+    n = n + 1
+  end
+end
+return n
+""".replace("@PREFIX@", PREFIX)
 
 
 def worker_key(name: str) -> str:
@@ -83,15 +132,82 @@ def forget_pending(client: redis.Redis, request_ids: list[str]) -> None:
     pipe.execute()
 
 
+def epoch(client: redis.Redis) -> tuple[float, str]:
+    """When this Redis's state began (Unix time) and its token, which changes whenever Redis
+    comes back empty: the first process to find the key missing sets it."""
+    pipe = client.pipeline(transaction=True)
+    pipe.set(EPOCH, f"{time.time()} {uuid.uuid4().hex}", nx=True)
+    pipe.get(EPOCH)
+    began, _, token = as_text(pipe.execute()[1]).partition(" ")
+    return float(began), token
+
+
+class Rebuild:
+    """Tells a process whether Redis came back empty moments ago: its epoch is not the one this
+    process first saw, and began less than `window` seconds ago (the workers may still be
+    writing back what they hold). A Redis that is new to this process is not rebuilding: there
+    is nothing to write back."""
+
+    def __init__(self, client: redis.Redis, window: float = REBUILD_SECONDS) -> None:
+        self.redis = client
+        self.window = window
+        self._first: str | None = None
+        try:
+            self._first = epoch(client)[1]
+        except RedisError:
+            pass  # Redis is away: the first epoch this process sees counts
+
+    def seconds_left(self) -> float:
+        """Seconds left of the window (0 when it is over, or Redis did not come back empty)."""
+        began, token = epoch(self.redis)
+        if self._first is None:
+            self._first = token
+        if token == self._first:
+            return 0.0
+        return max(0.0, began + self.window - time.time())
+
+
+def restore_sequence(
+    client: redis.Redis, model_id: str, next_seq: int, held: dict[int, str]
+) -> int:
+    """Write back `model_id`'s sequence after Redis lost it: its worker's `next_seq` and the
+    seq_ids it `held` (seq_id -> request id), so that later submits continue it. Their
+    fingerprints were lost: a retry of a held request is answered its request id, as a skipped
+    seq_id's is (`tasks.SKIPPED`), never run twice. Returns the model's next seq_id."""
+    args: list[Any] = [next_seq]
+    for seq_id, request_id in sorted(held.items()):
+        args += [seq_id, f"{request_id}|{SKIPPED}"]
+    keys = [f"{PREFIX}seq:{model_id}", f"{PREFIX}next:{model_id}"]
+    return int(client.eval(RESTORE_SEQUENCE, len(keys), *keys, *args))
+
+
+def restore_requests(
+    client: redis.Redis, worker: str, requests: list[tuple[str, str]], pending_ttl: float
+) -> int:
+    """Write back the (request id, tenant) pairs that `worker` holds, queued or running, after
+    Redis lost them, so their clients' polls wait for them; those already settled are left.
+    Returns how many were written."""
+    if not requests:
+        return 0
+    args: list[Any] = [worker, REQUEST_TTL, time.time(), int(max(pending_ttl, 1))]
+    for request_id, tenant in requests:
+        args += [request_id, tenant]
+    return int(client.eval(RESTORE_REQUESTS, 1, inflight_key(worker), *args))
+
+
 def connect(url: str, max_connections: int = 64) -> redis.Redis:
     """A client for `url` with at most `max_connections` connections: a burst of requests
-    (a thousand long-polls arriving at once) waits for a free one rather than failing. Short
-    timeouts: while Redis is down the API answers 503 quickly instead of holding requests;
-    redis-py reconnects on the next command once it is back."""
+    (10,000 long-polls arriving at once) waits for a free one rather than failing. Getting
+    through such a burst takes an API process tens of seconds of CPU, while each poll needs a
+    connection a few times, so the wait for a free one is long (60 s), and a healthy Redis is
+    never reported unreachable because the pool was busy (with 10 s, up to 5% of 10,000 polls
+    got a 503). Short socket timeouts: while Redis is down a connection fails within seconds and
+    frees its place, so the API answers 503 quickly instead of holding requests; redis-py
+    reconnects on the next command once it is back."""
     pool = redis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
-        timeout=10,
+        timeout=60,
         socket_connect_timeout=2,
         socket_timeout=10,
         health_check_interval=15,
@@ -112,13 +228,24 @@ class RedisFutures:
     settle fails (Redis restarting) keeps the result and sends it again on `flush`.
     """
 
-    def __init__(self, client: redis.Redis, ttl_seconds: float, worker: str | None = None):
+    def __init__(
+        self,
+        client: redis.Redis,
+        ttl_seconds: float,
+        worker: str | None = None,
+        rebuild_seconds: float = REBUILD_SECONDS,
+    ):
         self.redis = client
         self.ttl = int(max(ttl_seconds, 1))
         self.worker = worker
+        self.rebuild = Rebuild(client, rebuild_seconds)
         self._lock = threading.Lock()
         self._waiters: dict[str, set[threading.Event]] = {}
         self._unsent: deque[tuple[str, Result, str | None, str]] = deque()
+        # a worker's results of the last RECENT_SECONDS: written again if Redis comes back empty
+        # before their clients fetched them
+        self._recent: deque[tuple[float, str, Result]] = deque()
+        self._recent_bytes = 0
         self._listener: threading.Thread | None = None
         self._closed = threading.Event()
 
@@ -152,6 +279,36 @@ class RedisFutures:
             pipe.zrem(pending_key(tenant), request_id)
         pipe.publish(SETTLED, request_id)
         pipe.execute()
+        if self.worker is not None:
+            self._keep_recent(request_id, result)
+
+    def _keep_recent(self, request_id: str, result: Result) -> None:
+        with self._lock:
+            self._recent.append((time.monotonic(), request_id, result))
+            self._recent_bytes += len(result.body)
+            horizon = time.monotonic() - RECENT_SECONDS
+            while self._recent and (
+                self._recent_bytes > RECENT_BYTES or self._recent[0][0] < horizon
+            ):
+                self._recent_bytes -= len(self._recent.popleft()[2].body)
+
+    def rewrite_recent(self) -> int:
+        """Store again the results settled here in the last RECENT_SECONDS that Redis lost (it
+        came back empty): a client that had not fetched one yet still gets it. Returns how
+        many were written."""
+        horizon = time.monotonic() - RECENT_SECONDS
+        with self._lock:
+            recent = [(rid, result) for t, rid, result in self._recent if t >= horizon]
+        pipe = self.redis.pipeline(transaction=False)
+        for request_id, result in recent:
+            key = result_key(request_id)
+            pipe.hsetnx(key, "body", result.body)
+            pipe.hsetnx(key, "type", result.content_type)
+            pipe.expire(key, self.ttl)
+        written = pipe.execute()[::3] if recent else []
+        for request_id, _ in recent:
+            self.redis.publish(SETTLED, request_id)
+        return sum(bool(w) for w in written)
 
     def _is_unsent(self, request_id: str) -> bool:
         return any(unsent[0] == request_id for unsent in list(self._unsent))
@@ -182,7 +339,12 @@ class RedisFutures:
             return result
         worker = self.redis.get(request_key(request_id))
         if worker is None:
-            raise NotFound(f"unknown request_id {request_id!r} (it may have expired)")
+            # Redis came back empty moments ago: the worker holding the request may not have
+            # written it back yet, so it is pending until then (its result may also come first)
+            left = self.rebuild.seconds_left()
+            if not left:
+                raise NotFound(self._unknown(request_id))
+            worker, timeout = b"", min(timeout, left)
         # Settling stores the result and leaves the worker's in-flight set in one step, so a
         # request that is neither in flight nor settled had its result expire.
         if worker and not self.redis.sismember(inflight_key(as_text(worker)), request_id):
@@ -209,6 +371,20 @@ class RedisFutures:
                     waiting.discard(event)
                     if not waiting:
                         del self._waiters[request_id]
+
+    def _unknown(self, request_id: str) -> str:
+        """Why `request_id` is not known: expired, or lost with Redis's state when Redis came
+        back empty after it was sent."""
+        began = epoch(self.redis)[0]
+        message = f"unknown request_id {request_id!r} (it may have expired)"
+        if time.time() - began < REQUEST_TTL:
+            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(began))
+            message += (
+                f"; if it was sent before {when}, when this Redis's state began (Redis came "
+                "back empty: restarted without persistence, or flushed), it was lost with it "
+                "before it reached a worker: nothing of it ran, send it again"
+            )
+        return message
 
     def _ensure_listener(self) -> None:
         with self._lock:
@@ -259,10 +435,18 @@ class RedisFutures:
 
 class RedisRecords:
     """The registry's records (see `registry.RecordStore`) in Redis hashes, shared by every API
-    process."""
+    process. Redis may come back empty (`forgets`): the registry then rebuilds what it can."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    forgets = True
+
+    def __init__(self, client: redis.Redis, rebuild_seconds: float = REBUILD_SECONDS) -> None:
         self.redis = client
+        self.rebuild = Rebuild(client, rebuild_seconds)
+
+    def rebuilding(self) -> bool:
+        """Whether Redis came back empty so recently that the workers may still be writing
+        back the models they hold."""
+        return self.rebuild.seconds_left() > 0
 
     @staticmethod
     def _key(kind: str) -> str:

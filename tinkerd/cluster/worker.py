@@ -28,13 +28,30 @@ from tinkerd.cluster.celery_app import (
 )
 from tinkerd.cluster.handoff import HandOff, arrived, keep, leave, restore_kept
 from tinkerd.cluster.scheduler import Reaper, skip_seq
-from tinkerd.cluster.state import WORKERS, RedisFutures, RedisRecords, connect, worker_key
+from tinkerd.cluster.state import (
+    PLACEMENT,
+    WORKERS,
+    RedisFutures,
+    RedisRecords,
+    connect,
+    epoch,
+    restore_requests,
+    restore_sequence,
+    worker_key,
+)
 from tinkerd.config import Settings
 from tinkerd.metrics import RedisMonitor
 from tinkerd.registry import Registry
 from tinkerd.storage import CheckpointStore
 from tinkerd.tasks import Gap, Scheduler, Task, skipped_message
-from tinkerd.types import Rejected, ServerError, UserError
+from tinkerd.types import (
+    NotFound,
+    Rejected,
+    RemoveModel,
+    Sample,
+    ServerError,
+    UserError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +91,7 @@ class WorkerProcess:
         self.started_at = time.time()
         self._held: dict[str, Any] = {}
         self._registered = False
+        self._epoch: str | None = None  # Redis's epoch at the last heartbeat (`state.epoch`)
         self._draining = False
         self._stop = threading.Event()
         self._gaps_seen: dict[tuple[str, int], float] = {}  # gap -> first seen, Redis reachable
@@ -96,16 +114,66 @@ class WorkerProcess:
         }
 
     def heartbeat(self) -> None:
-        """Renew the registration and send any results Redis missed."""
+        """Renew the registration and send any results Redis missed; if Redis came back empty
+        since the last one (a new epoch), write back what this worker holds (`announce`)."""
         ttl_ms = int(self.settings.worker_ttl_seconds * 1000)
+        token = epoch(self.redis)[1]
+        emptied = self._epoch is not None and token != self._epoch
         pipe = self.redis.pipeline(transaction=True)
         pipe.set(worker_key(self.name), json.dumps(self.registration()), px=ttl_ms)
         pipe.sadd(WORKERS, self.name)
         added = pipe.execute()[1]
-        if added and self._registered:
+        if added and self._registered and not emptied:
             log.error("worker %s had been declared lost; its earlier models are gone", self.name)
         self._registered = True
         self.futures.flush()
+        if emptied:
+            self.announce()
+        self._epoch = token  # only once announced: a failed announce is tried again
+
+    def announce(self) -> None:
+        """Redis came back empty (restarted without persistence, or flushed) while this worker
+        holds models and requests: write them back, so that their clients go on. The requests
+        it holds, queued or running, get their records back (their polls wait for them); each
+        model its sequence (the next seq_id, past the requests queued here), its placement
+        here, then its records (from its run.json: base model, LoRA config, owner, session),
+        last, so that the API takes its requests only once all of it is back. A stopping
+        worker writes back only its requests: its models are being handed over."""
+        nexts, queued = self.scheduler.waiting()
+        tasks = queued + list(self.worker.running)
+        requests = [
+            (t.request_id, t.tenant) for t in tasks if not t.request_id.startswith("handoff-")
+        ]
+        restore_requests(self.redis, self.name, requests, self.futures.ttl)
+        results = self.futures.rewrite_recent()
+        removing = {t.model_id for t in queued if isinstance(t.payload, RemoveModel)}
+        held = set(self._held.get("models", ())) | set(nexts)
+        models = [] if self._draining else sorted(held - removing - set(self.worker.failed_models))
+        for model_id in models:
+            try:
+                record = self.registry.run(model_id)  # from run.json when Redis lost it
+            except NotFound:
+                log.error(
+                    "model %s has no run record in the data directory: not announced", model_id
+                )
+                continue
+            if model_id in nexts:
+                waiting = {
+                    t.seq_id: t.request_id
+                    for t in queued
+                    if t.model_id == model_id and not isinstance(t.payload, Sample)
+                }
+                restore_sequence(self.redis, model_id, nexts[model_id], waiting)
+            self.redis.hsetnx(PLACEMENT, model_id, self.name)
+            self.registry.restore(record)
+        log.warning(
+            "Redis came back empty: worker %s wrote back %d model(s), %d request(s) and %d "
+            "result(s)",
+            self.name,
+            len(models),
+            len(requests),
+            results,
+        )
 
     def fill_gaps(self) -> list[str]:
         """Fail the requests that were recorded in Redis but never reached this worker (their
