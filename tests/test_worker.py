@@ -203,3 +203,33 @@ def test_a_failed_request_is_no_longer_pending(lab: Lab) -> None:
     assert lab.scheduler.pending("a") == 0
     for request_id in (missing, lost):
         assert "error" in json.loads(lab.scheduler.wait(request_id, 0).body)
+
+
+# -- failed creations ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_gradients", [False, True])
+def test_only_a_new_models_failed_creation_is_forgotten(
+    backend: HFBackend, tmp_path: Path, with_gradients: bool
+) -> None:
+    """A user's create that fails leaves nothing (the registry forgets it); a hand-over or a
+    restore re-creates a model that exists, so its failure must not unlist the run."""
+    scheduler = Scheduler()
+    forgotten: list[str] = []
+    worker = Worker(
+        scheduler,
+        backend,
+        sample_gather_gap=0.0,
+        on_create_failed=lambda model_id, error: forgotten.append(model_id),
+    )
+    scheduler.open_model("m")
+    missing = str(tmp_path / "no-such-checkpoint")
+    create = CreateModel(
+        str(tmp_path / "no-such-base"), LoraConfig(rank=4, seed=0), from_checkpoint=missing,
+        with_optimizer=with_gradients, with_gradients=with_gradients,
+    )  # fmt: skip
+    request_id = scheduler.submit("m", 0, create, "fp0")
+    while worker.run_cycle(timeout=0.0):
+        pass
+    assert "error" in json.loads(scheduler.wait(request_id, 0).body)
+    assert forgotten == ([] if with_gradients else ["m"])

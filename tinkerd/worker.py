@@ -187,7 +187,8 @@ class Worker:
             except Exception as e:
                 error = _as_error(e)
                 self.failed_models[task.model_id] = error
-                self._creation_failed(task.model_id, error)
+                if not payload.with_gradients:  # a hand-over or restore re-creates a model that
+                    self._creation_failed(task.model_id, error)  # exists: its run stays listed
                 raise error from None
             self._event(
                 task,
