@@ -17,18 +17,21 @@ dispatch, not by the model):
    for one training client, then for two clients at once in two threads (aggregate steps/s).
    Scaled out, models are placed on the worker holding the fewest, so with two workers the two
    clients' models land on different workers (the placement read from Redis is printed);
-3. concurrent long-polls: N (default 1,000) `retrieve_future` polls at once, in plain HTTP/1.1
-   over asyncio streams (one connection each), for N forward requests that are queued but
-   cannot run yet (seq ids 2..N+1 of a model whose seq 1 is withheld). Phase "hold": every poll
-   should be held for `long_poll_seconds` and answered `{"type": "try_again"}` (a success).
+3. concurrent long-polls: N (default 10,000; 1,000 against the embedded server, see
+   --embedded-polls) `retrieve_future` polls at once, in plain HTTP/1.1 over asyncio streams (one
+   connection each; this process raises its own open-file limit for them, the servers raise
+   theirs at start), for N forward requests that are queued but cannot run yet (seq ids 2..N+1
+   of a model whose seq 1 is withheld). Phase "hold": every poll should be held for
+   `long_poll_seconds` and answered `{"type": "try_again"}` (a success).
    Phase "release": N polls again, and seq 1 is sent once they are all out, so all N requests
    run and every poll should end with its result. Counted: polls answered, errors (non-200 or
    connection errors), the most polls in flight (client side) and TCP connections open to the
    API (from /proc/net/tcp) at once, how many polls the server held on time (answered within
    1.5 x the long-poll of being sent, so not queued behind another held poll) and how many of
-   those at once, the slowest poll, and the
-   time from unblocking to the last result. `tinkerd serve` has 128 HTTP threads and each held
-   poll takes one, so there polls queue behind each other; its errors are printed, not fatal.
+   those at once (and how long after the first was sent all of those were held), the slowest
+   poll, the time until every poll was answered, and the time from unblocking to the last
+   result. `tinkerd serve` has 128 HTTP threads and each held poll takes one, so there polls
+   queue behind each other; its errors are printed, not fatal.
 
 The servers run with OMP_WAIT_POLICY=PASSIVE unless --omp-default is given. torch's OpenMP
 threads otherwise spin while they wait for each other, and here the API processes, Redis, one
@@ -49,6 +52,7 @@ one run rather than absolute numbers across runs.
     .venv/bin/python bench/dispatch.py            # the full run (a few minutes on 2 cores)
     .venv/bin/python bench/dispatch.py --quick    # a smoke run: fewer requests, steps and polls
     .venv/bin/python bench/dispatch.py --modes embedded redis-2w --polls 2000
+    .venv/bin/python bench/dispatch.py --modes redis-1w --polls-only --long-poll 25  # 10,000 polls
 """
 
 from __future__ import annotations
@@ -137,11 +141,13 @@ class PollPhase:
     try_again: int = 0
     results: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+    error_bodies: dict[str, bytes] = field(default_factory=dict)  # the first of each kind
     max_in_flight: int = 0  # client side
     max_connections: int | None = None  # established TCP connections to the API port
     sent_in: float = 0.0  # from the first poll sent to the last one sent
     on_time: int = 0  # hold: answered try_again within 1.5 x the long-poll of being sent
     held_at_once: int = 0  # hold: the most on-time polls outstanding at one moment
+    all_held_at: float | None = None  # hold: when the server held every poll (from t0)
     late: int = 0  # answered after the SDK's 45 s poll timeout would have fired
     seconds: float = 0.0  # from the first poll sent to the last answered
     slowest: float = 0.0  # the longest single poll
@@ -485,6 +491,7 @@ class PollStorm:
         all_sent = asyncio.Event()
         done = asyncio.Event()
         held: list[tuple[float, float]] = []
+        holds_from: list[float] = []  # hold: when each try_again came
         released_at: float | None = None
         cpu0 = time.process_time()
         t0 = time.monotonic()
@@ -516,6 +523,7 @@ class PollStorm:
                     phase.late += now - sent > SDK_POLL_TIMEOUT
                     if r.status != 200:
                         phase.errors[f"HTTP {r.status}"] += 1
+                        phase.error_bodies.setdefault(f"HTTP {r.status}", r.body[:300])
                         return
                     if r.is_json:
                         body = r.json()
@@ -528,6 +536,7 @@ class PollStorm:
                                 continue
                             phase.ok += 1
                             phase.try_again += 1
+                            holds_from.append(now)
                             if now - sent < 1.5 * self.long_poll:
                                 phase.on_time += 1
                                 held.append((sent, now))
@@ -562,19 +571,25 @@ class PollStorm:
         phase.seconds = time.monotonic() - t0
         phase.client_cpu = (time.process_time() - cpu0) / phase.seconds
         phase.held_at_once = most_at_once(held)
+        if holds_from and len(holds_from) == phase.polls:
+            # The server answers try_again one long-poll after it began to hold the poll.
+            phase.all_held_at = max(holds_from) - self.long_poll - t0
         done.set()
         await watcher
         return phase
 
 
 async def run_polls(
-    url: str, polls: int, long_poll: float, timeout: float
-) -> tuple[PollPhase, PollPhase]:
+    result: ModeResult, url: str, polls: int, long_poll: float, timeout: float
+) -> None:
+    """The hold phase, then the release phase, each kept in `result` (and printed) as soon as
+    it is over, so that a failure of the second keeps the first."""
     storm = PollStorm(url, polls, long_poll, timeout)
     await storm.prepare()
-    hold = await storm.storm(release=False)
-    release = await storm.storm(release=True)
-    return hold, release
+    result.hold = await storm.storm(release=False)
+    print(f"[{result.mode}] {polls} polls, hold: {describe(result.hold)}", flush=True)
+    result.release = await storm.storm(release=True)
+    print(f"[{result.mode}] {polls} polls, release: {describe(result.release)}", flush=True)
 
 
 # -- the modes -----------------------------------------------------------------------------------
@@ -633,6 +648,9 @@ def run_mode(
             f"{os.getloadavg()[0]:.2f}",
             flush=True,
         )
+        if args.polls_only:
+            run_poll_storm(result, args, url)
+            return
         first = new_training_client(client)
         result.latency = measure_latency(first, args.warmup, args.requests)
         lat = result.latency
@@ -662,17 +680,25 @@ def run_mode(
                 f"took longer than the long-poll ({args.long_poll:g} s)",
                 flush=True,
             )
-        if args.polls > 0:
-            try:
-                result.hold, result.release = asyncio.run(
-                    run_polls(url, args.polls, args.long_poll, args.poll_timeout)
-                )
-                for name, phase in (("hold", result.hold), ("release", result.release)):
-                    print(f"[{mode}] {args.polls} polls, {name}: {describe(phase)}", flush=True)
-            except Exception as e:  # reported, never fatal: this is what is being measured
-                result.poll_error = f"{type(e).__name__}: {e}"
-                print(f"[{mode}] the poll test failed: {result.poll_error}", flush=True)
-                traceback.print_exc()
+        run_poll_storm(result, args, url)
+
+
+def polls_for(mode: str, args: argparse.Namespace) -> int:
+    """The embedded server holds a poll per HTTP thread (128): 10,000 would queue for many
+    long-polls, past the SDK's poll timeout, so it gets --embedded-polls."""
+    return min(args.polls, args.embedded_polls) if mode == "embedded" else args.polls
+
+
+def run_poll_storm(result: ModeResult, args: argparse.Namespace, url: str) -> None:
+    mode, polls = result.mode, polls_for(result.mode, args)
+    if polls <= 0:
+        return
+    try:
+        asyncio.run(run_polls(result, url, polls, args.long_poll, args.poll_timeout))
+    except Exception as e:  # reported, never fatal: this is what is being measured
+        result.poll_error = f"{type(e).__name__}: {e}"
+        print(f"[{mode}] the poll test failed: {result.poll_error}", flush=True)
+        traceback.print_exc()
 
 
 def describe(phase: PollPhase) -> str:
@@ -687,17 +713,24 @@ def describe(phase: PollPhase) -> str:
         text += (
             f", {phase.on_time} held the long-poll on time, at most {phase.held_at_once} at once"
         )
+        if phase.all_held_at is not None:
+            text += (
+                f", the server held all of them {phase.all_held_at:.1f} s after the first was sent"
+            )
     else:
         text += (
             f", seq 1's submission answered in {phase.unblock_submit or 0.0:.1f} s, last result "
             f"{phase.drain:.1f} s after it was sent, {phase.repolls} re-polls"
         )
     text += (
-        f"; {phase.seconds:.1f} s in all, slowest poll {phase.slowest:.1f} s, this client used "
+        f"; all answered {phase.seconds:.1f} s after the first was sent, slowest poll "
+        f"{phase.slowest:.1f} s, this client used "
         f"{phase.client_cpu:.2f} cores"
     )
     if phase.late:
         text += f", {phase.late} slower than the SDK's {SDK_POLL_TIMEOUT:.0f} s poll timeout"
+    for kind, body in phase.error_bodies.items():
+        text += f"\n    first {kind}: {body.decode(errors='replace')}"
     return text
 
 
@@ -742,22 +775,23 @@ def report(results: list[ModeResult], args: argparse.Namespace) -> None:
         ("steps/s, 2 clients (sum)", lambda r: r.two.aggregate, 1),
         ("SDK try_again answers", lambda r: None if r.latency is None else r.sdk_try_again, 0),
     ]
-    print()
-    print(
-        f"{args.requests} sequential forwards (8 tokens) after {args.warmup} warm-up; "
-        f"{args.steps} pipelined steps per client (batch {args.batch} x {args.seq_len} tokens) "
-        f"after {args.warmup_steps}; ratio = mode / embedded"
-    )
-    header = f"{'':<26}" + "".join(f"{r.mode:>10} {'ratio':>6}" for r in results)
-    print(header)
-    print("-" * len(header))
-    for label, get, digits in rows:
-        line = f"{label:<26}"
-        for r in results:
-            value = fig(r, get)
-            base_value = fig(base, get) if base and digits else None
-            line += f"{cell(value, digits):>10} {ratio(value, base_value):>6}"
-        print(line)
+    if not args.polls_only:
+        print()
+        print(
+            f"{args.requests} sequential forwards (8 tokens) after {args.warmup} warm-up; "
+            f"{args.steps} pipelined steps per client (batch {args.batch} x {args.seq_len} "
+            f"tokens) after {args.warmup_steps}; ratio = mode / embedded"
+        )
+        header = f"{'':<26}" + "".join(f"{r.mode:>10} {'ratio':>6}" for r in results)
+        print(header)
+        print("-" * len(header))
+        for label, get, digits in rows:
+            line = f"{label:<26}"
+            for r in results:
+                value = fig(r, get)
+                base_value = fig(base, get) if base and digits else None
+                line += f"{cell(value, digits):>10} {ratio(value, base_value):>6}"
+            print(line)
     for r in results:
         if r.error:
             print(f"{r.mode} FAILED: {r.error}")
@@ -771,13 +805,13 @@ def report(results: list[ModeResult], args: argparse.Namespace) -> None:
     if args.polls > 0:
         print()
         print(
-            f"{args.polls} concurrent retrieve_future polls, long_poll_seconds "
+            f"concurrent retrieve_future polls (polls: how many in each mode), long_poll_seconds "
             f"{args.long_poll:g}, client timeout {args.poll_timeout:g} s"
         )
         header = (
-            f"{'mode':<10} {'phase':<8} {'ok':>5} {'errors':>6} {'in flight':>9} {'conns':>5} "
-            f"{'sent s':>6} {'on time':>7} {'held':>5} {'drain s':>7} {'total s':>7} "
-            f"{'slowest':>7} {'>45 s':>5} {'client':>6}"
+            f"{'mode':<10} {'phase':<8} {'polls':>5} {'ok':>5} {'errors':>6} {'in flight':>9} "
+            f"{'conns':>5} {'sent s':>6} {'on time':>7} {'held':>5} {'held s':>6} "
+            f"{'drain s':>7} {'total s':>7} {'slowest':>7} {'>45 s':>5} {'client':>6}"
         )
         print(header)
         print("-" * len(header))
@@ -789,11 +823,12 @@ def report(results: list[ModeResult], args: argparse.Namespace) -> None:
                     continue
                 conns = "n/a" if p.max_connections is None else str(p.max_connections)
                 on_time, held = (str(p.on_time), str(p.held_at_once)) if name == "hold" else "--"
+                held_s = "-" if p.all_held_at is None else f"{p.all_held_at:.1f}"
                 drain = "-" if p.drain is None else f"{p.drain:.1f}"
                 print(
-                    f"{r.mode:<10} {name:<8} {p.ok:>5} {sum(p.errors.values()):>6} "
+                    f"{r.mode:<10} {name:<8} {p.polls:>5} {p.ok:>5} {sum(p.errors.values()):>6} "
                     f"{p.max_in_flight:>9} {conns:>5} {p.sent_in:>6.1f} {on_time:>7} {held:>5} "
-                    f"{drain:>7} {p.seconds:>7.1f} {p.slowest:>7.1f} {p.late:>5} "
+                    f"{held_s:>6} {drain:>7} {p.seconds:>7.1f} {p.slowest:>7.1f} {p.late:>5} "
                     f"{p.client_cpu:>6.2f}"
                 )
         print(
@@ -801,9 +836,12 @@ def report(results: list[ModeResult], args: argparse.Namespace) -> None:
             "established TCP connections to the API seen at once. sent s: until the last poll "
             "was sent. on time: hold polls answered try_again within 1.5 x the long-poll of "
             "being sent, i.e. held by the server, not queued behind another held poll; held: "
-            "the most of those outstanding at one moment. drain s: from sending seq 1 (which "
-            "unblocks every request) to the last result. >45 s: polls the SDK would have timed "
-            "out. client: CPU cores this benchmark process used meanwhile."
+            "the most of those outstanding at one moment; held s: when the server held every "
+            "poll (its try_again came one long-poll later), from the first poll sent. drain s: "
+            "from sending seq 1 (which unblocks every request) to the last result. total s: from "
+            "the first poll sent until every poll was answered. >45 s: polls the SDK would have "
+            "timed out. client: CPU cores this benchmark process "
+            "used meanwhile."
         )
 
 
@@ -834,7 +872,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--polls",
         type=int,
-        help="concurrent retrieve_future polls (default 1000; 200 with --quick; 0 skips the test)",
+        help="concurrent retrieve_future polls (default 10000; 200 with --quick; 0: none)",
+    )
+    parser.add_argument(
+        "--embedded-polls",
+        type=int,
+        default=1000,
+        help="at most this many polls against the embedded server, whose 128 HTTP threads hold "
+        "one poll each (default 1000)",
+    )
+    parser.add_argument(
+        "--polls-only",
+        action="store_true",
+        help="only the concurrent long-polls: no latency or pipelined steps",
     )
     parser.add_argument(
         "--long-poll",
@@ -877,7 +927,7 @@ def main(argv: list[str] | None = None) -> int:
     args.warmup_steps = (
         args.warmup_steps if args.warmup_steps is not None else (2 if args.quick else 5)
     )
-    args.polls = args.polls if args.polls is not None else (200 if args.quick else 1000)
+    args.polls = args.polls if args.polls is not None else (200 if args.quick else 10_000)
     args.long_poll = args.long_poll or (3.0 if args.quick else 5.0)
     if min(args.requests, args.steps, args.batch, args.seq_len) < 1 or args.polls < 0:
         parser.error("--requests, --steps, --batch and --seq-len must be positive")
@@ -885,13 +935,14 @@ def main(argv: list[str] | None = None) -> int:
         from tinkerd.config import Settings
 
         args.api_workers = Settings().api_workers
-    env = {"TINKERD_LONG_POLL_SECONDS": str(args.long_poll)}
+    # The withheld seq 1 must stay missing for the whole test: no skipping of the gap.
+    env = {"TINKERD_LONG_POLL_SECONDS": str(args.long_poll), "TINKERD_SEQ_GAP_SECONDS": "3600"}
     if not args.omp_default:
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     env.update(item.split("=", 1) for item in args.server_env)
 
-    # each poll holds a socket here and one in the server, which inherits this limit
-    fd_note = raise_fd_limit(2 * args.polls + 1024)
+    # each poll holds a socket here (the servers raise their own limit at start)
+    fd_note = raise_fd_limit(args.polls + 1024)
     omp = env.get("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "default"))
     print(
         f"{os.cpu_count()} cpus, load average {os.getloadavg()[0]:.2f}; {fd_note}; "

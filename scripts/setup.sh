@@ -1,7 +1,27 @@
 #!/usr/bin/env bash
-# Create .venv and install tinkerd with its test tools. Idempotent; no model downloads.
+# Install the system programs the tests drive, create .venv and install tinkerd with its test
+# tools. Idempotent (what is present is not installed again); no model downloads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# The cluster tests start their own redis-server, the console tests drive Debian's chromium
+# through chromedriver: without them those tests fail (they never skip). apt-get update only
+# when an install without it fails (a fresh image has no package lists).
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  apt_install() { $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"; }
+  if ! command -v apt-get >/dev/null || { [ -n "$sudo" ] && ! command -v sudo >/dev/null; } \
+      || ! { apt_install || { $sudo apt-get update -q && apt_install; }; }; then
+    echo "setup.sh: could not install ${missing[*]}, which the tests need;" \
+         "install them (Debian/Ubuntu: apt-get install ${missing[*]}), then run the tests" >&2
+  fi
+fi
+
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip

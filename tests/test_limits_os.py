@@ -2,7 +2,7 @@
 low soft open-file limit (256, as a login shell's 1024 but lower) raise it to the hard limit at
 start and say so, and then hold far more concurrent long-polls than the old limit allowed
 descriptors, with no errors: the embedded server past select()'s 1,024 descriptors, the cluster's
-gunicorn API processes together."""
+gunicorn API processes together; and the cluster's Redis pool makes a burst wait, not fail."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import os
 import re
 import resource
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 import redis
 import tinker
 
-from tinkerd.cluster.state import live_workers
+from tinkerd.cluster.state import connect, live_workers
 from tinkerd.config import Settings
 from tinkerd.local_cluster import free_port, tinkerd_command, wait_until
 
@@ -55,7 +56,13 @@ class Server:
             tinkerd_command() + args,
             stdout=self._out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", **env},
+            env={
+                **os.environ,
+                "HF_HUB_OFFLINE": "1",
+                "OMP_WAIT_POLICY": "PASSIVE",
+                "TINKERD_SEQ_GAP_SECONDS": "600",  # the withheld seq 1 stays missing
+                **env,
+            },
             preexec_fn=low_soft_limit,
         )
 
@@ -137,8 +144,7 @@ def storm(port: int, request_id: str, n: int, pids: list[int]) -> tuple[list[str
 
 
 def pending_request(url: str) -> str:
-    """A forward request that cannot run yet: seq 2 of a new model whose seq 1 is never sent
-    (until the scheduler skips the gap, seq_gap_seconds later)."""
+    """A forward request that cannot run yet: seq 2 of a new model whose seq 1 is never sent."""
     import httpx
 
     sdk = tinker.ServiceClient(base_url=url, api_key="tml-test")
@@ -192,6 +198,20 @@ def test_the_default_capacity_holds_ten_thousand_waiting_clients() -> None:
     """Each API process alone can hold them all: the gunicorn processes share one listening
     socket and the kernel does not split the clients evenly between them."""
     assert Settings().connection_limit >= 10_000
+
+
+def test_a_busy_redis_pool_makes_a_command_wait_not_fail(redis_url: str) -> None:
+    """10,000 polls arriving at once keep an API process's 64 Redis connections busy for tens
+    of seconds: a command waits for a free one (up to 60 s) rather than failing, which the API
+    would answer 503 "Redis unreachable" while Redis is healthy."""
+    client = connect(redis_url, max_connections=1)
+    pool = client.connection_pool
+    held = pool.get_connection()
+    threading.Timer(12, pool.release, args=(held,)).start()
+    started = time.monotonic()
+    assert client.ping()  # gets the connection once it is released
+    assert 11 < time.monotonic() - started < 40
+    client.close()
 
 
 def test_serve_raises_its_file_limit_and_holds_polls_past_it(
