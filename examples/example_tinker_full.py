@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--rl-iterations", type=int, default=12)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=2e-2)
+    parser.add_argument("--learning-rate", type=float, default=1e-2)
     args, url = server_url(parser)
 
     api_key = os.environ.get("TINKER_API_KEY", "tml-local")

@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import redis
 import tinker
+from test_cluster import forward_json as forward  # a sibling test module
+from test_cluster import post
 from tinker import types
 
 from tinkerd.cluster.state import PLACEMENT, RedisFutures, connect
@@ -124,29 +126,6 @@ def test_the_same_clients_go_on_after_redis_comes_back_empty(
             sc.close("success").result()
         raise
     sc.close("success").result()  # its re-created session ends as any other
-
-
-def post(url: str, path: str, body: dict) -> httpx.Response:
-    return httpx.post(f"{url}/api/v1/{path}", json=body, timeout=30)
-
-
-def forward(model_id: str, seq_id: int) -> dict:
-    return {
-        "model_id": model_id,
-        "seq_id": seq_id,
-        "forward_backward_input": {
-            "data": [
-                {
-                    "model_input": {"chunks": [{"type": "encoded_text", "tokens": TOKENS[:-1]}]},
-                    "loss_fn_inputs": {
-                        "target_tokens": {"data": TOKENS[1:], "dtype": "int64"},
-                        "weights": {"data": [1.0] * (len(TOKENS) - 1), "dtype": "float32"},
-                    },
-                }
-            ],
-            "loss_fn": "cross_entropy",
-        },
-    }
 
 
 def poll(url: str, request_id: str, timeout: float = 60) -> httpx.Response:

@@ -326,6 +326,7 @@ def test_console_lists_stored_records_with_absurd_values(tmp_path, tiny_model_di
 
     with embedded(data_dir) as url:
         driver = browser
+        driver.get_log("browser")  # drop what earlier tests left in the shared browser's log
         driver.get(f"{url}/console#key={KEY}")
         wait_for(driver, lambda: cell(driver, "checkpoints", odd, "ttl"), f"checkpoint {odd}")
         assert cell(driver, "checkpoints", odd, "ttl")["text"] == "never"

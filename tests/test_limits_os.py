@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import redis
 import tinker
+from test_cluster import forward_json  # a sibling test module
 
 from tinkerd.cluster.state import connect, live_workers
 from tinkerd.config import Settings
@@ -28,7 +29,6 @@ from tinkerd.local_cluster import free_port, tinkerd_command, wait_until
 pytestmark = pytest.mark.timeout(300)
 
 LOW_SOFT = 256
-TOKENS = [5, 17, 42, 99, 300, 7, 8, 61, 23, 400, 12]
 
 
 def low_soft_limit() -> None:
@@ -149,22 +149,7 @@ def pending_request(url: str) -> str:
 
     sdk = tinker.ServiceClient(base_url=url, api_key="tml-test")
     model_id = sdk.create_lora_training_client(base_model="tinkerd/tiny", rank=4).result().model_id
-    body = {
-        "model_id": model_id,
-        "seq_id": 2,
-        "forward_backward_input": {
-            "data": [
-                {
-                    "model_input": {"chunks": [{"type": "encoded_text", "tokens": TOKENS[:-1]}]},
-                    "loss_fn_inputs": {
-                        "target_tokens": {"data": TOKENS[1:], "dtype": "int64"},
-                        "weights": {"data": [1.0] * (len(TOKENS) - 1), "dtype": "float32"},
-                    },
-                }
-            ],
-            "loss_fn": "cross_entropy",
-        },
-    }
+    body = forward_json(model_id, 2)
     r = httpx.post(
         f"{url}/api/v1/forward_backward", json=body, timeout=30, headers={"X-API-Key": "tml-test"}
     )
