@@ -191,3 +191,39 @@ def test_the_memory_measure_sees_whole_logits():
     peak by more than its logits."""
     figures = measure(QWEN_VOCAB, 256, HIDDEN, whole=True)
     assert figures["growth"] > figures["logits"]
+
+
+def test_prompt_logprobs_of_a_sample_never_project_the_whole_prompt(lora_model, monkeypatch):
+    """The sampler's prefill projects at most one chunk of positions onto the vocabulary at a
+    time, and its prompt logprobs and top-k equal the whole logits'."""
+    import numpy as np
+
+    import tinkerd.logprobs
+    from tinkerd.sampling import generate
+    from tinkerd.types import Sample, SamplerWeights, SamplingParams
+
+    vocab = lora_model.get_output_embeddings().out_features
+    monkeypatch.setattr(tinkerd.logprobs, "CHUNK_BYTES", 4 * vocab * 8)  # 8 positions a chunk
+    prompt = np.random.default_rng(0).integers(0, vocab, 40)
+    rows_projected: list[int] = []
+    hook = lora_model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: rows_projected.append(out.shape[:-1].numel())
+    )
+    sample = Sample(
+        SamplerWeights("tiny"), prompt, 2, SamplingParams(max_tokens=2), True, 5
+    )  # fmt: skip
+    try:
+        (result,) = generate(
+            lora_model, [sample], context_length=2048, eos_token_ids=set(),
+            decode=str, device=torch.device("cpu"),
+        )  # fmt: skip
+    finally:
+        hook.remove()
+    assert max(rows_projected) <= 8
+    with torch.no_grad():
+        lp = lora_model(input_ids=torch.as_tensor(prompt)[None]).logits[0, :-1].log_softmax(-1)
+    want = lp.gather(-1, torch.as_tensor(prompt[1:])[:, None]).squeeze(-1)
+    torch.testing.assert_close(torch.from_numpy(result.prompt_logprobs[1:]), want)
+    values, ids = result.topk_prompt_logprobs[1][1:], result.topk_prompt_logprobs[0][1:]
+    torch.testing.assert_close(torch.from_numpy(values), lp.topk(5, dim=-1).values)
+    assert np.array_equal(ids, lp.topk(5, dim=-1).indices.numpy())

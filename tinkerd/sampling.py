@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tinkerd.logprobs import prompt_logprobs, split_causal_lm
 from tinkerd.types import Sample, SampledSequence, SampleResult, SamplingParams, UserError
 
 EMPTY_TOPK = (0, -99999.0)  # the wire's filler for a top-k slot with no token
@@ -72,18 +73,15 @@ def generate(
         mask[i, width - len(prompt) :] = 1
     input_ids, mask = input_ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    want_prompt = any(s.prompt_logprobs or s.topk_prompt_logprobs for s in samples)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=mask,
-        position_ids=positions,
-        use_cache=True,
-        logits_to_keep=0 if want_prompt else 1,
-    )
+    # The prefill runs the body alone: its (B, T, H) hidden states, never the (B, T, V) logits;
+    # the last position's logits and the prompt logprobs are projected from them.
+    body, unembed = split_causal_lm(model)
+    out = body(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    hidden = out.last_hidden_state  # (B, T, H)
     results = [SampleResult([]) for _ in samples]
-    if want_prompt:
-        _prompt_logprobs(samples, rows, out.logits, width, results)
-    cache, logits = out.past_key_values, out.logits[:, -1, :].float()  # (B, V)
+    if any(s.prompt_logprobs or s.topk_prompt_logprobs for s in samples):
+        _prompt_logprobs(samples, rows, hidden, unembed, width, results)
+    cache, logits = out.past_key_values, unembed(hidden[:, -1:, :])[:, -1, :].float()  # (B, V)
     stops = [_stop_tokens(row.params, eos_token_ids) for row in rows]
     longest_stop = max((len(s) for row in rows for s in row.params.stop_strings), default=0)
     last_pos = positions[:, -1]
@@ -194,11 +192,13 @@ def _top_k_top_p(scaled: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
 def _prompt_logprobs(
     samples: list[Sample],
     rows: list[_Row],
-    logits: torch.Tensor,
+    hidden: torch.Tensor,
+    unembed: nn.Module,
     width: int,
     results: list[SampleResult],
 ) -> None:
-    """Fill prompt logprobs (NaN for the first token) and top-k prompt logprobs from the prefill."""
+    """Fill prompt logprobs (NaN for the first token) and top-k prompt logprobs from the prefill's
+    hidden states, a chunk of positions at a time."""
     first_row = {}
     for i, row in enumerate(rows):
         first_row.setdefault(row.request, i)
@@ -207,14 +207,14 @@ def _prompt_logprobs(
             continue
         n = len(sample.prompt)
         # Position j of the left-padded row predicts prompt token j + 1.
-        lp = logits[first_row[r], width - n : width - 1].float().log_softmax(-1)  # (n-1, V)
-        targets = torch.from_numpy(sample.prompt[1:].astype(np.int64)).to(lp.device)
-        if sample.prompt_logprobs:
-            chosen = lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu().numpy()
-            results[r].prompt_logprobs = np.concatenate([[np.nan], chosen]).astype(np.float32)
+        h = hidden[first_row[r], width - n : width - 1]  # (n-1, H)
+        targets = torch.from_numpy(sample.prompt[1:].astype(np.int64)).to(h.device)
         k = sample.topk_prompt_logprobs
+        chosen, values, ids = prompt_logprobs(h, unembed, targets, k)
+        if sample.prompt_logprobs:
+            chosen_np = chosen.cpu().numpy()
+            results[r].prompt_logprobs = np.concatenate([[np.nan], chosen_np]).astype(np.float32)
         if k:
-            values, ids = lp.topk(min(k, lp.shape[-1]), dim=-1)
             all_ids = np.full((n, k), EMPTY_TOPK[0], dtype=np.int32)
             all_lps = np.full((n, k), EMPTY_TOPK[1], dtype=np.float32)
             all_ids[1:, : ids.shape[1]] = ids.cpu().numpy()
