@@ -7,9 +7,12 @@ them into tensors. Arrays are numpy, shaped per datum.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from tinkerd.backends import BackendInfo
 
 
 class TinkerdError(Exception):
@@ -232,16 +235,36 @@ class Backend(Protocol):
     """What a worker needs from a model backend. Token ids in, arrays out; no HTTP, no queues.
 
     Batch methods take several requests (possibly of several models) so that a backend may run
-    them in one pass; each request fails alone by returning its error in place of a result.
+    them in one pass; each request fails alone by returning its error in place of a result, and
+    nothing of a failed request is applied. Backends are picked by name (`tinkerd.backends`).
     """
 
     def create_model(self, model_id: str, request: CreateModel) -> dict[str, Any]: ...
 
     def forward_backward(
         self, requests: list[tuple[str, ForwardBackward]]
-    ) -> list[ForwardBackwardResult | TinkerdError]: ...
+    ) -> list[ForwardBackwardResult | TinkerdError]:
+        """One worker cycle's batch: the ready passes of every model on this worker, each
+        model's up to its next barrier (optim_step, load, save, create, remove), in turn order
+        (highest priority first) and each model's in seq_id order. One result or error per
+        request, in order."""
+        ...
 
     def optim_step(self, model_id: str, request: OptimStep) -> dict[str, float]: ...
+
+    def optim_steps(
+        self, requests: list[tuple[str, OptimStep]]
+    ) -> list[dict[str, float] | TinkerdError]:
+        """The optimizer steps of several models (one each) that are due together; a backend
+        may fuse them into one call, each model ending exactly as if stepped alone. This
+        default steps each model in turn."""
+        results: list[dict[str, float] | TinkerdError] = []
+        for model_id, request in requests:
+            try:
+                results.append(self.optim_step(model_id, request))
+            except TinkerdError as e:
+                results.append(e)
+        return results
 
     def save_weights(self, model_id: str, request: SaveWeights) -> dict[str, Any]: ...
 
@@ -258,4 +281,9 @@ class Backend(Protocol):
     def held(self) -> dict[str, Any]:
         """What this backend holds, for the worker's registration: its device, its memory
         (total and free bytes), base models and models."""
+        ...
+
+    def info(self) -> BackendInfo:
+        """The backend's record (name, device, dtype, base models, memory): published in its
+        worker's registration, read by placement."""
         ...
