@@ -20,16 +20,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from tinkerd import checkpoint_io
+from tinkerd import checkpoint_io, packing
+from tinkerd.backends import BackendInfo
 from tinkerd.base_models import BaseModelSource, hub_reachable, resolve_base_model
-from tinkerd.loss_functions import get_loss
+from tinkerd.logprobs import split_causal_lm
+from tinkerd.logprobs import target_logprobs as chunked_target_logprobs
+from tinkerd.loss_functions import Loss, get_loss
 from tinkerd.sampling import check_sample, generate
 from tinkerd.storage import CheckpointMeta, CheckpointPath, CheckpointStore
 from tinkerd.types import (
@@ -45,6 +48,7 @@ from tinkerd.types import (
     SampleResult,
     SamplerWeights,
     SaveWeights,
+    ServerError,
     TinkerdError,
     UserError,
 )
@@ -95,6 +99,35 @@ class _Adapter:
     snapshots: set[str] = field(default_factory=set)  # its in-memory sampler snapshots
 
 
+@dataclass
+class _Job:
+    """One forward or forward_backward request in a packed pass; its tokens are the range
+    [start, start + tokens) of the row."""
+
+    index: int  # in the list the caller passed
+    adapter: _Adapter
+    request: ForwardBackward
+    loss: Loss
+    start: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(d.tokens) for d in self.request.datums)
+
+
+def _token_groups(jobs: list[_Job], budget: int) -> list[list[_Job]]:
+    """Consecutive jobs in groups of at most `budget` tokens (a larger job runs alone)."""
+    groups: list[list[_Job]] = []
+    size = 0
+    for job in jobs:
+        if not groups or size + job.tokens > budget:
+            groups.append([])
+            size = 0
+        groups[-1].append(job)
+        size += job.tokens
+    return groups
+
+
 def lora_target_modules(model: nn.Module, lora: LoraConfig) -> list[str]:
     """Full names of the Linear layers that train_attn / train_mlp / train_unembed select.
 
@@ -141,8 +174,13 @@ class HFBackend:
         device: str | None = None,
         store: CheckpointStore | None = None,
         max_sampler_adapters: int = 32,
+        activation_checkpointing: bool = False,
+        max_pass_tokens: int = 32768,
     ) -> None:
         self.data_dir = Path(data_dir)
+        # Recompute each decoder layer's activations in backward (`checkpoint_layers`): memory
+        # for long sequences, at about one more forward pass of compute.
+        self.activation_checkpointing = activation_checkpointing
         self.device = torch.device(device or autodetect_device())
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.store = store or CheckpointStore(self.data_dir / "runs")
@@ -151,6 +189,9 @@ class HFBackend:
         # Sampler weights held as extra adapters, least recently used first: key -> (base, name).
         self._samplers: OrderedDict[str, tuple[_Base, str]] = OrderedDict()
         self._max_samplers = max_sampler_adapters
+        # Requests of several models run in one packed pass of at most this many tokens.
+        self.max_pass_tokens = max_pass_tokens
+        self.attention = packing.attention_implementation(self.device)
         self._names = (f"m{i}" for i in itertools.count())
 
     # -- models ------------------------------------------------------------------------------
@@ -166,6 +207,8 @@ class HFBackend:
         log.info("loading base model %s on %s", source.location, self.device)
         model = self._from_pretrained(source)
         model.to(self.device).eval().requires_grad_(False)
+        if self.activation_checkpointing:
+            checkpoint_layers(model)
         vocab = min(
             model.get_input_embeddings().num_embeddings, model.get_output_embeddings().out_features
         )
@@ -284,6 +327,17 @@ class HFBackend:
             "models": sorted(self._adapters),
         }
 
+    def info(self) -> BackendInfo:
+        total, free = device_memory(self.device)
+        return BackendInfo(
+            name="hf",
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            base_models=tuple(sorted(b.source.name for b in self._bases.values())),
+            memory_total=total,
+            memory_free=free,
+        )
+
     def _adapter(self, model_id: str) -> _Adapter:
         adapter = self._adapters.get(model_id)
         if adapter is None:
@@ -309,101 +363,209 @@ class HFBackend:
     def forward_backward(
         self, requests: list[tuple[str, ForwardBackward]]
     ) -> list[ForwardBackwardResult | TinkerdError]:
-        results: list[ForwardBackwardResult | TinkerdError] = []
-        for model_id, request in requests:
+        """Run the requests, of any models, in as few packed passes as the token budget allows:
+        one per base model when they fit. Each request is checked before any pass and fails
+        alone (a bad input, a non-finite loss, out of memory): nothing of it is applied."""
+        results: list[ForwardBackwardResult | TinkerdError | None] = [None] * len(requests)
+        by_base: dict[int, list[_Job]] = {}
+        for i, (model_id, request) in enumerate(requests):
             try:
-                results.append(self._forward_backward(self._adapter(model_id), request))
+                adapter = self._adapter(model_id)
+                loss = get_loss(request.loss_fn)
+                self._check_request(adapter.base, request, loss)
             except TinkerdError as e:
-                results.append(e)
-            except torch.OutOfMemoryError:
+                results[i] = e
+                continue
+            by_base.setdefault(id(adapter.base), []).append(_Job(i, adapter, request, loss))
+        for jobs in by_base.values():
+            for group in _token_groups(jobs, self.max_pass_tokens):
+                self._run_group(group, results)
+        return results  # type: ignore[return-value]
+
+    def _run_group(
+        self, jobs: list[_Job], results: list[ForwardBackwardResult | TinkerdError | None]
+    ) -> None:
+        """One pass for `jobs`; out of memory, each request again on its own."""
+        try:
+            self._run_pass(jobs, results)
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-                results.append(UserError("out of memory: send a smaller batch"))
-        return results
+            if len(jobs) == 1:
+                results[jobs[0].index] = UserError("out of memory: send a smaller batch")
+            else:
+                for job in jobs:
+                    self._run_group([job], results)
 
-    def _forward_backward(
-        self, adapter: _Adapter, request: ForwardBackward
-    ) -> ForwardBackwardResult:
-        loss = get_loss(request.loss_fn)
-        self._check_vocab(adapter.base, request.datums)
-        model = self._activate(adapter)
-        input_ids, mask, inputs = self._collate(request.datums, loss.inputs)
-        with torch.set_grad_enabled(not request.forward_only):
-            padded = not bool(mask.all())
-            attention_mask = mask.long() if padded else None
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-            logprobs = target_logprobs(logits, inputs["target_tokens"]) * _expand(mask, inputs)
-            loss_value, elementwise, metrics = loss(logprobs, inputs, request.loss_fn_config, mask)
-            if not torch.isfinite(loss_value):
-                raise UserError(
-                    f"{loss.name} loss is not finite ({loss_value.item()}); nothing applied"
-                )
-            if not request.forward_only:
-                grads = torch.autograd.grad(loss_value, adapter.params, allow_unused=True)
-                for p, g in zip(adapter.params, grads, strict=True):
-                    if g is not None:
-                        p.grad = g if p.grad is None else p.grad.add_(g)
-        lp = logprobs.detach().float().cpu().numpy()
-        el = elementwise.detach().float().cpu().numpy()
-        outputs = [  # each shaped like the datum's target_tokens
-            {"logprobs": lp[i, : len(d.tokens)], "elementwise_loss": el[i, : len(d.tokens)]}
-            for i, d in enumerate(request.datums)
-        ]
-        return ForwardBackwardResult(outputs, metrics)
+    def _run_pass(
+        self, jobs: list[_Job], results: list[ForwardBackwardResult | TinkerdError | None]
+    ) -> None:
+        """One packed forward (and one backward) of requests of models on one base.
 
-    def _check_vocab(self, base: _Base, datums: list[Datum]) -> None:
+        Every datum is a segment of one row; each request's segments are one range of it, routed
+        through its model's adapter. The backward differentiates the sum of the losses of the
+        requests that succeeded, so a failed request's model gets nothing from it, and each
+        model gets exactly the gradients of its own tokens. Results are written only at the end,
+        so a pass that runs out of memory leaves nothing behind.
+        """
+        base = jobs[0].adapter.base
+        assert base.peft is not None
+        try:
+            body, unembed = split_causal_lm(base.model)
+        except ValueError as e:
+            raise ServerError(str(e)) from None
+        lengths = [len(d.tokens) for job in jobs for d in job.request.datums]
+        start = 0
+        for job in jobs:
+            job.start, start = start, start + job.tokens
+        tokens = np.concatenate([d.tokens for job in jobs for d in job.request.datums])
+        move = {"device": self.device, "non_blocking": True}
+        input_ids = torch.from_numpy(tokens)[None].to(**move)
+        position_ids = packing.positions(lengths)[None].to(**move)
+        trained = list(
+            {id(j.adapter): j.adapter for j in jobs if not j.request.forward_only}.values()
+        )
+        for adapter in trained:  # sampling (set_adapter) may have frozen it
+            for p in adapter.params:
+                p.requires_grad_(True)
+        routes = [packing.Route(j.adapter.name, j.start, j.start + j.tokens) for j in jobs]
+        outcome: dict[int, ForwardBackwardResult | TinkerdError] = {}
+        losses: list[torch.Tensor] = []
+        applied: dict[int, _Adapter] = {}  # the adapters of the requests that succeeded
+        grads: list[tuple[nn.Parameter, torch.Tensor | None]] = []
+        with (
+            torch.set_grad_enabled(bool(trained)),
+            packing.routed(base.peft, routes),
+            packing.packed(base.model, lengths, self.attention),
+        ):
+            out = body(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+            hidden = out.last_hidden_state[0]  # (N, H)
+            for job in jobs:
+                try:
+                    value, outcome[job.index] = self._job_loss(job, hidden, unembed)
+                except TinkerdError as e:
+                    outcome[job.index] = e
+                    continue
+                if not job.request.forward_only:
+                    losses.append(value)
+                    applied[id(job.adapter)] = job.adapter
+            if losses:  # a model whose requests all failed gets no gradient, not even zeros
+                params = [p for a in applied.values() for p in a.params]
+                total = torch.stack(losses).sum()
+                found = torch.autograd.grad(total, params, allow_unused=True)
+                grads = list(zip(params, found, strict=True))
+        for p, g in grads:
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad.add_(g)
+        for i, result in outcome.items():
+            results[i] = result
+
+    def _job_loss(
+        self, job: _Job, hidden: torch.Tensor, unembed: nn.Module
+    ) -> tuple[torch.Tensor, ForwardBackwardResult]:
+        """The request's loss (a UserError if it is not finite) and its per-datum outputs."""
+        request, loss = job.request, job.loss
+        inputs = self._inputs(request.datums, loss.inputs)
+        targets = inputs["target_tokens"][0]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not request.forward_only):
+            h = hidden[job.start : job.start + job.tokens]
+            head = packing.adapter_unembed(unembed, job.adapter.name)
+            logprobs = chunked_target_logprobs(h, head, targets)[None]  # (1, n[, K])
+            mask = torch.ones(logprobs.shape[:2], dtype=torch.bool, device=logprobs.device)
+            value, elementwise, metrics = loss(logprobs, inputs, request.loss_fn_config, mask)
+        if not torch.isfinite(value):
+            raise UserError(f"{loss.name} loss is not finite ({value.item()}); nothing applied")
+        lp = logprobs[0].detach().float().cpu().numpy()
+        el = elementwise[0].detach().float().cpu().numpy()
+        outputs, start = [], 0
+        for d in request.datums:  # each shaped like the datum's target_tokens
+            n = len(d.tokens)
+            outputs.append(
+                {"logprobs": lp[start : start + n], "elementwise_loss": el[start : start + n]}
+            )
+            start += n
+        return value, ForwardBackwardResult(outputs, metrics)
+
+    def _check_request(self, base: _Base, request: ForwardBackward, loss: Loss) -> None:
+        """What would fail in the pass, checked before it so that a request fails alone (a loss
+        that rejects its config fails its request alone in the pass, before the backward)."""
+        datums = request.datums
+        if not datums or any(len(d.tokens) == 0 for d in datums):
+            raise UserError("every datum needs at least one token")
         for i, d in enumerate(datums):
             targets = d.loss_fn_inputs["target_tokens"]
             for what, ids in (("token", d.tokens), ("target token", targets)):
-                if ids.size and int(ids.max()) >= base.vocab_size:
+                if ids.size and (int(ids.max()) >= base.vocab_size or int(ids.min()) < 0):
+                    bad = int(ids.max()) if int(ids.max()) >= base.vocab_size else int(ids.min())
                     raise UserError(
-                        f"datum {i}: {what} id {int(ids.max())} is outside the vocabulary "
+                        f"datum {i}: {what} id {bad} is outside the vocabulary "
                         f"(size {base.vocab_size})"
                     )
-
-    def _collate(self, datums: list[Datum], names: tuple[str, ...]):
-        """Right-padded (B, T) input ids, (B, T) mask of real positions, and stacked loss inputs."""
-        lengths = [len(d.tokens) for d in datums]
-        width = max(lengths)
-        input_ids = torch.zeros(len(datums), width, dtype=torch.long)
-        mask = torch.zeros(len(datums), width, dtype=torch.bool)
-        inputs: dict[str, torch.Tensor] = {}
-        for name in names:
-            first = datums[0].loss_fn_inputs[name]
-            trailing = first.shape[1:]
+        for name in loss.inputs:
+            trailing = datums[0].loss_fn_inputs[name].shape[1:]
             if any(d.loss_fn_inputs[name].shape[1:] != trailing for d in datums):
                 raise UserError(
                     f"{name}: every datum needs the same number of targets per position"
                 )
+
+    def _inputs(self, datums: list[Datum], names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """The request's loss inputs, its datums concatenated: (1, n) or (1, n, K) each."""
+        inputs = {}
+        for name in names:
+            value = np.concatenate([d.loss_fn_inputs[name] for d in datums])
             dtype = torch.long if name == "target_tokens" else torch.float32
-            inputs[name] = torch.zeros(len(datums), width, *trailing, dtype=dtype)
-        for i, d in enumerate(datums):
-            n = lengths[i]
-            input_ids[i, :n] = torch.from_numpy(d.tokens)
-            mask[i, :n] = True
-            for name in names:
-                inputs[name][i, :n] = torch.from_numpy(d.loss_fn_inputs[name])
-        move = {"device": self.device, "non_blocking": True}
-        return input_ids.to(**move), mask.to(**move), {k: v.to(**move) for k, v in inputs.items()}
+            inputs[name] = torch.from_numpy(value).to(dtype)[None]
+        return {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
 
     def optim_step(self, model_id: str, request: OptimStep) -> dict[str, float]:
-        adapter = self._adapter(model_id)
-        adam = request.adam
-        grads = [p.grad for p in adapter.params if p.grad is not None]
-        total_norm = torch.nn.utils.get_total_norm(grads) if grads else None
-        if adam.grad_clip_norm > 0 and total_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(adapter.params, adam.grad_clip_norm, total_norm)
-        grad_norm = float(total_norm) if total_norm is not None else 0.0
-        for group in adapter.optimizer.param_groups:
-            group.update(
-                lr=adam.learning_rate,
-                betas=(adam.beta1, adam.beta2),
-                eps=adam.eps,
-                weight_decay=adam.weight_decay,
+        [result] = self.optim_steps([(model_id, request)])
+        if isinstance(result, TinkerdError):
+            raise result
+        return result
+
+    def optim_steps(
+        self, requests: list[tuple[str, OptimStep]]
+    ) -> list[dict[str, float] | TinkerdError]:
+        """Step several models' AdamW at once: each model's gradients are clipped to its own
+        norm, then the models whose AdamParams agree (but for grad_clip_norm) go through one
+        fused AdamW call over all their tensors. AdamW is elementwise per tensor, so each model
+        ends exactly as if stepped alone; its state stays in its own optimizer."""
+        results: list[dict[str, float] | TinkerdError] = []
+        groups: dict[tuple[float, ...], list[_Adapter]] = {}
+        for model_id, request in requests:
+            try:
+                adapter = self._adapter(model_id)
+            except TinkerdError as e:
+                results.append(e)
+                continue
+            if any(adapter is a for group in groups.values() for a in group):
+                results.append(UserError(f"model {model_id!r} has two optim_steps in one call"))
+                continue
+            adam = request.adam
+            grad_norm = _clip_gradients(adapter.params, adam.grad_clip_norm)
+            for group in adapter.optimizer.param_groups:  # kept in its checkpoints
+                group.update(
+                    lr=adam.learning_rate,
+                    betas=(adam.beta1, adam.beta2),
+                    eps=adam.eps,
+                    weight_decay=adam.weight_decay,
+                )
+            key = (adam.learning_rate, adam.beta1, adam.beta2, adam.eps, adam.weight_decay)
+            groups.setdefault(key, []).append(adapter)
+            results.append({"grad_norm:mean": grad_norm, "learning_rate:mean": adam.learning_rate})
+        for (lr, beta1, beta2, eps, weight_decay), adapters in groups.items():
+            params = [p for a in adapters for p in a.params]
+            fused = torch.optim.AdamW(
+                params, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, fused=True
             )
-        adapter.optimizer.step()
-        adapter.optimizer.zero_grad(set_to_none=True)
-        adapter.steps += 1
-        return {"grad_norm:mean": grad_norm, "learning_rate:mean": adam.learning_rate}
+            for a in adapters:  # the fused step reads and updates each model's own state
+                for p in a.params:
+                    fused.state[p] = a.optimizer.state[p]
+            fused.step()
+            for a in adapters:
+                a.optimizer.zero_grad(set_to_none=True)
+                a.steps += 1
+        return results
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -591,22 +753,56 @@ def device_memory(device: torch.device) -> tuple[int, int]:
     return info.get("MemTotal", 0), info.get("MemAvailable", 0)
 
 
+def _clip_gradients(params: list[nn.Parameter], max_norm: float) -> float:
+    """Scale a model's gradients to at most `max_norm` in total (0: no clipping); the norm
+    before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    total_norm = torch.nn.utils.get_total_norm(grads)
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
+    return float(total_norm)
+
+
+def checkpoint_layers(model: nn.Module) -> int:
+    """Recompute each decoder layer's activations in backward rather than keep them
+    (non-reentrant `torch.utils.checkpoint`), in eval mode too: transformers' own gradient
+    checkpointing acts only in training mode, and tinkerd runs its models in eval mode (no
+    dropout). A layer's cache is left out under it, as transformers does: the recompute must
+    not append to it a second time. Returns how many layers were wrapped."""
+    from torch.utils.checkpoint import checkpoint
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    wrapped: list[str] = []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, GradientCheckpointingLayer):
+            continue
+        if any(name.startswith(outer + ".") for outer in wrapped):
+            continue  # inside a layer that is recomputed whole
+        forward = layer.forward
+
+        def checkpointed(*args: Any, _forward: Any = forward, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            if kwargs.get("use_cache"):
+                kwargs["use_cache"] = False
+            for key in ("cache", "past_key_values", "past_key_value", "layer_past"):
+                if key in kwargs:
+                    kwargs[key] = None
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = checkpointed  # type: ignore[method-assign]
+        wrapped.append(name)
+    if not wrapped:
+        log.warning("activation checkpointing: %s has no decoder layer to checkpoint", model)
+    return len(wrapped)
+
+
 def new_optimizer(params: list[nn.Parameter]) -> torch.optim.AdamW:
     """AdamW with one fused kernel for all of an adapter's tensors (about 5x faster on CPU);
     the hyper-parameters are set from each optim_step's AdamParams."""
     return torch.optim.AdamW(params, lr=0.0, fused=True)
-
-
-def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits) at the targets: (B, T, V) x (B, T[, K]) -> (B, T[, K]), in fp32."""
-    if targets.dim() == 2:  # one target per position: the fused kernel avoids a (B, T, V) copy
-        flat = -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
-        return flat.view_as(targets)
-    return logits.float().log_softmax(-1).gather(-1, targets)
-
-
-def _expand(mask: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    return mask.unsqueeze(-1) if inputs["target_tokens"].dim() == 3 else mask
 
 
 def _activate(base: _Base, name: str) -> PeftModel:

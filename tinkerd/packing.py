@@ -1,0 +1,197 @@
+"""Packed passes: many sequences of many adapters in one row, with no padding.
+
+A pass concatenates every datum of every request into one row of N tokens. Each datum keeps its own
+positions (restarting at 0) and attends only to itself: attention runs per segment (varlen flash
+attention on CUDA when flash-attn is installed, else SDPA on each segment, which on CPU is exactly
+the computation of that sequence alone). Each request's tokens are one contiguous range of the
+row, and every LoRA layer adds, to each range, the delta of that range's adapter only: adapters of
+different ranks and target layers share one forward and one backward, and each adapter's
+parameters get gradients from its own tokens only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import sys
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+from peft.tuners.lora import Linear as LoraLinear
+from torch import nn
+
+PACKED_ATTENTION = "tinkerd_packed"
+
+# (start, stop) of each sequence in the row, while a packed pass runs.
+_SEGMENTS: ContextVar[tuple[tuple[int, int], ...] | None] = ContextVar("segments", default=None)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Tokens [start, stop) of the row go through adapter `name`."""
+
+    name: str
+    start: int
+    stop: int
+
+
+def packed_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Causal SDPA on each sequence of the packed row, (1, H, N, D) -> (1, N, H, D).
+
+    No position ever sees another sequence, and each sequence is computed as if it ran alone.
+    Outside a packed pass this is plain SDPA, so a model left on it still samples as before.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    segments = _SEGMENTS.get()
+    if segments is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout, scaling, **kwargs
+        )
+    if query.shape[0] != 1 or attention_mask is not None:
+        raise ValueError("a packed pass runs one row and no attention mask")
+    window = kwargs.pop("sliding_window", None)
+    outputs = []
+    for start, stop in segments:
+        mask = None
+        if window and stop - start > window:  # the sliding window of this sequence alone
+            i = torch.arange(stop - start, device=query.device)
+            mask = ((i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window))[None, None]
+        out, _ = sdpa_attention_forward(
+            module,
+            query[:, :, start:stop],
+            key[:, :, start:stop],
+            value[:, :, start:stop],
+            mask,
+            dropout,
+            scaling,
+            **kwargs,
+        )
+        outputs.append(out)
+    return torch.cat(outputs, dim=1), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+
+
+_register()
+
+
+def attention_implementation(device: torch.device) -> str:
+    """Varlen flash attention on CUDA when flash-attn is installed (transformers finds the
+    sequences from the restarting position ids), else SDPA per sequence."""
+    if device.type == "cuda":
+        from transformers.utils import is_flash_attn_2_available
+
+        if is_flash_attn_2_available():
+            return "flash_attention_2"
+    return PACKED_ATTENTION
+
+
+def positions(lengths: Sequence[int]) -> torch.Tensor:
+    """(N,) position ids restarting at 0 for each sequence."""
+    return torch.cat([torch.arange(n) for n in lengths])
+
+
+def bounds(lengths: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """(start, stop) of each sequence in the row."""
+    out, start = [], 0
+    for n in lengths:
+        out.append((start, start + n))
+        start += n
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def packed(model: nn.Module, lengths: Sequence[int], implementation: str) -> Iterator[None]:
+    """Run `model`'s attention on the packed row of sequences of `lengths` (and its backward,
+    in case a layer recomputes its forward then)."""
+    config = model.config
+    before = config._attn_implementation
+    token = _SEGMENTS.set(bounds(lengths))
+    config._attn_implementation = implementation
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+        _SEGMENTS.reset(token)
+
+
+def lora_layers(model: nn.Module) -> list[LoraLinear]:
+    return [m for m in model.modules() if isinstance(m, LoraLinear)]
+
+
+def lora_forward(layer: LoraLinear, x: torch.Tensor, routes: Sequence[Route]) -> torch.Tensor:
+    """The base layer plus, on each route's tokens (dimension -2), that route's adapter: what
+    PEFT computes for one active adapter (base + B(A(x)) * scale), per range of tokens."""
+    result = layer.base_layer(x)
+    dtype = result.dtype
+    for route in routes:
+        if route.name not in layer.lora_A:  # this adapter does not train this layer
+            continue
+        lora_a, lora_b = layer.lora_A[route.name], layer.lora_B[route.name]
+        part = x[..., route.start : route.stop, :].to(lora_a.weight.dtype)
+        delta = lora_b(lora_a(layer.lora_dropout[route.name](part))) * layer.scaling[route.name]
+        result[..., route.start : route.stop, :] += delta.to(dtype)
+    return result
+
+
+@contextlib.contextmanager
+def routed(model: nn.Module, routes: Sequence[Route]) -> Iterator[None]:
+    """Every LoRA layer of `model` applies each route's adapter to that route's tokens, whatever
+    adapter PEFT has active. Held through backward too (a recomputed forward routes the same)."""
+    layers = lora_layers(model)
+    routes = tuple(routes)
+    for layer in layers:
+        layer.forward = lambda x, *args, _layer=layer, **kwargs: lora_forward(_layer, x, routes)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+class AdapterView(nn.Module):
+    """One adapter's view of a LoRA layer: the base plus that adapter on every token, whatever
+    routes are active. Its parameters are that adapter's alone, so a chunked unembedding that
+    differentiates "its module's parameters" reaches this adapter's and no other's."""
+
+    def __init__(self, layer: LoraLinear, name: str) -> None:
+        super().__init__()
+        object.__setattr__(self, "layer", layer)  # not a submodule: not its parameters
+        self.lora_a, self.lora_b = layer.lora_A[name], layer.lora_B[name]
+        self.routes = (Route(name, 0, sys.maxsize),)
+        self.out_features = layer.base_layer.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lora_forward(self.layer, x, self.routes)
+
+
+def adapter_unembed(unembed: nn.Module, name: str) -> nn.Module:
+    """`unembed` (the lm_head, maybe inside a logit-scaling wrapper whose `head` it is) as
+    adapter `name` sees it; the base head when that adapter does not train it."""
+    head = getattr(unembed, "head", None)
+    if isinstance(head, LoraLinear):  # a wrapper: the same wrapper around the view
+        view = copy.copy(unembed)
+        view._modules = dict(unembed._modules)
+        view.head = adapter_unembed(head, name)
+        return view
+    if not isinstance(unembed, LoraLinear):
+        return unembed
+    if name not in unembed.lora_A:
+        return unembed.base_layer
+    return AdapterView(unembed, name)
