@@ -227,3 +227,47 @@ def test_prompt_logprobs_of_a_sample_never_project_the_whole_prompt(lora_model, 
     values, ids = result.topk_prompt_logprobs[1][1:], result.topk_prompt_logprobs[0][1:]
     torch.testing.assert_close(torch.from_numpy(values), lp.topk(5, dim=-1).values)
     assert np.array_equal(ids, lp.topk(5, dim=-1).indices.numpy())
+
+
+@pytest.mark.parametrize("forward_only", [False, True])
+def test_a_training_pass_never_projects_more_than_a_chunk(
+    tmp_path, tiny_model_dir, monkeypatch, forward_only
+):
+    """Through the backend (LoRA on lm_head too), forward and backward project at most one chunk
+    of positions onto the vocabulary at a time, and the logprobs are the whole logits'."""
+    import numpy as np
+
+    import tinkerd.logprobs
+    from tinkerd.hf_backend import HFBackend
+    from tinkerd.types import CreateModel, Datum, ForwardBackward, LoraConfig
+
+    backend = HFBackend(tmp_path, "cpu")
+    backend.create_model("a", CreateModel(str(tiny_model_dir), LoraConfig(rank=4, seed=1)))
+    lm_head = backend._adapters["a"].base.model.get_output_embeddings()
+    vocab = lm_head.out_features
+    monkeypatch.setattr(tinkerd.logprobs, "CHUNK_BYTES", 4 * vocab * 8)  # 8 positions a chunk
+    rng = np.random.default_rng(0)
+    datums = []
+    for n in (30, 17):
+        tokens = rng.integers(0, vocab, n)
+        datums.append(Datum(tokens, {"target_tokens": np.roll(tokens, -1), "weights": np.ones(n)}))
+    rows_projected: list[int] = []
+    hook = lm_head.base_layer.register_forward_hook(
+        lambda module, args, out: rows_projected.append(out.shape[:-1].numel())
+    )
+    try:
+        request = ForwardBackward(datums, "cross_entropy", forward_only=forward_only)
+        (result,) = backend.forward_backward([("a", request)])
+    finally:
+        hook.remove()
+    assert max(rows_projected) <= 8
+    assert sum(p.grad is not None for p in backend._adapters["a"].params) == (
+        0 if forward_only else len(backend._adapters["a"].params)
+    )
+    with torch.no_grad():
+        for d, out in zip(datums, result.loss_fn_outputs, strict=True):
+            logits = backend._adapters["a"].base.peft(input_ids=torch.as_tensor(d.tokens)[None])
+            want = whole_logits_logprobs(
+                logits.logits[0], torch.as_tensor(d.loss_fn_inputs["target_tokens"])
+            )
+            torch.testing.assert_close(torch.from_numpy(out["logprobs"]), want, rtol=0, atol=1e-5)

@@ -25,7 +25,8 @@ CHUNK_BYTES = 64 << 20  # fp32 logits of one chunk: 110 positions at a vocabular
 
 
 def default_chunk_tokens(vocab_size: int) -> int:
-    """Positions per chunk so that a chunk's fp32 logits take about CHUNK_BYTES."""
+    """Positions per chunk so that a chunk's fp32 logits take about CHUNK_BYTES: forward and
+    backward hold about three chunks' worth at once."""
     return max(1, CHUNK_BYTES // (4 * vocab_size))
 
 
