@@ -439,10 +439,11 @@ class HFBackend:
             packing.packed(base.model, lengths, self.attention),
         ):
             out = body(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-            hidden = out.last_hidden_state[0]  # (N, H)
-            for job in jobs:
+            # (n, H) per request: one split, so backward joins them once
+            hidden = out.last_hidden_state[0].split([j.tokens for j in jobs])
+            for job, h in zip(jobs, hidden, strict=True):
                 try:
-                    value, outcome[job.index] = self._job_loss(job, hidden, unembed)
+                    value, outcome[job.index] = self._job_loss(job, h, unembed)
                 except TinkerdError as e:
                     outcome[job.index] = e
                     continue
@@ -463,12 +464,13 @@ class HFBackend:
     def _job_loss(
         self, job: _Job, hidden: torch.Tensor, unembed: nn.Module
     ) -> tuple[torch.Tensor, ForwardBackwardResult]:
-        """The request's loss (a UserError if it is not finite) and its per-datum outputs."""
+        """The request's loss (a UserError if it is not finite) and its per-datum outputs, from
+        its (n, H) final hidden states."""
         request, loss = job.request, job.loss
         inputs = self._inputs(request.datums, loss.inputs)
         targets = inputs["target_tokens"][0]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not request.forward_only):
-            h = hidden[job.start : job.start + job.tokens]
+            h = hidden.detach() if request.forward_only else hidden
             head = packing.adapter_unembed(unembed, job.adapter.name)
             logprobs = chunked_target_logprobs(h, head, targets)[None]  # (1, n[, K])
             mask = torch.ones(logprobs.shape[:2], dtype=torch.bool, device=logprobs.device)

@@ -137,17 +137,40 @@ def lora_layers(model: nn.Module) -> list[LoraLinear]:
 
 def lora_forward(layer: LoraLinear, x: torch.Tensor, routes: Sequence[Route]) -> torch.Tensor:
     """The base layer plus, on each route's tokens (dimension -2), that route's adapter: what
-    PEFT computes for one active adapter (base + B(A(x)) * scale), per range of tokens."""
+    PEFT computes for one active adapter (base + B(A(x)) * scale), per range of tokens.
+
+    The tokens are split once and the deltas joined once, so backward costs one split and one
+    join per layer, never a full-size gradient per route."""
     result = layer.base_layer(x)
-    dtype = result.dtype
+    n = x.shape[-2]
+    sizes: list[int] = []
+    names: list[str | None] = []
+    at = 0
     for route in routes:
-        if route.name not in layer.lora_A:  # this adapter does not train this layer
+        start, stop = max(route.start, at), min(route.stop, n)
+        if stop <= start:
             continue
-        lora_a, lora_b = layer.lora_A[route.name], layer.lora_B[route.name]
-        part = x[..., route.start : route.stop, :].to(lora_a.weight.dtype)
-        delta = lora_b(lora_a(layer.lora_dropout[route.name](part))) * layer.scaling[route.name]
-        result[..., route.start : route.stop, :] += delta.to(dtype)
-    return result
+        if start > at:  # tokens no route covers: no adapter
+            sizes.append(start - at)
+            names.append(None)
+        sizes.append(stop - start)
+        names.append(route.name if route.name in layer.lora_A else None)
+        at = stop
+    if at < n:
+        sizes.append(n - at)
+        names.append(None)
+    if all(name is None for name in names):
+        return result
+    deltas = []
+    for part, name in zip(x.split(sizes, dim=-2), names, strict=True):
+        if name is None:
+            deltas.append(result.new_zeros((*part.shape[:-1], result.shape[-1])))
+            continue
+        lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+        part = part.to(lora_a.weight.dtype)
+        delta = lora_b(lora_a(layer.lora_dropout[name](part))) * layer.scaling[name]
+        deltas.append(delta.to(result.dtype))
+    return result + (deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-2))
 
 
 @contextlib.contextmanager
