@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import redis
 
+from tinkerd.backends import BackendInfo
 from tinkerd.cluster import codec
 from tinkerd.cluster import scheduler as cluster_scheduler
 from tinkerd.cluster.celery_app import make_celery, queue_task, take_undelivered, worker_queue
@@ -86,14 +87,22 @@ def scheduler(new_scheduler: Callable[[], RedisScheduler]) -> RedisScheduler:
     return new_scheduler()
 
 
-def register(client: redis.Redis, name: str, ttl_ms: int = 60_000, **fields: Any) -> None:
-    """A live worker, as cluster/worker.py's heartbeat registers it."""
+def register(
+    client: redis.Redis,
+    name: str,
+    ttl_ms: int = 60_000,
+    memory_free: int = 0,
+    base_models: tuple[str, ...] | list[str] = (),
+    **fields: Any,
+) -> None:
+    """A live worker, as cluster/worker.py's heartbeat registers it: placement reads its
+    backend's record (memory, base models)."""
+    info = BackendInfo("fake", "cpu", "float32", tuple(base_models), 1 << 30, memory_free)
     registration = {
         "name": name,
         "queue": worker_queue(name),
-        "memory_free": 0,
-        "base_models": [],
         "models": [],
+        "backend": info.to_json(),
         **fields,
     }
     pipe = client.pipeline(transaction=True)

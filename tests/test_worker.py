@@ -1,6 +1,7 @@
 """Unit tests of tinkerd.worker on a real tiny model: the order in which a contended worker runs
 the requests of keys of different priority, and each key's pending count as requests run, fail
-and are drained."""
+and are drained; and on a fake backend (tests/fake_backend.py), how a cycle batches the passes
+and optimizer steps of several models."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_backend import FakeBackend
 
 from tinkerd import tasks
 from tinkerd.hf_backend import HFBackend
@@ -27,6 +29,7 @@ from tinkerd.types import (
     Sample,
     SamplerWeights,
     SamplingParams,
+    SaveWeights,
 )
 from tinkerd.wire import make_forward_backward
 from tinkerd.worker import Worker
@@ -233,3 +236,113 @@ def test_only_a_new_models_failed_creation_is_forgotten(
         pass
     assert "error" in json.loads(scheduler.wait(request_id, 0).body)
     assert forgotten == ([] if with_gradients else ["m"])
+
+
+# -- one batch per cycle, on a fake backend ----------------------------------------------------
+
+
+@pytest.fixture
+def fake_lab() -> Lab:
+    return Lab(FakeBackend(), "fake/base")  # type: ignore[arg-type]
+
+
+def settled_body(lab: Lab, request_id: str) -> Result:
+    result = lab.scheduler.wait(request_id, 0)
+    assert result is not None
+    return result
+
+
+def test_one_cycle_hands_every_models_passes_to_the_backend_in_one_call(fake_lab: Lab) -> None:
+    fake: FakeBackend = fake_lab.worker.backend  # type: ignore[assignment]
+    for model_id in ("a", "b", "c"):
+        fake_lab.create(model_id, "t", priority=0)
+    for model_id in ("a", "b", "c"):
+        fake_lab.steps(model_id, 1, 1, "t", priority=0)  # fb, fb, optim_step
+    fake.calls.clear()
+    assert fake_lab.worker.run_cycle(timeout=0.0) == 9
+    [batch] = fake.batches()
+    assert sorted(batch) == ["a", "a", "b", "b", "c", "c"]  # all six passes in one call
+    assert batch[::2] == batch[1::2]  # each model's two passes together, in seq order
+    assert fake.batches("optim_steps") == [batch[::2]]  # one fused call, in the same order
+    assert [name for name, _ in fake.calls] == ["forward_backward", "optim_steps"]
+    assert fake_lab.scheduler.queue_depth() == 0 and fake_lab.scheduler.pending("t") == 0
+    for model_id in ("a", "b", "c"):  # each stepped on its own 8 tokens
+        assert fake.models[model_id].steps == 1 and fake.models[model_id].weight == 1 - 8e-3
+
+
+def test_a_models_passes_after_its_barrier_wait_for_the_next_batch(fake_lab: Lab) -> None:
+    fake: FakeBackend = fake_lab.worker.backend  # type: ignore[assignment]
+    fake_lab.create("a", "t", priority=0)
+    fake_lab.create("b", "t", priority=0)
+    save = SaveWeights("tinker://a/weights/1")
+    for seq, payload in enumerate([forward_backward(), save, forward_backward(), optim()], 1):
+        fake_lab.submit("a", seq, payload, "t", 0)
+    fake_lab.steps("b", 1, 1, "t", priority=0)
+    fake.calls.clear()
+    fake_lab.worker.run_cycle(timeout=0.0)
+    calls = [(name, ids) for name, ids in fake.calls]
+    first = calls[0][1]
+    assert sorted(first) == ["a", "b", "b"]  # a's pass before its save, and all of b's
+    assert calls[1:] == (
+        [("save_weights", ["a"]), ("optim_steps", ["b"])]
+        if first[0] == "a"
+        else [("optim_steps", ["b"]), ("save_weights", ["a"])]
+    ) + [("forward_backward", ["a"]), ("optim_steps", ["a"])]  # a's pass after its save
+    assert fake.saved["tinker://a/weights/1"][0] == 1.0  # saved before a's step: not stepped
+    order = [s for s in fake_lab.settled if s.startswith("a:")]
+    assert order == ["a:1", "a:2", "a:3", "a:4"]
+
+
+def test_a_bad_request_in_the_batch_fails_alone_and_nothing_of_it_is_applied(
+    fake_lab: Lab,
+) -> None:
+    fake: FakeBackend = fake_lab.worker.backend  # type: ignore[assignment]
+    fake_lab.create("a", "t", priority=0)
+    fake_lab.create("b", "t", priority=0)
+    tokens = np.array([5, 10**6], dtype=np.int64)  # past the vocabulary
+    inputs = {"target_tokens": tokens, "weights": np.ones(2, dtype=np.float32)}
+    bad = fake_lab.submit("a", 1, ForwardBackward([Datum(tokens, inputs)], "cross_entropy"), "t", 0)
+    good = fake_lab.submit("a", 2, forward_backward(), "t", 0)
+    fake_lab.submit("a", 3, optim(), "t", 0)
+    fake_lab.steps("b", 1, 1, "t", priority=0)
+    fake.calls.clear()
+    fake_lab.run()
+    assert sorted(fake.batches()[0]) == ["a", "a", "b", "b"]  # the bad one was in the batch
+    error = json.loads(settled_body(fake_lab, bad).body)
+    assert error["category"] == "user" and "outside the vocabulary" in error["error"]
+    assert settled_body(fake_lab, good).content_type == "application/x-protobuf"
+    assert fake.models["a"].weight == 1 - 4e-3  # stepped on the good pass's 4 tokens alone
+    assert fake.models["b"].weight == 1 - 8e-3
+
+
+def test_priorities_order_the_batches_and_the_requests_in_a_batch(
+    fake_lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tasks, "AGING_SECONDS", 1000.0)  # no aging within the test
+    fake: FakeBackend = fake_lab.worker.backend  # type: ignore[assignment]
+    for model_id, priority in (("low", 0), ("high", 5), ("early", 5)):
+        fake_lab.create(model_id, model_id, priority)
+    fake_lab.steps("low", 1, 1, "low", priority=0)  # queued first
+    fake_lab.steps("early", 1, 1, "early", priority=5)
+    time.sleep(0.05)  # early has waited longer: first of its level
+    fake_lab.steps("high", 1, 1, "high", priority=5)
+    fake.calls.clear()
+    fake_lab.run()
+    assert fake.batches() == [["early", "early", "high", "high"], ["low", "low"]]
+    assert fake.batches("optim_steps") == [["early", "high"], ["low"]]
+
+
+def test_a_model_whose_creation_failed_fails_alone_in_the_batch(fake_lab: Lab) -> None:
+    fake: FakeBackend = fake_lab.worker.backend  # type: ignore[assignment]
+    fake_lab.create("a", "t", priority=0)
+    fake_lab.scheduler.open_model("broken")
+    fake_lab.submit("broken", 0, CreateModel("bad/base", LoraConfig(rank=4)), "t", 0)
+    broken = fake_lab.submit("broken", 1, forward_backward(), "t", 0)
+    stepped = fake_lab.submit("broken", 2, optim(), "t", 0)
+    fake_lab.steps("a", 1, 1, "t", priority=0)
+    fake_lab.run()
+    for request_id in (broken, stepped):
+        error = json.loads(settled_body(fake_lab, request_id).body)["error"]
+        assert "model broken could not be created" in error
+    assert fake.batches() == [["a", "a"]] and fake.batches("optim_steps") == [["a"]]
+    assert fake.models["a"].steps == 1

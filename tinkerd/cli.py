@@ -108,6 +108,18 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument(
             "--device", help="cuda, cuda:N or cpu (default: a GPU if there is one)"
         )
+        command.add_argument(
+            "--backend",
+            help="the training engine: a registered name (default hf: transformers + PEFT) "
+            "or package.module:factory",
+        )
+        command.add_argument(
+            "--activation-checkpointing",
+            action="store_true",
+            default=None,
+            help="recompute activations in backward: less memory for long sequences, about a "
+            "third more compute (default off; TINKERD_ACTIVATION_CHECKPOINTING=1)",
+        )
         command.add_argument("--log-level", default="INFO")
     add_client_commands(commands)
     add_key_commands(commands)
@@ -129,8 +141,17 @@ def main(argv: list[str] | None = None) -> int:
         worker_name=getattr(args, "name", None),
         data_dir=args.data_dir,
         device=args.device,
+        backend=args.backend,
+        activation_checkpointing=args.activation_checkpointing,
         redis_url=args.redis,
     )
+    if args.command == "worker" or (args.command == "serve" and not settings.redis_url):
+        from tinkerd.backends import backend_factory
+
+        try:
+            backend_factory(settings.backend)
+        except ValueError as e:
+            parser.error(str(e))
     # A server's clients each hold a descriptor (a waiting long-poll too), the worker its
     # model files and connections: neither should stop at a login shell's default of 1024.
     raise_file_limit(settings.connection_limit if args.command == "serve" else None)

@@ -31,6 +31,11 @@ class Settings:
         base_model: the base model of the simple JSON API's adapters when a request names none
             (`tinkerd/tiny`, a local model directory or a hub name).
         device: "cuda", "cuda:1", "cpu", or None to pick the GPU when there is one.
+        backend: the engine under the worker, by its name in `tinkerd.backends` ("hf":
+            transformers + PEFT), or a `package.module:factory` that builds one.
+        activation_checkpointing: the worker's base models recompute each decoder layer's
+            activations in backward instead of keeping them: memory for long sequences, at
+            about a third more compute per forward/backward.
         long_poll_seconds: how long retrieve_future holds a request before `try_again`; the SDK
             gives up on a poll after 45 s, so stay well under that.
         threads: HTTP threads; each waiting long-poll holds one.
@@ -74,6 +79,8 @@ class Settings:
     data_dir: Path = field(default_factory=default_data_dir)
     base_model: str = "tinkerd/tiny"
     device: str | None = None
+    backend: str = "hf"
+    activation_checkpointing: bool = False
     long_poll_seconds: float = 25.0
     threads: int = 128
     connection_limit: int = 10_000
@@ -113,6 +120,7 @@ class Settings:
             raise TypeError(f"unknown settings: {sorted(unknown)}")
         settings = cls(**values)
         settings.port = int(settings.port)
+        settings.activation_checkpointing = _flag(settings.activation_checkpointing)
         settings.threads = int(settings.threads)
         settings.connection_limit = int(settings.connection_limit)
         settings.long_poll_seconds = float(settings.long_poll_seconds)
@@ -131,3 +139,15 @@ class Settings:
         settings.send_retry_seconds = float(settings.send_retry_seconds)
         settings.data_dir = Path(settings.data_dir).expanduser().resolve()
         return settings
+
+
+def _flag(value: Any) -> bool:
+    """A boolean setting from a flag or a TINKERD_* variable ("1", "true", "yes", "on")."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {value!r} (use 1 or 0)")

@@ -76,7 +76,7 @@ class EmbeddedServer:
     """API + worker in this process. `port=0` in settings picks a free port."""
 
     def __init__(self, settings: Settings) -> None:
-        from tinkerd.hf_backend import HFBackend
+        from tinkerd.backends import BackendOptions, make_backend
         from tinkerd.worker import Worker
 
         self.settings = settings
@@ -86,7 +86,15 @@ class EmbeddedServer:
         )
         futures = FutureStore(settings.future_ttl_seconds)
         self.scheduler = Scheduler(futures, gap_seconds=settings.seq_gap_seconds)
-        self.backend = HFBackend(settings.data_dir, settings.device, store=self.store)
+        self.backend = make_backend(
+            settings.backend,
+            BackendOptions(
+                settings.data_dir,
+                settings.device,
+                self.store,
+                activation_checkpointing=settings.activation_checkpointing,
+            ),
+        )
         self.monitor = LocalMonitor(
             worker=lambda: {**self.backend.held(), "queue_depth": self.scheduler.queue_depth()}
         )
@@ -150,9 +158,10 @@ class EmbeddedServer:
     def serve_forever(self) -> None:
         self._start_background()
         log.info(
-            "tinkerd on %s, device %s, data in %s",
+            "tinkerd on %s, backend %s on %s, data in %s",
             self.url,
-            self.backend.device,
+            self.settings.backend,
+            self.backend.info().device,
             self.settings.data_dir,
         )
         signal.signal(signal.SIGTERM, lambda *_: self.begin_drain())

@@ -3,9 +3,11 @@ requests in order.
 
 Each cycle takes from the scheduler one training step of each model whose turn it is (highest
 priority first, see `tasks.Scheduler.take_ready`), then samples everything waiting in one pass,
-highest priority first; within a model, consecutive forward/backward requests go to the backend
-together (the chunks of one batch, or passes queued ahead of an optim_step barrier), so a backend
-may fuse them.
+highest priority first. The steps run together, in rounds: each round hands the backend ONE batch,
+the forward/backward passes of every model, each model's up to its next barrier (optim_step,
+load, save, create, remove), in turn order; then each model's barrier runs, the optim_steps of
+consecutive models in one `optim_steps` call. A model's requests after its barrier go in the
+next round, so each model's requests still apply in seq_id order.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import re
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -135,8 +138,9 @@ class Worker:
         self.running = [t for tasks in batches for t in tasks]
         try:
             samples = [t for t in self.running if isinstance(t.payload, Sample)]
-            for tasks in batches:
-                self._run_model([t for t in tasks if not isinstance(t.payload, Sample)])
+            self._run_steps(
+                [[t for t in tasks if not isinstance(t.payload, Sample)] for tasks in batches]
+            )
             ran = len(self.running)
             if samples:
                 more = self._gather_samples()
@@ -157,14 +161,32 @@ class Worker:
             more += arrived
         return more
 
-    def _run_model(self, tasks: list[Task]) -> None:
+    def _run_steps(self, steps: list[list[Task]]) -> None:
+        """Run the models' steps (each in seq order, the steps in turn order) in rounds: one
+        batch of every model's passes up to its next barrier, then those barriers."""
+        queues = [deque(tasks) for tasks in steps if tasks]
+        while queues:
+            passes: list[Task] = []
+            barriers: list[Task] = []
+            for queue in queues:
+                while queue and isinstance(queue[0].payload, ForwardBackward):
+                    passes.append(queue.popleft())
+                if queue:
+                    barriers.append(queue.popleft())
+            if passes:
+                self._forward_backward(passes)
+            self._run_barriers(barriers)
+            queues = [queue for queue in queues if queue]
+
+    def _run_barriers(self, tasks: list[Task]) -> None:
+        """Each model's barrier, in turn order; consecutive optim_steps in one backend call."""
         i = 0
         while i < len(tasks):
             j = i
-            while j < len(tasks) and isinstance(tasks[j].payload, ForwardBackward):
+            while j < len(tasks) and isinstance(tasks[j].payload, OptimStep):
                 j += 1
             if j > i:
-                self._forward_backward(tasks[i:j])
+                self._optim_steps(tasks[i:j])
                 i = j
             else:
                 self._settle(tasks[i], lambda t=tasks[i]: self._run_one(t))
@@ -198,16 +220,6 @@ class Worker:
                 from_checkpoint=payload.from_checkpoint,
             )
             return json_result(created)
-        if isinstance(payload, OptimStep):
-            metrics = self.backend.optim_step(task.model_id, payload)
-            self.monitor.add({series("tinkerd_optim_steps_total", worker=self.name): 1})
-            self._event(
-                task,
-                "optim_step",
-                learning_rate=payload.adam.learning_rate,
-                metrics=_floats(metrics),
-            )
-            return json_result({"metrics": metrics})
         if isinstance(payload, SaveWeights):
             saved = self.backend.save_weights(task.model_id, payload)
             path = saved.get("path") if isinstance(saved, dict) else None
@@ -222,13 +234,56 @@ class Worker:
             return json_result(loaded)
         raise ServerError(f"unknown task type {type(payload).__name__}")
 
+    def _alive(self, tasks: list[Task]) -> tuple[list[Task], dict[int, TinkerdError]]:
+        """The tasks whose model lives, and by index the errors of those whose creation failed."""
+        live, dead = [], {}
+        for i, task in enumerate(tasks):
+            try:
+                self._check_alive(task.model_id)
+                live.append(task)
+            except TinkerdError as e:
+                dead[i] = e
+        return live, dead
+
+    def _batch(self, tasks: list[Task], call: Callable[[list[Task]], list[Any]]) -> list[Any]:
+        """One backend call for `tasks` (those of live models): one result or error per task,
+        in order. A call that raises fails each of its tasks with that error."""
+        live, dead = self._alive(tasks)
+        try:
+            done = call(live) if live else []
+            if len(done) != len(live):
+                raise ServerError(f"the backend answered {len(done)} of {len(live)} requests")
+        except Exception as e:  # the whole call failed before any result: each task gets the error
+            done = [_as_error(e)] * len(live)
+        answers = iter(done)
+        return [dead[i] if i in dead else next(answers) for i in range(len(tasks))]
+
+    def _optim_steps(self, tasks: list[Task]) -> None:
+        """Several models' optimizer steps (one each), in one backend call."""
+        results = self._batch(
+            tasks, lambda live: self.backend.optim_steps([(t.model_id, t.payload) for t in live])
+        )
+        for task, result in zip(tasks, results, strict=True):
+            self._settle(task, lambda t=task, r=result: self._stepped(t, r))
+
+    def _stepped(self, task: Task, result: dict[str, float] | TinkerdError) -> Result:
+        if isinstance(result, TinkerdError):
+            raise result
+        self.monitor.add({series("tinkerd_optim_steps_total", worker=self.name): 1})
+        self._event(
+            task,
+            "optim_step",
+            learning_rate=task.payload.adam.learning_rate,
+            metrics=_floats(result),
+        )
+        return json_result({"metrics": result})
+
     def _forward_backward(self, tasks: list[Task]) -> None:
         started = time.perf_counter()
-        try:
-            self._check_alive(tasks[0].model_id)
-            results = self.backend.forward_backward([(t.model_id, t.payload) for t in tasks])
-        except Exception as e:  # the whole group failed before any result: each task gets the error
-            results = [_as_error(e)] * len(tasks)
+        results = self._batch(
+            tasks,
+            lambda live: self.backend.forward_backward([(t.model_id, t.payload) for t in live]),
+        )
         try:
             self._count_forward_backward(tasks, results, time.perf_counter() - started)
         except Exception:  # noqa: BLE001 - monitoring must never fail a request

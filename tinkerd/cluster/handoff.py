@@ -31,6 +31,7 @@ import redis
 from celery import Celery
 
 from tinkerd import suspend
+from tinkerd.backends import registered_info
 from tinkerd.cluster.celery_app import send, take_undelivered, task_from_args
 from tinkerd.cluster.state import (
     LOST,
@@ -64,10 +65,8 @@ def pick_target(client: redis.Redis, me: str) -> str | None:
     }
     if not others:
         return None
-    return min(
-        others,
-        key=lambda n: (len(others[n].get("models", ())), -int(others[n].get("memory_free", 0)), n),
-    )
+    free = {n: registered_info(info).memory_free for n, info in others.items()}
+    return min(others, key=lambda n: (len(others[n].get("models", ())), -free[n], n))
 
 
 def incoming_key(name: str) -> str:

@@ -23,6 +23,7 @@ import kombu.exceptions
 import redis
 from celery import Celery
 
+from tinkerd.backends import registered_info
 from tinkerd.cluster.celery_app import send
 from tinkerd.cluster.state import (
     LOST,
@@ -306,7 +307,7 @@ class RedisScheduler:
 
     def open_model(self, model_id: str) -> None:
         """Place a new model on the live worker with the fewest models, then the most free
-        memory; a retried create keeps the first placement."""
+        memory (its backend's `BackendInfo`); a retried create keeps the first placement."""
         if self.redis.hexists(PLACEMENT, model_id):
             return
         workers = self._open_workers()
@@ -314,10 +315,8 @@ class RedisScheduler:
         for held, owner in self.redis.hgetall(PLACEMENT).items():
             if b":sample:" not in held:  # a snapshot rides on its model's adapter
                 placed[owner.decode()] = placed.get(owner.decode(), 0) + 1
-        name = min(
-            workers,
-            key=lambda n: (placed.get(n, 0), -int(workers[n].get("memory_free", 0)), n),
-        )
+        free = {n: registered_info(w).memory_free for n, w in workers.items()}
+        name = min(workers, key=lambda n: (placed.get(n, 0), -free[n], n))
         self.redis.hsetnx(PLACEMENT, model_id, name)
 
     def _open_workers(self) -> dict[str, dict[str, Any]]:
@@ -362,7 +361,7 @@ class RedisScheduler:
         return min(
             workers,
             key=lambda n: (
-                sample.weights.base_model not in workers[n].get("base_models", ()),
+                sample.weights.base_model not in registered_info(workers[n]).base_models,
                 busy[n],
                 n,
             ),

@@ -62,7 +62,7 @@ GAP_SECONDS = 20.0
 
 class WorkerProcess:
     def __init__(self, settings: Settings) -> None:
-        from tinkerd.hf_backend import HFBackend
+        from tinkerd.backends import BackendOptions, make_backend
         from tinkerd.worker import Worker
 
         if not settings.redis_url:
@@ -72,8 +72,16 @@ class WorkerProcess:
         store = CheckpointStore(
             settings.data_dir / "runs", shared=True, stale_seconds=settings.temp_stale_seconds
         )
-        self.backend = HFBackend(settings.data_dir, settings.device, store=store)
-        device = str(self.backend.device)
+        self.backend = make_backend(
+            settings.backend,
+            BackendOptions(
+                settings.data_dir,
+                settings.device,
+                store,
+                activation_checkpointing=settings.activation_checkpointing,
+            ),
+        )
+        device = self.backend.info().device
         self.name = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}-{device}"
         self.futures = RedisFutures(self.redis, settings.future_ttl_seconds, worker=self.name)
         self.scheduler = Scheduler(self.futures)
@@ -90,6 +98,7 @@ class WorkerProcess:
         bind_scheduler(self.celery, self.scheduler)
         self.started_at = time.time()
         self._held: dict[str, Any] = {}
+        self._info: dict[str, Any] = {}
         self._registered = False
         self._epoch: str | None = None  # Redis's epoch at the last heartbeat (`state.epoch`)
         self._draining = False
@@ -99,6 +108,7 @@ class WorkerProcess:
     def registration(self) -> dict[str, Any]:
         try:
             self._held = self.backend.held()
+            self._info = self.backend.info().to_json()
         except RuntimeError:  # the worker thread changed what it holds mid-read: use the last
             pass
         return {
@@ -111,6 +121,7 @@ class WorkerProcess:
             "queue_depth": self.scheduler.queue_depth(),
             "draining": self._draining,  # no new models or samples are placed on it
             **self._held,
+            "backend": self._info,  # `backends.BackendInfo`: what placement reads
         }
 
     def heartbeat(self) -> None:
@@ -264,7 +275,11 @@ class WorkerProcess:
             target=self._heartbeat_forever, name="tinkerd-heartbeat", daemon=True
         ).start()
         log.info(
-            "worker %s on %s, queue %s", self.name, self.backend.device, worker_queue(self.name)
+            "worker %s: backend %s on %s, queue %s",
+            self.name,
+            self.settings.backend,
+            self._info.get("device"),
+            worker_queue(self.name),
         )
         try:
             self.celery.Worker(
