@@ -230,7 +230,7 @@ class Engine:
     """tinkerd's engine, driven as the worker drives it."""
 
     def __init__(self, model_dir: Path, device: str, engine_args: dict[str, Any], cls=HFBackend):
-        self.data_dir = Path(tempfile.mkdtemp(prefix="tinkerd-bench-"))
+        self.data_dir = Path(tempfile.mkdtemp(prefix="data-", dir=model_dir.parent))  # cleaned up
         self.backend = cls(self.data_dir, device=device, **engine_args)
         self.model_dir = model_dir
         self.adam = OptimStep(AdamParams(learning_rate=LEARNING_RATE))
