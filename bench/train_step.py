@@ -519,11 +519,12 @@ def bench_adapters(
     device: str,
     engine_args: dict[str, Any],
     counts: tuple[int, ...],
+    per_model: int,
+    length: int,
     warmup: int,
     steps: int,
     rounds: int,
 ) -> dict[str, Any]:
-    per_model, length = ADAPTER_BATCH
     print(
         f"\n3. many adapters on one base (small model), each model {per_model} x {length} tokens:"
         " one call with every model's request vs one call per model"
@@ -722,6 +723,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--counts", default=",".join(map(str, ADAPTER_COUNTS)), help="adapter counts (part 3)"
     )
+    parser.add_argument(
+        "--adapter-batch",
+        default="x".join(map(str, ADAPTER_BATCH)),
+        help="each model's batch in part 3, SEQUENCESxTOKENS (%(default)s)",
+    )
     parser.add_argument("--big-layers", type=int, default=36, help="8B model's layers (36)")
     parser.add_argument(
         "--big-batch", default="4x1024", help="8B model's batch, SEQUENCESxTOKENS (4x1024)"
@@ -768,6 +774,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (1 if args.quick else 3)
     counts = tuple(int(c) for c in args.counts.split(","))
     big_batch, big_length = (int(x) for x in args.big_batch.lower().split("x"))
+    adapter_batch, adapter_length = (int(x) for x in args.adapter_batch.lower().split("x"))
     name = torch.cuda.get_device_name(torch.device(device)) if device != "cpu" else "cpu"
     print(
         f"tinkerd training engine vs transformers + PEFT: device {device} ({name}), "
@@ -795,7 +802,15 @@ def main(argv: list[str] | None = None) -> int:
             )
         if "adapters" in parts:
             results["adapters"] = bench_adapters(
-                work, device, engine_args, counts, warmup, steps, rounds
+                work,
+                device,
+                engine_args,
+                counts,
+                adapter_batch,
+                adapter_length,
+                warmup,
+                steps,
+                rounds,
             )
         if "8b" in parts:
             if device.startswith("cuda"):
