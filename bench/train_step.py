@@ -17,15 +17,18 @@ process or, for memory, in fresh subprocesses of the same script:
    forward_backward + optim_step: tinkerd's steps/s over a plain padded transformers + PEFT loop
    (same LoRA rank and targets, fused AdamW). Goal: >= 1.5x.
 3. many adapters: 1, 2, 4, 8, 16 LoRA models on the small model's base, each with its own batch
-   (4 x 64 tokens): one forward_backward call holding every model's request, then their optim
-   steps, against the same models one after another (one call each). Goal: 8 at once >= 1.5x.
+   (4 x 64 tokens; --adapter-batch): one forward_backward call holding every model's request,
+   then their optim steps, against the same models one after another (one call each). Goal: 8 at
+   once >= 1.5x.
 4. throughput: real (unpadded) tokens/s of a training step; on CUDA, also the step of an
    8B-shaped random model (the Qwen3-8B config, bf16 base, adapters as the engine makes them)
    and its MFU, as README.md's "How it is built" defines it. On the CPU the 8B model is skipped.
 
 Timed parts alternate rounds of tinkerd and the baseline and report each side's best round, to
 discount other processes on the machine (their CPU use during the timed runs is printed as "other
-load", in cores; figures from a busy machine are noise).
+load", in cores; figures from a busy machine are noise). On the CPU torch runs one thread unless
+--threads says otherwise. --engine-arg NAME=VALUE passes an option to HFBackend (for instance
+activation_checkpointing=true).
 
     .venv/bin/python bench/train_step.py --quick            # CPU, a few minutes
     .venv/bin/python bench/train_step.py                    # CPU, more steps and rounds
