@@ -7,6 +7,7 @@ redis-server comes back with the cluster's state.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -63,7 +64,11 @@ class ChildProcess:
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            command, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            command,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,  # its own process group: kill() takes its children too
         )
 
     def alive(self) -> bool:
@@ -81,9 +86,12 @@ class ChildProcess:
         return "\n".join(text[-lines:])
 
     def kill(self) -> None:
-        """SIGKILL: no cleanup, as in a crash."""
+        """SIGKILL to the process and every process it started, at once, as when a crash or
+        the OOM killer takes a container. (SIGKILL to gunicorn's arbiter alone leaves its
+        workers serving the old socket for a moment; they reset what they accepted as they go.)"""
         if self.alive():
-            self.proc.send_signal(signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
     def stop(self, timeout: float = 15.0) -> None:
