@@ -127,7 +127,8 @@ def test_a_gap_that_never_fills_is_skipped_after_gap_seconds(
     assert skipped.payload.error["category"] == "user"
     assert "seq_id 1 of s:train:0 never arrived" in skipped.payload.error["error"]
     assert f"model {MODEL}: seq_id 1 never arrived" in caplog.text
-    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    # the scheduler's own records (an SDK session an earlier test left can log here too)
+    assert [r.levelname for r in caplog.records if r.name == "tinkerd.tasks"] == ["WARNING"]
     # seq 1 arriving after all gets the skip's answer, not a run out of order
     assert s.submit(MODEL, 1, payload("one"), "fp1") == skipped.request_id
     assert released(s) == []
