@@ -41,15 +41,10 @@ ENV = {
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = Cluster(tmp_path_factory.mktemp("cluster"), workers=2, api_workers=2, env=ENV)
-    try:
-        c.start()
+    with Cluster(
+        tmp_path_factory.mktemp("cluster"), workers=2, api_workers=2, env=ENV
+    ).running() as c:
         yield c
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        c.stop()
 
 
 @pytest.fixture

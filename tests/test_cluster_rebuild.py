@@ -19,11 +19,9 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
-import redis
 import tinker
 from test_cluster import forward_json as forward  # a sibling test module
-from test_cluster import post
-from tinker import types
+from test_cluster import post, rdb, train
 
 from tinkerd.cluster.state import PLACEMENT, RedisFutures, connect
 from tinkerd.local_cluster import Cluster, RedisServer, wait_until
@@ -31,8 +29,6 @@ from tinkerd.tasks import Result
 
 pytestmark = pytest.mark.timeout(300)
 
-TOKENS = [5, 17, 42, 99, 300, 7, 8, 61, 23, 400, 12]
-ADAM = types.AdamParams(learning_rate=1e-2)
 WORKER_TTL = 8.0
 ENV = {
     "TINKERD_WORKER_TTL_SECONDS": str(WORKER_TTL),
@@ -47,18 +43,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     work_dir = tmp_path_factory.mktemp("rebuild")
     c = Cluster(work_dir, workers=1, api_workers=1, env=ENV)
     c.redis = RedisServer(work_dir / "redis", persist=False)
-    try:
-        c.start()
+    with c.running():
         yield c
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        c.stop()
-
-
-def rdb(cluster: Cluster) -> redis.Redis:
-    return redis.Redis.from_url(cluster.redis.url, decode_responses=True)
 
 
 def empty_redis(cluster: Cluster, how: str) -> None:
@@ -70,22 +56,6 @@ def empty_redis(cluster: Cluster, how: str) -> None:
     else:
         rdb(cluster).flushall()
     assert not rdb(cluster).exists("test:marker")
-
-
-def datum() -> types.Datum:
-    return types.Datum(
-        model_input=types.ModelInput.from_ints(TOKENS[:-1]),
-        loss_fn_inputs={"target_tokens": TOKENS[1:], "weights": [1.0] * (len(TOKENS) - 1)},
-    )
-
-
-def train(tc: tinker.TrainingClient, steps: int) -> list[float]:
-    losses = []
-    for _ in range(steps):
-        fb = tc.forward_backward([datum()], "cross_entropy")
-        tc.optim_step(ADAM).result()
-        losses.append(fb.result().metrics["loss:sum"])
-    return losses
 
 
 @pytest.mark.parametrize("how", ["restart", "flushall"])

@@ -24,15 +24,8 @@ UNREACHABLE = (
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = Cluster(tmp_path_factory.mktemp("cluster"), workers=1, api_workers=1)
-    try:
-        c.start()
+    with Cluster(tmp_path_factory.mktemp("cluster"), workers=1, api_workers=1).running() as c:
         yield c
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        c.stop()
 
 
 def test_a_failed_create_on_a_worker_leaves_no_run(cluster: Cluster) -> None:

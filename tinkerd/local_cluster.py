@@ -56,6 +56,26 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: f
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    """`pid` exists and is not a zombie."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 class ChildProcess:
     """A child process with its output in a log file."""
 
@@ -68,7 +88,6 @@ class ChildProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
-            start_new_session=True,  # its own process group: kill() takes its children too
         )
 
     def alive(self) -> bool:
@@ -86,13 +105,19 @@ class ChildProcess:
         return "\n".join(text[-lines:])
 
     def kill(self) -> None:
-        """SIGKILL to the process and every process it started, at once, as when a crash or
-        the OOM killer takes a container. (SIGKILL to gunicorn's arbiter alone leaves its
-        workers serving the old socket for a moment; they reset what they accepted as they go.)"""
+        """SIGKILL: no cleanup, as in a crash. Its own children (gunicorn's workers) see their
+        parent gone, finish what they hold and leave; this returns once they have, so that none
+        still holds the old socket (and resets what it accepted there) when the next process
+        takes the port."""
         if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+            children = _children(self.proc.pid)
+            self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
+            wait_until(
+                lambda: not any(_running(pid) for pid in children),
+                60,
+                f"the children of killed process {self.proc.pid} to exit",
+            )
 
     def stop(self, timeout: float = 15.0) -> None:
         if self.alive():
@@ -236,6 +261,17 @@ class Cluster:
         self.start_api()
         self.wait_workers(names)
         return self
+
+    @contextmanager
+    def running(self) -> Iterator[Cluster]:
+        """The cluster started, its logs printed if anything fails, always stopped."""
+        try:
+            yield self.start()
+        except BaseException:
+            print(self.logs(), file=sys.stderr)
+            raise
+        finally:
+            self.stop()
 
     def add_worker(self, wait: bool = True) -> str:
         self._worker_count += 1
