@@ -102,7 +102,7 @@ class Timing:
         return 1000 * statistics.median(self.step_seconds)
 
 
-def _busy_jiffies() -> int | None:
+def busy_jiffies() -> int | None:
     """CPU time spent by the whole machine (all cores), in clock ticks; None off Linux."""
     try:
         with open("/proc/stat") as f:
@@ -125,11 +125,11 @@ def wait_idle(limit: float, threshold: float = 0.1) -> float | None:
     quiet = 0
     load = None
     while True:
-        before, t0 = _busy_jiffies(), time.monotonic()
+        before, t0 = busy_jiffies(), time.monotonic()
         if before is None:
             return None
         time.sleep(1.0)
-        after = _busy_jiffies()
+        after = busy_jiffies()
         if after is None:
             return None
         load = (after - before) / os.sysconf("SC_CLK_TCK") / (time.monotonic() - t0)
@@ -143,7 +143,7 @@ def time_steps(step, warmup: int, steps: int, pids: list[int]) -> Timing:
     with processes other than `pids` (this one and the server), which makes figures noisy."""
     for _ in range(warmup):
         step()
-    busy0 = _busy_jiffies()
+    busy0 = busy_jiffies()
     own0 = sum(_process_jiffies(p) for p in pids) if busy0 is not None else 0
     times = []
     start = time.perf_counter()
@@ -153,7 +153,7 @@ def time_steps(step, warmup: int, steps: int, pids: list[int]) -> Timing:
         times.append(time.perf_counter() - t)
     total = time.perf_counter() - start
     other = None
-    busy1 = _busy_jiffies()
+    busy1 = busy_jiffies()
     if busy0 is not None and busy1 is not None:
         own1 = sum(_process_jiffies(p) for p in pids)
         ticks = os.sysconf("SC_CLK_TCK")

@@ -61,6 +61,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from overhead import busy_jiffies  # noqa: E402 - a sibling bench script
 
 from tinkerd.hf_backend import HFBackend  # noqa: E402
 from tinkerd.loss_functions import get_loss, resolve_config  # noqa: E402
@@ -320,16 +321,6 @@ class PeftLoop:
 # -- timing ----------------------------------------------------------------------------------------
 
 
-def _busy_jiffies() -> int | None:
-    """CPU time spent by the whole machine (all cores), in clock ticks; None off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    return sum(values) - values[3] - values[4]  # all but idle and iowait
-
-
 @dataclass
 class Timing:
     steps: int
@@ -350,14 +341,14 @@ def time_steps(step: Callable[[], None], warmup: int, steps: int, device: str) -
     for _ in range(warmup):
         step()
     sync(device)
-    busy0, own0 = _busy_jiffies(), time.process_time()
+    busy0, own0 = busy_jiffies(), time.process_time()
     start = time.perf_counter()
     for _ in range(steps):
         step()
     sync(device)
     seconds = time.perf_counter() - start
     load = None
-    busy1 = _busy_jiffies()
+    busy1 = busy_jiffies()
     if busy0 is not None and busy1 is not None:
         other = (busy1 - busy0) / os.sysconf("SC_CLK_TCK") - (time.process_time() - own0)
         load = max(0.0, other / seconds)

@@ -113,17 +113,22 @@ def ran(r: httpx.Response) -> bool:
     return r.status_code == 200 and r.headers["content-type"] == "application/x-protobuf"
 
 
+def new_model(url: str) -> str:
+    """A model created over raw HTTP (seq_id 0 taken); its id."""
+    session = post(url, "create_session", {"tags": [], "user_metadata": {}}).json()["session_id"]
+    body = {"session_id": session, "model_seq_id": 0, "base_model": "tinkerd/tiny"}
+    created = post(url, "create_model", {**body, "lora_config": {"rank": 8}}).json()
+    assert "error" not in poll(url, created["request_id"]).json()
+    return str(created["model_id"])
+
+
 def test_a_request_lost_with_redis_before_reaching_its_worker_fails_clearly(
     cluster: Cluster,
 ) -> None:
     """A request still in the worker's Celery queue when Redis empties is lost with it: its poll
     answers why (not a bare unknown id), and the model's later requests still run."""
     url = cluster.url
-    session = post(url, "create_session", {"tags": [], "user_metadata": {}}).json()["session_id"]
-    body = {"session_id": session, "model_seq_id": 0, "base_model": "tinkerd/tiny"}
-    created = post(url, "create_model", {**body, "lora_config": {"rank": 8}}).json()
-    model_id = created["model_id"]
-    assert "error" not in poll(url, created["request_id"]).json()
+    model_id = new_model(url)
     assert ran(poll(url, post(url, "forward_backward", forward(model_id, 1)).json()["request_id"]))
 
     worker = next(iter(cluster.workers.values()))
@@ -153,11 +158,7 @@ def test_requests_held_by_the_worker_keep_their_futures(cluster: Cluster) -> Non
     the workers have written everything back it is pending, not unknown; resent, it is the same
     request; and it runs in its turn."""
     url = cluster.url
-    session = post(url, "create_session", {"tags": [], "user_metadata": {}}).json()["session_id"]
-    body = {"session_id": session, "model_seq_id": 0, "base_model": "tinkerd/tiny"}
-    created = post(url, "create_model", {**body, "lora_config": {"rank": 8}}).json()
-    model_id = created["model_id"]
-    assert "error" not in poll(url, created["request_id"]).json()
+    model_id = new_model(url)
     held = post(url, "forward_backward", forward(model_id, 2)).json()["request_id"]  # waits for 1
 
     def queued() -> bool:

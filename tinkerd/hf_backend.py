@@ -312,18 +312,18 @@ class HFBackend:
     def held(self) -> dict[str, Any]:
         from tinkerd.metrics import nvml_stats
 
-        total, free = device_memory(self.device)
+        info = self.info()
         gpu = {}
         if self.device.type == "cuda":  # torch's own share, and NVML's utilisation if present
             gpu["memory_allocated"] = int(torch.cuda.memory_allocated(self.device))
             gpu["memory_reserved"] = int(torch.cuda.memory_reserved(self.device))
             gpu.update(nvml_stats(str(self.device)))
         return {
-            "device": str(self.device),
-            "memory_total": total,
-            "memory_free": free,
+            "device": info.device,
+            "memory_total": info.memory_total,
+            "memory_free": info.memory_free,
             **gpu,
-            "base_models": sorted(b.source.name for b in self._bases.values()),
+            "base_models": list(info.base_models),
             "models": sorted(self._adapters),
         }
 
@@ -343,9 +343,6 @@ class HFBackend:
         if adapter is None:
             raise NotFound(f"model {model_id!r} is not loaded on this worker")
         return adapter
-
-    def _activate(self, adapter: _Adapter) -> PeftModel:
-        return _activate(adapter.base, adapter.name)
 
     def adapter_state(self, model_id: str) -> dict[str, torch.Tensor]:
         """The adapter's weights by parameter name (used by tests and checkpoints)."""
@@ -534,15 +531,17 @@ class HFBackend:
         ends exactly as if stepped alone; its state stays in its own optimizer."""
         results: list[dict[str, float] | TinkerdError] = []
         groups: dict[tuple[float, ...], list[_Adapter]] = {}
+        stepped: set[str] = set()
         for model_id, request in requests:
             try:
                 adapter = self._adapter(model_id)
             except TinkerdError as e:
                 results.append(e)
                 continue
-            if any(adapter is a for group in groups.values() for a in group):
+            if model_id in stepped:
                 results.append(UserError(f"model {model_id!r} has two optim_steps in one call"))
                 continue
+            stepped.add(model_id)
             adam = request.adam
             grad_norm = _clip_gradients(adapter.params, adam.grad_clip_norm)
             for group in adapter.optimizer.param_groups:  # kept in its checkpoints
@@ -556,14 +555,18 @@ class HFBackend:
             groups.setdefault(key, []).append(adapter)
             results.append({"grad_norm:mean": grad_norm, "learning_rate:mean": adam.learning_rate})
         for (lr, beta1, beta2, eps, weight_decay), adapters in groups.items():
-            params = [p for a in adapters for p in a.params]
-            fused = torch.optim.AdamW(
-                params, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, fused=True
-            )
-            for a in adapters:  # the fused step reads and updates each model's own state
-                for p in a.params:
-                    fused.state[p] = a.optimizer.state[p]
-            fused.step()
+            if len(adapters) == 1:  # its own fused optimizer, set above: no new one per step
+                adapters[0].optimizer.step()
+            else:
+                params = [p for a in adapters for p in a.params]
+                fused = torch.optim.AdamW(
+                    params, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
+                    fused=True,
+                )  # fmt: skip
+                for a in adapters:  # the fused step reads and updates each model's own state
+                    for p in a.params:
+                        fused.state[p] = a.optimizer.state[p]
+                fused.step()
             for a in adapters:
                 a.optimizer.zero_grad(set_to_none=True)
                 a.steps += 1

@@ -339,8 +339,7 @@ class Registry:
             self._records.delete(kind, model_id)
         for raw in self._records.values("name"):
             if raw.get("model_id") == model_id:
-                owner = raw.get("owner", "")
-                self._records.delete("name", f"{owner}/{raw['name']}" if owner else raw["name"])
+                self._records.delete("name", self._name_key(raw["name"], raw.get("owner", "")))
         if self._store is not None:
             self._store.remove_run(model_id)
 
@@ -400,8 +399,7 @@ class Registry:
             found.append(("session", model["session_id"], session))
         for raw in self._records.values("name"):
             if raw.get("model_id") == model_id:
-                owner = raw.get("owner", "")
-                found.append(("name", f"{owner}/{raw['name']}" if owner else raw["name"], raw))
+                found.append(("name", self._name_key(raw["name"], raw.get("owner", "")), raw))
         return found
 
     def put_back(self, records: list[tuple[str, str, dict[str, Any]]]) -> None:

@@ -68,6 +68,12 @@ def _queue_room() -> dict[str, Any]:
                 f"(max_queued {key.max_queued}); send this one again when some finish",
                 QUEUE_RETRY_SECONDS,
             )
+    return _scheduling()
+
+
+def _scheduling() -> dict[str, Any]:
+    """The tenant and priority a request of this key is queued with."""
+    key = caller()
     return {"tenant": key.name, "priority": key.priority}
 
 
@@ -264,16 +270,10 @@ def record_refused(model_id: str, seq_id: int, content: str, error: TinkerdError
     every training request and sends the next whatever became of this one). Not counted
     against the key's `max_queued`: refusing it would leave the gap. False, and nothing held
     open, for another key's or an unknown model, a seq_id from the past or a clash."""
-    key = caller()
     try:
         registry().model(model_id)  # this key's
         service().scheduler.submit(
-            model_id,
-            seq_id,
-            Rejected(error.to_json()),
-            content,
-            tenant=key.name,
-            priority=key.priority,
+            model_id, seq_id, Rejected(error.to_json()), content, **_scheduling()
         )
     except TinkerdError:
         return False
