@@ -27,7 +27,7 @@ from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from tinkerd import checkpoint_io, packing
+from tinkerd import checkpoint_io, packing, passes
 from tinkerd.backends import BackendInfo
 from tinkerd.base_models import BaseModelSource, hub_reachable, resolve_base_model
 from tinkerd.logprobs import split_causal_lm
@@ -37,7 +37,6 @@ from tinkerd.sampling import check_sample, generate
 from tinkerd.storage import CheckpointMeta, CheckpointPath, CheckpointStore
 from tinkerd.types import (
     CreateModel,
-    Datum,
     ForwardBackward,
     ForwardBackwardResult,
     LoadWeights,
@@ -369,7 +368,7 @@ class HFBackend:
             try:
                 adapter = self._adapter(model_id)
                 loss = get_loss(request.loss_fn)
-                self._check_request(adapter.base, request, loss)
+                passes.check_request(request, loss, adapter.base.vocab_size)
             except TinkerdError as e:
                 results[i] = e
                 continue
@@ -461,60 +460,15 @@ class HFBackend:
     def _job_loss(
         self, job: _Job, hidden: torch.Tensor, unembed: nn.Module
     ) -> tuple[torch.Tensor, ForwardBackwardResult]:
-        """The request's loss (a UserError if it is not finite) and its per-datum outputs, from
-        its (n, H) final hidden states."""
+        """The request's loss and per-datum outputs, from its (n, H) final hidden states."""
         request, loss = job.request, job.loss
-        inputs = self._inputs(request.datums, loss.inputs)
+        inputs = passes.loss_inputs(request.datums, loss.inputs, self.device)
         targets = inputs["target_tokens"][0]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not request.forward_only):
             h = hidden.detach() if request.forward_only else hidden
             head = packing.adapter_unembed(unembed, job.adapter.name)
             logprobs = chunked_target_logprobs(h, head, targets)[None]  # (1, n[, K])
-            mask = torch.ones(logprobs.shape[:2], dtype=torch.bool, device=logprobs.device)
-            value, elementwise, metrics = loss(logprobs, inputs, request.loss_fn_config, mask)
-        if not torch.isfinite(value):
-            raise UserError(f"{loss.name} loss is not finite ({value.item()}); nothing applied")
-        lp = logprobs[0].detach().float().cpu().numpy()
-        el = elementwise[0].detach().float().cpu().numpy()
-        outputs, start = [], 0
-        for d in request.datums:  # each shaped like the datum's target_tokens
-            n = len(d.tokens)
-            outputs.append(
-                {"logprobs": lp[start : start + n], "elementwise_loss": el[start : start + n]}
-            )
-            start += n
-        return value, ForwardBackwardResult(outputs, metrics)
-
-    def _check_request(self, base: _Base, request: ForwardBackward, loss: Loss) -> None:
-        """What would fail in the pass, checked before it so that a request fails alone (a loss
-        that rejects its config fails its request alone in the pass, before the backward)."""
-        datums = request.datums
-        if not datums or any(len(d.tokens) == 0 for d in datums):
-            raise UserError("every datum needs at least one token")
-        for i, d in enumerate(datums):
-            targets = d.loss_fn_inputs["target_tokens"]
-            for what, ids in (("token", d.tokens), ("target token", targets)):
-                if ids.size and (int(ids.max()) >= base.vocab_size or int(ids.min()) < 0):
-                    bad = int(ids.max()) if int(ids.max()) >= base.vocab_size else int(ids.min())
-                    raise UserError(
-                        f"datum {i}: {what} id {bad} is outside the vocabulary "
-                        f"(size {base.vocab_size})"
-                    )
-        for name in loss.inputs:
-            trailing = datums[0].loss_fn_inputs[name].shape[1:]
-            if any(d.loss_fn_inputs[name].shape[1:] != trailing for d in datums):
-                raise UserError(
-                    f"{name}: every datum needs the same number of targets per position"
-                )
-
-    def _inputs(self, datums: list[Datum], names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        """The request's loss inputs, its datums concatenated: (1, n) or (1, n, K) each."""
-        inputs = {}
-        for name in names:
-            value = np.concatenate([d.loss_fn_inputs[name] for d in datums])
-            dtype = torch.long if name == "target_tokens" else torch.float32
-            inputs[name] = torch.from_numpy(value).to(dtype)[None]
-        return {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
+            return passes.request_loss(request, loss, logprobs, inputs)
 
     def optim_step(self, model_id: str, request: OptimStep) -> dict[str, float]:
         [result] = self.optim_steps([(model_id, request)])
