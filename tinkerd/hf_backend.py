@@ -8,14 +8,12 @@ added to `.grad` only once the whole request has succeeded: a failed request cha
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import re
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,7 @@ from tinkerd.base_models import BaseModelSource, hub_reachable, resolve_base_mod
 from tinkerd.logprobs import split_causal_lm
 from tinkerd.logprobs import target_logprobs as chunked_target_logprobs
 from tinkerd.loss_functions import Loss, get_loss
-from tinkerd.sampling import check_sample, generate
+from tinkerd.sampling import Engine, check_sample, generate
 from tinkerd.storage import CheckpointMeta, CheckpointPath, CheckpointStore
 from tinkerd.types import (
     CreateModel,
@@ -67,6 +65,7 @@ class _Base:
     peft: PeftModel | None = None
     active: str | None = None
     tokenizer: Any = None  # loaded on first need (stop strings)
+    engine: Engine | None = None  # its sampling engine and KV cache, made on first sample
 
     @property
     def context_length(self) -> int:
@@ -175,6 +174,7 @@ class HFBackend:
         max_sampler_adapters: int = 32,
         activation_checkpointing: bool = False,
         max_pass_tokens: int = 32768,
+        sampler_cache_bytes: int = 4 << 30,
     ) -> None:
         self.data_dir = Path(data_dir)
         # Recompute each decoder layer's activations in backward (`checkpoint_layers`): memory
@@ -188,6 +188,9 @@ class HFBackend:
         # Sampler weights held as extra adapters, least recently used first: key -> (base, name).
         self._samplers: OrderedDict[str, tuple[_Base, str]] = OrderedDict()
         self._max_samplers = max_sampler_adapters
+        self._pinned: set[str] = set()  # samplers a running sample call uses: never evicted
+        # The sampler's KV cache per base model, at most (tinkerd.sampling.Engine).
+        self.sampler_cache_bytes = sampler_cache_bytes
         # Requests of several models run in one packed pass of at most this many tokens.
         self.max_pass_tokens = max_pass_tokens
         self.attention = packing.attention_implementation(self.device)
@@ -616,53 +619,67 @@ class HFBackend:
     # -- sampling ----------------------------------------------------------------------------
 
     def sample(self, requests: list[Sample]) -> list[SampleResult | TinkerdError]:
-        """Sample every request; those on the same weights run as one batch."""
+        """Sample every request: those of one base model in one continuous batch, whatever
+        their weights (the base, a snapshot, a sampler checkpoint), each request's tokens through
+        its own adapter. A request that cannot run fails alone."""
         results: list[SampleResult | TinkerdError | None] = [None] * len(requests)
-        groups: dict[str, list[int]] = {}
-        for i, request in enumerate(requests):
-            groups.setdefault(request.weights.key, []).append(i)
-        for indices in groups.values():
-            try:
-                base = self._load_base(requests[indices[0]].weights.base_model)
-                runnable = []
-                for i in indices:
-                    try:
-                        check_sample(requests[i], base.context_length, base.vocab_size)
-                        runnable.append(i)
-                    except UserError as e:
-                        results[i] = e
-                if not runnable:
+        groups: dict[int, tuple[_Base, list[int], list[str | None]]] = {}
+        self._pinned.clear()
+        try:
+            for i, request in enumerate(requests):
+                try:
+                    base = self._load_base(request.weights.base_model)
+                    check_sample(request, base.context_length, base.vocab_size)
+                    adapter = self._sampler_adapter(base, request.weights)
+                except TinkerdError as e:
+                    results[i] = e
                     continue
-                with self._sampler_model(base, requests[indices[0]].weights) as model:
-                    outputs = generate(
-                        model,
-                        [requests[i] for i in runnable],
-                        context_length=base.context_length,
-                        eos_token_ids=base.eos_token_ids(),
-                        decode=base.decode,
-                        device=self.device,
-                    )
-                for i, output in zip(runnable, outputs, strict=True):
+                except torch.OutOfMemoryError:
+                    results[i] = UserError("out of memory: sample fewer tokens")
+                    continue
+                group = groups.setdefault(id(base), (base, [], []))
+                group[1].append(i)
+                group[2].append(adapter)
+            for base, indices, adapters in groups.values():
+                outputs = generate(
+                    base.peft or base.model,
+                    [requests[i] for i in indices],
+                    adapters=adapters,
+                    engine=self._engine(base),
+                )
+                for i, output in zip(indices, outputs, strict=True):
                     results[i] = output
-            except TinkerdError as e:
-                for i in indices:
-                    results[i] = results[i] or e
-            except torch.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                for i in indices:
-                    results[i] = results[i] or UserError("out of memory: sample fewer tokens")
+        finally:
+            self._pinned.clear()
         return results  # type: ignore[return-value]
 
-    @contextlib.contextmanager
-    def _sampler_model(self, base: _Base, weights: SamplerWeights) -> Iterator[nn.Module]:
-        """The base model with the sampler's adapter active, or with adapters off."""
+    def _engine(self, base: _Base) -> Engine:
+        """The base's sampling engine, its KV cache sized once: at most `sampler_cache_bytes`
+        and a quarter of the device's free memory, at least one whole context."""
+        if base.engine is None:
+            config = base.model.config.get_text_config()
+            heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+            head_dim = (
+                getattr(config, "head_dim", None)
+                or config.hidden_size // config.num_attention_heads
+            )
+            itemsize = torch.finfo(self.dtype).bits // 8
+            per_token = 2 * config.num_hidden_layers * heads * head_dim * itemsize
+            budget = min(self.sampler_cache_bytes, device_memory(self.device)[1] // 4)
+            base.engine = Engine(
+                context_length=base.context_length,
+                eos_token_ids=base.eos_token_ids(),
+                decode=base.decode,
+                device=self.device,
+                cache_tokens=max(budget // per_token, base.context_length),
+            )
+        return base.engine
+
+    def _sampler_adapter(self, base: _Base, weights: SamplerWeights) -> str | None:
+        """The adapter a sampler's requests go through (None: the base alone), read from its
+        checkpoint on first use; held (never evicted) until this sample call ends."""
         if weights.snapshot_id is None and weights.model_path is None:
-            if base.peft is None:
-                yield base.model
-            else:
-                with base.peft.disable_adapter():
-                    yield base.peft
-            return
+            return None
         cached = self._samplers.get(weights.key)
         if cached is None:
             if weights.snapshot_id is not None:
@@ -671,7 +688,8 @@ class HFBackend:
                 )
             cached = self._load_sampler(base, CheckpointPath.parse(weights.model_path))
         self._samplers.move_to_end(weights.key)
-        yield _activate(*cached)
+        self._pinned.add(weights.key)
+        return cached[1]
 
     def _load_sampler(self, base: _Base, path: CheckpointPath) -> tuple[_Base, str]:
         """Read a checkpoint's adapter once; later samples reuse it from memory."""
@@ -688,15 +706,34 @@ class HFBackend:
         return base, name
 
     def _cache_sampler(self, key: str, base: _Base, name: str) -> None:
+        """Keep a sampler's adapter, evicting the least recently used beyond the limit (but
+        none that a running sample call uses)."""
         self._drop_sampler(key)
         self._samplers[key] = (base, name)
-        while len(self._samplers) > self._max_samplers:
-            self._drop_sampler(next(iter(self._samplers)))
+        evictable = [k for k in self._samplers if k not in self._pinned and k != key]
+        while len(self._samplers) > self._max_samplers and evictable:
+            self._drop_sampler(evictable.pop(0))
 
     def _drop_sampler(self, key: str) -> None:
         cached = self._samplers.pop(key, None)
         if cached is not None:
             self._delete_adapter(*cached)
+
+    def hold_sampler(
+        self, key: str, base_model: str, config: PeftLoraConfig, state: dict[str, torch.Tensor]
+    ) -> None:
+        """Hold sampler weights given as a PEFT state dict under `key` (a snapshot id), as an
+        unnamed sampler save is held: for an engine that trains elsewhere and samples here
+        (the Megatron backend's rank 0)."""
+        base = self._load_base(base_model)
+        name, _ = self._add_adapter(base, config, 0, trainable=False)
+        assert base.peft is not None
+        set_peft_model_state_dict(base.peft, state, adapter_name=name)
+        self._cache_sampler(key, base, name)
+
+    def drop_sampler(self, key: str) -> None:
+        """Forget sampler weights held under `key` (a snapshot id or a checkpoint path)."""
+        self._drop_sampler(key)
 
 
 def device_memory(device: torch.device) -> tuple[int, int]:
@@ -762,11 +799,3 @@ def new_optimizer(params: list[nn.Parameter]) -> torch.optim.AdamW:
     """AdamW with one fused kernel for all of an adapter's tensors (about 5x faster on CPU);
     the hyper-parameters are set from each optim_step's AdamParams."""
     return torch.optim.AdamW(params, lr=0.0, fused=True)
-
-
-def _activate(base: _Base, name: str) -> PeftModel:
-    assert base.peft is not None
-    if base.active != name:
-        base.peft.set_adapter(name)  # also sets requires_grad on that adapter alone
-        base.active = name
-    return base.peft

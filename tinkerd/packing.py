@@ -140,7 +140,8 @@ def lora_forward(layer: LoraLinear, x: torch.Tensor, routes: Sequence[Route]) ->
     PEFT computes for one active adapter (base + B(A(x)) * scale), per range of tokens.
 
     The tokens are split once and the deltas joined once, so backward costs one split and one
-    join per layer, never a full-size gradient per route."""
+    join per layer, never a full-size gradient per route. Without grad (sampling, forward-only
+    passes) each delta is added in place to its range instead: the same sums, no zeros, no join."""
     result = layer.base_layer(x)
     n = x.shape[-2]
     sizes: list[int] = []
@@ -161,28 +162,50 @@ def lora_forward(layer: LoraLinear, x: torch.Tensor, routes: Sequence[Route]) ->
         names.append(None)
     if all(name is None for name in names):
         return result
+    if not torch.is_grad_enabled():
+        start = 0
+        for size, name in zip(sizes, names, strict=True):
+            if name is not None:
+                part = x[..., start : start + size, :]
+                result[..., start : start + size, :] += _delta(layer, name, part).to(result.dtype)
+            start += size
+        return result
     deltas = []
     for part, name in zip(x.split(sizes, dim=-2), names, strict=True):
         if name is None:
             deltas.append(result.new_zeros((*part.shape[:-1], result.shape[-1])))
             continue
-        lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
-        part = part.to(lora_a.weight.dtype)
-        delta = lora_b(lora_a(layer.lora_dropout[name](part))) * layer.scaling[name]
-        deltas.append(delta.to(result.dtype))
+        deltas.append(_delta(layer, name, part).to(result.dtype))
     return result + (deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-2))
 
 
+def _delta(layer: LoraLinear, name: str, x: torch.Tensor) -> torch.Tensor:
+    """Adapter `name`'s B(A(x)) * scale."""
+    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+    x = x.to(lora_a.weight.dtype)
+    return lora_b(lora_a(layer.lora_dropout[name](x))) * layer.scaling[name]
+
+
+class Routing:
+    """The routes a `routed` model applies; they may change between calls (a sampling pass
+    routes its tokens through the body, then its last positions through the head)."""
+
+    def __init__(self, routes: Sequence[Route]) -> None:
+        self.routes = tuple(routes)
+
+
 @contextlib.contextmanager
-def routed(model: nn.Module, routes: Sequence[Route]) -> Iterator[None]:
+def routed(model: nn.Module, routes: Sequence[Route]) -> Iterator[Routing]:
     """Every LoRA layer of `model` applies each route's adapter to that route's tokens, whatever
     adapter PEFT has active. Held through backward too (a recomputed forward routes the same)."""
     layers = lora_layers(model)
-    routes = tuple(routes)
+    routing = Routing(routes)
     for layer in layers:
-        layer.forward = lambda x, *args, _layer=layer, **kwargs: lora_forward(_layer, x, routes)
+        layer.forward = lambda x, *args, _layer=layer, **kwargs: lora_forward(
+            _layer, x, routing.routes
+        )
     try:
-        yield
+        yield routing
     finally:
         for layer in layers:
             del layer.forward
@@ -204,9 +227,9 @@ class AdapterView(nn.Module):
         return lora_forward(self.layer, x, self.routes)
 
 
-def adapter_unembed(unembed: nn.Module, name: str) -> nn.Module:
+def adapter_unembed(unembed: nn.Module, name: str | None) -> nn.Module:
     """`unembed` (the lm_head, maybe inside a logit-scaling wrapper whose `head` it is) as
-    adapter `name` sees it; the base head when that adapter does not train it."""
+    adapter `name` sees it; the base head when that adapter does not train it, or name is None."""
     head = getattr(unembed, "head", None)
     if isinstance(head, LoraLinear):  # a wrapper: the same wrapper around the view
         view = copy.copy(unembed)
@@ -215,6 +238,6 @@ def adapter_unembed(unembed: nn.Module, name: str) -> nn.Module:
         return view
     if not isinstance(unembed, LoraLinear):
         return unembed
-    if name not in unembed.lora_A:
+    if name is None or name not in unembed.lora_A:
         return unembed.base_layer
     return AdapterView(unembed, name)

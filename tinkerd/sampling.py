@@ -1,35 +1,50 @@
-"""Batched generation with a KV cache: the engine behind `asample`.
+"""tinkerd's sampling engine: continuous batching of every request on a base model, whatever its
+adapter, over a preallocated KV cache.
 
-Every sample of every request in a batch becomes one row. Prompts are left-padded and prefilled
-together, then all rows decode one token per step against the shared cache. Each request samples
-from its own torch.Generator when it gives a seed, so the same seed gives the same tokens whatever
-else shares the batch. Token ids in, token ids out: stop strings are matched through `decode`.
+Each step is one packed pass (tinkerd.kv_cache): one token for every sequence that is decoding,
+then the whole prompt of each request that joins, with no padding. Each request's tokens go
+through its own LoRA adapter (the base, a snapshot, a sampler checkpoint: `packing.routed`), so
+requests of many adapters share every step. A sequence that finishes leaves at once and frees its
+cache; waiting requests join at the next step, so one long sample never holds the others.
+
+Samples are drawn by inverse CDF from a uniform that depends only on the request's seed, the
+sample's index and the token's position (a counter-based hash), so a seed gives the same tokens
+whatever else is batched alongside or however steps are composed. Per-token logprobs are
+log softmax(logits / temperature), before top-k and top-p. Token ids in, token ids out: stop
+strings are matched through `decode`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+import secrets
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
+from tinkerd import kv_cache, packing
+from tinkerd.kv_cache import BLOCK, BlockPool, Plan, blocks_for
 from tinkerd.logprobs import prompt_logprobs, split_causal_lm
-from tinkerd.types import Sample, SampledSequence, SampleResult, SamplingParams, UserError
+from tinkerd.types import (
+    Sample,
+    SampledSequence,
+    SampleResult,
+    ServerError,
+    TinkerdError,
+    UserError,
+)
+
+log = logging.getLogger(__name__)
 
 EMPTY_TOPK = (0, -99999.0)  # the wire's filler for a top-k slot with no token
-
-
-@dataclass
-class _Row:
-    request: int
-    params: SamplingParams
-    max_new: int
-    tokens: list[int]
-    logprobs: list[float]
-    stop_reason: str | None = None
+MASK64 = (1 << 64) - 1
+Done = Callable[[SampleResult | TinkerdError], None]
 
 
 def check_sample(sample: Sample, context_length: int, vocab_size: int) -> None:
@@ -46,177 +61,493 @@ def check_sample(sample: Sample, context_length: int, vocab_size: int) -> None:
         )
 
 
-@torch.no_grad()
-def generate(
-    model: nn.Module,
-    samples: list[Sample],
-    *,
-    context_length: int,
-    eos_token_ids: set[int],
-    decode: Callable[[list[int]], str],
-    device: torch.device,
-) -> list[SampleResult]:
-    """Sample every request of `samples` in one batch; results in the same order."""
-    rows: list[_Row] = []
-    for r, sample in enumerate(samples):
-        limit = context_length - len(sample.prompt)
-        max_new = min(sample.params.max_tokens, limit) if sample.params.max_tokens else limit
-        for _ in range(sample.num_samples):
-            rows.append(_Row(r, sample.params, max_new, [], []))
-    generators = _generators(samples, device)
-    prompts = [samples[row.request].prompt for row in rows]
-    width = max(len(p) for p in prompts)
-    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, prompt in enumerate(prompts):  # left padding keeps every row's last token at the end
-        input_ids[i, width - len(prompt) :] = torch.from_numpy(prompt.astype(np.int64))
-        mask[i, width - len(prompt) :] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    # The prefill runs the body alone: its (B, T, H) hidden states, never the (B, T, V) logits;
-    # the last position's logits and the prompt logprobs are projected from them.
-    body, unembed = split_causal_lm(model)
-    out = body(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    hidden = out.last_hidden_state  # (B, T, H)
-    results = [SampleResult([]) for _ in samples]
-    if any(s.prompt_logprobs or s.topk_prompt_logprobs for s in samples):
-        _prompt_logprobs(samples, rows, hidden, unembed, width, results)
-    cache, logits = out.past_key_values, unembed(hidden[:, -1:, :])[:, -1, :].float()  # (B, V)
-    stops = [_stop_tokens(row.params, eos_token_ids) for row in rows]
-    longest_stop = max((len(s) for row in rows for s in row.params.stop_strings), default=0)
-    last_pos = positions[:, -1]
-    for _ in range(max(row.max_new for row in rows)):
-        tokens, logprobs = _sample_step(logits, rows, generators)
-        for i, row in enumerate(rows):
-            if row.stop_reason is not None:
+# -- requests and their sequences -----------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Request:
+    sample: Sample
+    adapter: str | None  # the LoRA adapter its tokens go through; None: the base alone
+    done: Done
+    rows: list[_Row] = field(default_factory=list)
+    left: int = 0  # rows not finished
+    result: SampleResult = field(default_factory=lambda: SampleResult([]))
+
+    @property
+    def order(self) -> tuple[bool, str]:
+        return (self.adapter is not None, self.adapter or "")
+
+
+@dataclass(eq=False)
+class _Row:
+    """One sample of a request: a sequence with its own cache blocks."""
+
+    request: _Request
+    seed: int  # 64 bits: its uniforms are hash(seed, position)
+    max_new: int
+    stops: frozenset[int]
+    slot: int = -1  # its line of the block tables
+    blocks: list[int] = field(default_factory=list)
+    cached: int = 0  # tokens whose keys and values are in its blocks
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    stop_reason: str | None = None
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finalizer: a well-mixed 64-bit hash of x."""
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def _uniforms(seeds: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+    """(B,) float64 uniforms in [0, 1), the splitmix64 hash of each (seed, position)."""
+    z = np.asarray(seeds, dtype=np.uint64) + (np.asarray(positions, dtype=np.uint64) + 1) * (
+        np.uint64(0x9E3779B97F4A7C15)
+    )
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def _stop_tokens(sample: Sample, eos_token_ids: set[int]) -> frozenset[int]:
+    """EOS ends a row unless `stop` is [] (then only max_tokens does); stop ids add to it."""
+    params = sample.params
+    if params.stop_tokens == () and not params.stop_strings:
+        return frozenset()
+    return frozenset(eos_token_ids) | frozenset(params.stop_tokens or ())
+
+
+# -- the engine ------------------------------------------------------------------------------------
+
+
+class Engine:
+    """Continuous batching on one base model: `add` requests, then `step` while `busy`.
+
+    Args:
+        context_length: the model's context; a request generates at most up to it.
+        eos_token_ids: what ends a sample unless its `stop` is [].
+        decode: token ids -> text, for stop strings.
+        cache_tokens: tokens of keys and values the cache holds (all layers), allocated on the
+            first step and kept.
+        max_rows: sequences decoding at once; more wait for a free one.
+        max_step_tokens: prompt tokens that join in one step (a longer prompt joins alone).
+    """
+
+    def __init__(
+        self,
+        *,
+        context_length: int,
+        eos_token_ids: set[int],
+        decode: Callable[[list[int]], str],
+        device: torch.device,
+        cache_tokens: int,
+        max_rows: int = 256,
+        max_step_tokens: int = 4096,
+    ) -> None:
+        self.context_length = context_length
+        self.eos_token_ids = set(eos_token_ids)
+        self.decode = decode
+        self.device = device
+        self.max_rows = max_rows
+        self.max_step_tokens = max_step_tokens
+        self.pool = BlockPool(max(blocks_for(cache_tokens), blocks_for(context_length)), device)
+        self.waiting: deque[_Request] = deque()
+        self.running: list[_Row] = []
+        self._tables = torch.zeros(0, blocks_for(context_length), dtype=torch.long, device=device)
+        self._free_slots: list[int] = []
+        self._checked = False
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, sample: Sample, adapter: str | None, done: Done) -> None:
+        """Queue a checked request (`check_sample`); `done` gets its result or its error."""
+        request = _Request(sample, adapter, done)
+        limit = self.context_length - len(sample.prompt)
+        max_tokens = sample.params.max_tokens
+        max_new = min(max_tokens, limit) if max_tokens else limit
+        stops = _stop_tokens(sample, self.eos_token_ids)
+        seed = sample.params.seed
+        base = _mix64(seed & MASK64) if seed is not None else secrets.randbits(64)
+        for j in range(sample.num_samples):
+            request.rows.append(_Row(request, _mix64(base ^ _mix64(j)), max_new, stops))
+        request.left = len(request.rows)
+        self.waiting.append(request)
+
+    def step(self, model: nn.Module, routed: bool = True) -> None:
+        """One pass: every decoding sequence's next token, and the prompts of those that join.
+        With `routed` False the model runs as it is (its active adapter) for every request."""
+        joining = self._admit()
+        decoding = sorted(self.running, key=lambda r: r.request.order)
+        joining.sort(key=lambda q: q.order)
+        if not decoding and not joining:
+            return
+        involved = {id(r.request): r.request for r in decoding} | {id(q): q for q in joining}
+        self.running += [row for q in joining for row in q.rows]
+        try:
+            with torch.no_grad():
+                self._pass(model, routed, decoding, joining)
+        except Exception as e:  # the step's requests fail together; the engine goes on
+            if isinstance(e, torch.OutOfMemoryError):
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                error: TinkerdError = UserError("out of memory: sample fewer tokens")
+            elif isinstance(e, TinkerdError):
+                error = e
+            else:
+                log.exception("a sampling step failed")
+                error = ServerError(f"sampling failed: {type(e).__name__}: {e}")
+            for request in involved.values():
+                self._fail(request, error)
+
+    def fail_all(self, error: TinkerdError) -> None:
+        for request in list(self.waiting) + list(
+            {id(r.request): r.request for r in self.running}.values()
+        ):
+            self._fail(request, error)
+
+    # -- admission and release ---------------------------------------------------------------
+
+    def _admit(self) -> list[_Request]:
+        """Waiting requests, in order, while rows, cache blocks and the step's prompt budget
+        allow (the first always when nothing runs: a long prompt is not starved)."""
+        joining: list[_Request] = []
+        rows = len(self.running)
+        budget = self.max_step_tokens
+        while self.waiting:
+            request = self.waiting[0]
+            n, k = len(request.sample.prompt), len(request.rows)
+            alone = rows == 0
+            if not alone and (rows + k > self.max_rows or n > budget):
+                break
+            shared = n // BLOCK  # the prompt's full blocks, shared by its rows
+            own = blocks_for(n + request.rows[0].max_new - 1) - shared
+            need = shared + k * own
+            if need > self.pool.num_blocks:
+                self.waiting.popleft()
+                request.done(
+                    UserError(
+                        f"this request needs {need * BLOCK} tokens of KV cache; the sampler's "
+                        f"cache holds {self.pool.num_blocks * BLOCK}: sample fewer or shorter"
+                    )
+                )
                 continue
-            token = int(tokens[i])
+            if need > self.pool.free:
+                break
+            self.waiting.popleft()
+            prompt_blocks = self.pool.take(shared)
+            for i, row in enumerate(request.rows):
+                if i:
+                    self.pool.share(prompt_blocks)
+                row.blocks = prompt_blocks + self.pool.take(own)
+                row.slot = self._slot()
+                self._tables[row.slot, : len(row.blocks)] = torch.tensor(row.blocks)
+            joining.append(request)
+            rows += k
+            budget -= n
+        return joining
+
+    def _slot(self) -> int:
+        if not self._free_slots:
+            size = self._tables.shape[0]
+            grown = max(2 * size, 64)
+            self._tables = torch.cat(
+                [self._tables, self._tables.new_zeros(grown - size, self._tables.shape[1])]
+            )
+            self._free_slots = list(range(grown - 1, size - 1, -1))
+        return self._free_slots.pop()
+
+    def _release(self, row: _Row) -> None:
+        if row.slot >= 0:
+            self.pool.release(row.blocks)
+            self._free_slots.append(row.slot)
+            row.slot, row.blocks = -1, []
+
+    def _fail(self, request: _Request, error: TinkerdError) -> None:
+        if request.left == 0:
+            return
+        for row in request.rows:
+            self._release(row)
+        self.running = [r for r in self.running if r.request is not request]
+        if request in self.waiting:
+            self.waiting.remove(request)
+        request.left = 0
+        request.done(error)
+
+    def _finish(self, row: _Row) -> None:
+        self._release(row)
+        request = row.request
+        request.left -= 1
+        if request.left:
+            return
+        request.result.sequences = [
+            SampledSequence(
+                np.asarray(r.tokens, dtype=np.int32),
+                np.asarray(r.logprobs, dtype=np.float32),
+                r.stop_reason or "length",
+            )
+            for r in request.rows
+        ]
+        request.done(request.result)
+
+    # -- one pass ------------------------------------------------------------------------------
+
+    def _pass(
+        self, model: nn.Module, routed: bool, decoding: list[_Row], joining: list[_Request]
+    ) -> None:
+        plan, input_ids, position_ids, picks = self._plan(decoding, joining)
+        body, unembed = split_causal_lm(model)
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # The body's tokens, then the picked last positions, each through its adapter.
+        token_owners = [r.request for r in decoding] + [
+            q for q in joining for _ in range(len(q.sample.prompt))
+        ]
+        pick_owners = [r.request for r in decoding] + joining
+        router = (
+            packing.routed(model, _routes(token_owners))
+            if routed
+            else contextlib.nullcontext(packing.Routing(()))  # the model as it is
+        )
+        with kv_cache.sampling_pass(lm, plan), router as routing:
+            hidden = body(
+                input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False
+            ).last_hidden_state[0]  # (N, H)
+            routing.routes = _routes(pick_owners) if routed else ()
+            logits = unembed(hidden[picks]).float()  # (S, V)
+        if not self._checked:
+            layers = getattr(lm.config.get_text_config(), "num_hidden_layers", plan.layers_run)
+            if plan.layers_run != layers or plan.layers_run == 0:
+                raise ServerError(
+                    f"{type(lm).__name__}: {plan.layers_run} of its {layers} layers ran "
+                    "tinkerd's cached attention; this model family is not supported"
+                )
+            self._checked = True
+        offset = len(decoding)
+        for q in joining:
+            n = len(q.sample.prompt)
+            for row in q.rows:
+                row.cached = n
+            if q.sample.prompt_logprobs or q.sample.topk_prompt_logprobs:
+                head = packing.adapter_unembed(unembed, q.adapter) if routed else unembed
+                _prompt_logprobs(q, hidden[offset : offset + n - 1], head)
+            offset += n
+        rows = decoding + [row for q in joining for row in q.rows]
+        expand = list(range(len(decoding))) + [
+            len(decoding) + i for i, q in enumerate(joining) for _ in q.rows
+        ]
+        if len(expand) != logits.shape[0] or expand != list(range(len(expand))):
+            logits = logits[torch.tensor(expand, device=logits.device)]
+        tokens, logprobs = sample_tokens(logits, rows)
+        for row in decoding:
+            row.cached += 1
+        for row, token, logprob in zip(rows, tokens, logprobs, strict=True):
             row.tokens.append(token)
-            row.logprobs.append(float(logprobs[i]))
-            if token in stops[i] or _hits_stop_string(row, decode, longest_stop):
+            row.logprobs.append(logprob)
+            if token in row.stops or _hits_stop_string(row, self.decode):
                 row.stop_reason = "stop"
             elif len(row.tokens) >= row.max_new:
                 row.stop_reason = "length"
-        if all(row.stop_reason is not None for row in rows):
-            break
-        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-        last_pos = last_pos + 1
-        out = model(
-            input_ids=tokens.view(-1, 1),
-            attention_mask=mask,
-            position_ids=last_pos.view(-1, 1),
-            past_key_values=cache,
-            use_cache=True,
-        )
-        cache, logits = out.past_key_values, out.logits[:, -1, :].float()
-    for row in rows:
-        results[row.request].sequences.append(
-            SampledSequence(
-                np.asarray(row.tokens, dtype=np.int32),
-                np.asarray(row.logprobs, dtype=np.float32),
-                row.stop_reason or "length",
+        done = [row for row in rows if row.stop_reason is not None]
+        if done:
+            finished = set(map(id, done))
+            self.running = [r for r in self.running if id(r) not in finished]
+            for row in done:
+                self._finish(row)
+
+    def _plan(
+        self, decoding: list[_Row], joining: list[_Request]
+    ) -> tuple[Plan, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The pass's plan, its (N,) input ids and positions, and the (S,) row positions whose
+        logits are sampled: each decoding token, and each joining prompt's last token."""
+        tokens = [r.tokens[-1] for r in decoding]
+        positions = [r.cached for r in decoding]
+        write_tokens = list(range(len(decoding)))
+        write_slots = [r.blocks[r.cached // BLOCK] * BLOCK + r.cached % BLOCK for r in decoding]
+        picks = list(range(len(decoding)))
+        starts, lengths = [], []
+        offset = len(decoding)
+        for q in joining:
+            prompt = q.sample.prompt
+            n = len(prompt)
+            tokens += prompt.tolist()
+            positions += range(n)
+            t = np.arange(n)
+            for i, row in enumerate(q.rows):
+                # the first row writes the whole prompt (its full blocks are everyone's); the
+                # others write only the part in their own, last, block
+                part = t if i == 0 else t[(n // BLOCK) * BLOCK :]
+                blocks = np.asarray(row.blocks)
+                write_tokens += (offset + part).tolist()
+                write_slots += (blocks[part // BLOCK] * BLOCK + part % BLOCK).tolist()
+            starts.append(offset)
+            lengths.append(n)
+            picks.append(offset + n - 1)
+            offset += n
+        device = self.device
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+        plan = Plan(self.pool, len(decoding), as_tensor(write_tokens), as_tensor(write_slots))
+        if decoding:
+            width = max(blocks_for(r.cached + 1) for r in decoding)
+            slots = as_tensor([r.slot for r in decoding])
+            plan.tables = self._tables[slots, :width]
+            plan.lengths = as_tensor([r.cached + 1 for r in decoding])
+        if joining:
+            m = max(lengths)
+            index = np.asarray(starts)[:, None] + np.minimum(
+                np.arange(m)[None], np.asarray(lengths)[:, None] - 1
             )
-        )
-    return results
+            valid = np.concatenate([p * m + np.arange(n) for p, n in enumerate(lengths)])
+            plan.prefill_index = torch.from_numpy(index).to(device)
+            plan.prefill_lengths = as_tensor(lengths)
+            plan.prefill_valid = torch.from_numpy(valid).to(device)
+        return plan, as_tensor(tokens), as_tensor(positions), as_tensor(picks)
 
 
-def _generators(samples: list[Sample], device: torch.device) -> list[torch.Generator | None]:
-    gens: list[torch.Generator | None] = []
-    for sample in samples:
-        if sample.params.seed is None:
-            gens.append(None)
-        else:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(sample.params.seed % (2**63))
-            gens.append(gen)
-    return gens
+def _routes(owners: list[_Request]) -> list[packing.Route]:
+    """One route per run of consecutive positions of the same adapter (the base: none)."""
+    routes: list[packing.Route] = []
+    start = 0
+    for i in range(1, len(owners) + 1):
+        if i == len(owners) or owners[i].adapter != owners[start].adapter:
+            name = owners[start].adapter
+            if name is not None:
+                routes.append(packing.Route(name, start, i))
+            start = i
+    return routes
 
 
-def _stop_tokens(params: SamplingParams, eos_token_ids: set[int]) -> set[int]:
-    """EOS ends a row unless `stop` is [] (then only max_tokens does); stop ids add to it."""
-    if params.stop_tokens == () and not params.stop_strings:
-        return set()
-    return set(eos_token_ids) | set(params.stop_tokens or ())
-
-
-def _hits_stop_string(row: _Row, decode: Callable[[list[int]], str], longest: int) -> bool:
-    if not row.params.stop_strings:
+def _hits_stop_string(row: _Row, decode: Callable[[list[int]], str]) -> bool:
+    strings = row.request.sample.params.stop_strings
+    if not strings:
         return False
     # A stop string of n characters spans at most ~4n byte-level tokens; decode only that tail.
+    longest = max(len(s) for s in strings)
     tail = decode(row.tokens[-(4 * longest + 4) :])
-    return any(s in tail for s in row.params.stop_strings)
+    return any(s in tail for s in strings)
 
 
-def _sample_step(
-    logits: torch.Tensor, rows: list[_Row], generators: list[torch.Generator | None]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row: (B,) ids and (B,) logprobs under log softmax(logits / temperature)."""
-    temps = torch.tensor([r.params.temperature for r in rows], device=logits.device)
+# -- drawing tokens --------------------------------------------------------------------------------
+
+
+def sample_tokens(logits: torch.Tensor, rows: list[_Row]) -> tuple[list[int], list[float]]:
+    """One token per row from (B, V) fp32 logits, and its logprob under
+    log softmax(logits / temperature) (before top-k and top-p)."""
+    params = [r.request.sample.params for r in rows]
+    device = logits.device
+    temps = torch.tensor([p.temperature for p in params], device=device)
     greedy = temps <= 0
     # Shifted so the top logit is 0: a tiny temperature then gives -inf, never inf or NaN.
     shifted = logits - logits.max(-1, keepdim=True).values
     scaled = shifted / torch.where(greedy, torch.ones_like(temps), temps).unsqueeze(-1)
     logprobs = scaled.log_softmax(-1)  # (B, V)
-    filtered = _top_k_top_p(scaled, rows)
-    probs = filtered.softmax(-1)
-    tokens = probs.argmax(-1)
-    unseeded = [i for i, r in enumerate(rows) if generators[r.request] is None and not greedy[i]]
-    if unseeded:
-        tokens[unseeded] = torch.multinomial(probs[unseeded], 1).squeeze(-1)
-    by_request: dict[int, list[int]] = {}
-    for i, r in enumerate(rows):
-        if generators[r.request] is not None and not greedy[i]:
-            by_request.setdefault(r.request, []).append(i)
-    for request, idx in by_request.items():
-        tokens[idx] = torch.multinomial(probs[idx], 1, generator=generators[request]).squeeze(-1)
-    return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    filtered = _top_k_top_p(scaled, params)
+    tokens = filtered.argmax(-1)
+    drawn = [i for i, p in enumerate(params) if p.temperature > 0]
+    if drawn:
+        u = _uniforms([rows[i].seed for i in drawn], [len(rows[i].tokens) for i in drawn])
+        index = torch.tensor(drawn, device=device)
+        tokens[index] = _inverse_cdf(filtered[index].softmax(-1), torch.from_numpy(u).to(device))
+    chosen = logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return tokens.tolist(), chosen.tolist()
 
 
-def _top_k_top_p(scaled: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-    top_k = [r.params.top_k for r in rows]
-    top_p = [r.params.top_p for r in rows]
-    if all(k <= 0 for k in top_k) and all(p >= 1.0 for p in top_p):
-        return scaled
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor, chunk_bytes: int = 64 << 20) -> torch.Tensor:
+    """(B,) the first token whose cumulative probability exceeds u x the total, in float64 (a
+    chunk of rows at a time); a token of probability 0 is never drawn."""
+    out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    step = max(1, chunk_bytes // (8 * probs.shape[1]))
+    for s in range(0, probs.shape[0], step):
+        cdf = probs[s : s + step].double().cumsum(-1)
+        total = cdf[:, -1:]
+        x = torch.minimum(
+            u[s : s + step, None] * total, torch.nextafter(total, torch.zeros_like(total))
+        )
+        out[s : s + step] = torch.searchsorted(cdf, x, right=True).squeeze(-1)
+    return out
+
+
+def _top_k_top_p(scaled: torch.Tensor, params: list) -> torch.Tensor:
+    """The scaled logits with -inf outside each row's top k and its top-p nucleus."""
     vocab = scaled.shape[-1]
-    sorted_logits, order = scaled.sort(-1, descending=True)
-    ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=scaled.device)
+    rows = [i for i, p in enumerate(params) if 0 < p.top_k < vocab or p.top_p < 1.0]
+    if not rows:
+        return scaled
+    index = torch.tensor(rows, device=scaled.device)
+    sorted_logits, order = scaled[index].sort(-1, descending=True)
+    ks = torch.tensor(
+        [params[i].top_k if 0 < params[i].top_k < vocab else vocab for i in rows],
+        device=scaled.device,
+    )
     keep = torch.arange(vocab, device=scaled.device).unsqueeze(0) < ks.unsqueeze(-1)
     probs = sorted_logits.masked_fill(~keep, -math.inf).softmax(-1)
-    ps = torch.tensor(top_p, device=scaled.device).unsqueeze(-1)
+    ps = torch.tensor([params[i].top_p for i in rows], device=scaled.device).unsqueeze(-1)
     keep &= (probs.cumsum(-1) - probs) < ps  # keep tokens until their mass reaches top_p
     keep[:, 0] = True
     masked = sorted_logits.masked_fill(~keep, -math.inf)
-    return torch.full_like(scaled, -math.inf).scatter(-1, order, masked)
+    out = scaled.clone()
+    out[index] = torch.full_like(masked, -math.inf).scatter(-1, order, masked)
+    return out
 
 
-def _prompt_logprobs(
+def _prompt_logprobs(request: _Request, hidden: torch.Tensor, unembed: nn.Module) -> None:
+    """Fill prompt logprobs (NaN for the first token) and top-k prompt logprobs from the prompt's
+    (n-1, H) hidden states, a chunk of positions at a time."""
+    sample, result = request.sample, request.result
+    n = len(sample.prompt)
+    targets = torch.from_numpy(sample.prompt[1:].astype(np.int64)).to(hidden.device)
+    k = sample.topk_prompt_logprobs
+    chosen, values, ids = prompt_logprobs(hidden, unembed, targets, k)
+    if sample.prompt_logprobs:
+        chosen_np = chosen.cpu().numpy()
+        result.prompt_logprobs = np.concatenate([[np.nan], chosen_np]).astype(np.float32)
+    if k:
+        all_ids = np.full((n, k), EMPTY_TOPK[0], dtype=np.int32)
+        all_lps = np.full((n, k), EMPTY_TOPK[1], dtype=np.float32)
+        all_ids[1:, : ids.shape[1]] = ids.cpu().numpy()
+        all_lps[1:, : values.shape[1]] = values.cpu().numpy()
+        result.topk_prompt_logprobs = (all_ids, all_lps)
+
+
+# -- all at once -----------------------------------------------------------------------------------
+
+
+def generate(
+    model: nn.Module,
     samples: list[Sample],
-    rows: list[_Row],
-    hidden: torch.Tensor,
-    unembed: nn.Module,
-    width: int,
-    results: list[SampleResult],
-) -> None:
-    """Fill prompt logprobs (NaN for the first token) and top-k prompt logprobs from the prefill's
-    hidden states, a chunk of positions at a time."""
-    first_row = {}
-    for i, row in enumerate(rows):
-        first_row.setdefault(row.request, i)
-    for r, sample in enumerate(samples):
-        if not (sample.prompt_logprobs or sample.topk_prompt_logprobs):
-            continue
-        n = len(sample.prompt)
-        # Position j of the left-padded row predicts prompt token j + 1.
-        h = hidden[first_row[r], width - n : width - 1]  # (n-1, H)
-        targets = torch.from_numpy(sample.prompt[1:].astype(np.int64)).to(h.device)
-        k = sample.topk_prompt_logprobs
-        chosen, values, ids = prompt_logprobs(h, unembed, targets, k)
-        if sample.prompt_logprobs:
-            chosen_np = chosen.cpu().numpy()
-            results[r].prompt_logprobs = np.concatenate([[np.nan], chosen_np]).astype(np.float32)
-        if k:
-            all_ids = np.full((n, k), EMPTY_TOPK[0], dtype=np.int32)
-            all_lps = np.full((n, k), EMPTY_TOPK[1], dtype=np.float32)
-            all_ids[1:, : ids.shape[1]] = ids.cpu().numpy()
-            all_lps[1:, : values.shape[1]] = values.cpu().numpy()
-            results[r].topk_prompt_logprobs = (all_ids, all_lps)
+    *,
+    adapters: Sequence[str | None] | None = None,
+    engine: Engine | None = None,
+    context_length: int = 2048,
+    eos_token_ids: set[int] | None = None,
+    decode: Callable[[list[int]], str] = str,
+    device: torch.device | None = None,
+) -> list[SampleResult | TinkerdError]:
+    """Sample every request of `samples` (checked) on `engine` until all are done; results in
+    the same order. `adapters` names each request's LoRA adapter (None: the base); without it
+    the model runs as it is. Without `engine`, one sized for these requests."""
+    if engine is None:
+        device = device or next(model.parameters()).device
+        need = sum(
+            s.num_samples
+            * min(context_length, len(s.prompt) + (s.params.max_tokens or context_length))
+            for s in samples
+        )
+        engine = Engine(
+            context_length=context_length,
+            eos_token_ids=eos_token_ids or set(),
+            decode=decode,
+            device=device,
+            cache_tokens=need + BLOCK * sum(s.num_samples for s in samples),
+        )
+    results: list[SampleResult | TinkerdError | None] = [None] * len(samples)
+    for i, sample in enumerate(samples):
+        adapter = adapters[i] if adapters is not None else None
+        engine.add(sample, adapter, lambda r, i=i: results.__setitem__(i, r))
+    while engine.busy:
+        engine.step(model, routed=adapters is not None)
+    return results  # type: ignore[return-value]
