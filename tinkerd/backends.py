@@ -80,6 +80,8 @@ class BackendOptions:
     device: str | None = None
     store: CheckpointStore | None = None
     activation_checkpointing: bool = False
+    tp: int = 1  # tensor-parallel ranks (the Megatron backend)
+    pp: int = 1  # pipeline stages (the Megatron backend)
 
 
 BackendFactory = Callable[[BackendOptions], "Backend"]
@@ -118,6 +120,7 @@ def make_backend(name: str, options: BackendOptions) -> Backend:
     """A new backend of the engine registered as `name` (see `backend_factory`)."""
     backend = backend_factory(name)(options)
     backend.info()  # a backend that cannot describe itself fails at start, not at placement
+    _MADE.append(backend)
     return backend
 
 
@@ -133,3 +136,22 @@ def _hf(options: BackendOptions) -> Backend:
 
 
 register_backend("hf", _hf)
+
+
+def _megatron(options: BackendOptions) -> Backend:
+    from tinkerd.megatron.backend import MegatronBackend
+
+    return MegatronBackend(options)
+
+
+register_backend("megatron", _megatron)
+_MADE: list[Any] = []
+
+
+def close_backends() -> None:
+    """Let each backend this process made release what outlives it (the Megatron backend's
+    other ranks wait for a last word): called as a serve or worker process ends."""
+    while _MADE:
+        close = getattr(_MADE.pop(), "close", None)
+        if close is not None:
+            close()

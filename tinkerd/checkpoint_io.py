@@ -56,8 +56,12 @@ def write_optimizer(optimizer: torch.optim.Optimizer, steps: int, directory: Pat
 
 def write_gradients(params: list[torch.nn.Parameter], directory: Path) -> None:
     """The gradients accumulated since the last optim_step (None where there are none)."""
-    grads = [None if p.grad is None else p.grad.detach().cpu() for p in params]
-    _torch_save(grads, directory / GRADIENTS)
+    write_gradient_list([None if p.grad is None else p.grad.detach() for p in params], directory)
+
+
+def write_gradient_list(grads: list[torch.Tensor | None], directory: Path) -> None:
+    """Gradients in the adapter's parameter order (None where there are none)."""
+    _torch_save([None if g is None else g.cpu() for g in grads], directory / GRADIENTS)
 
 
 def read_gradients(directory: Path, device: torch.device) -> list[torch.Tensor | None] | None:

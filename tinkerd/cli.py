@@ -70,6 +70,8 @@ def raise_file_limit(connections: int | None = None) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tinkerd.backends import close_backends
+
     parser = argparse.ArgumentParser(
         prog="tinkerd",
         description="A self-hosted Tinker API server, and a command line client for it",
@@ -114,6 +116,15 @@ def main(argv: list[str] | None = None) -> int:
             "or package.module:factory",
         )
         command.add_argument(
+            "--tp",
+            type=int,
+            help="--backend megatron: tensor-parallel ranks (default 1); tp x pp processes "
+            "start under torchrun",
+        )
+        command.add_argument(
+            "--pp", type=int, help="--backend megatron: pipeline stages (default 1)"
+        )
+        command.add_argument(
             "--activation-checkpointing",
             action="store_true",
             default=None,
@@ -142,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         data_dir=args.data_dir,
         device=args.device,
         backend=args.backend,
+        tp=getattr(args, "tp", None),
+        pp=getattr(args, "pp", None),
         activation_checkpointing=args.activation_checkpointing,
         redis_url=args.redis,
     )
@@ -152,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
             backend_factory(settings.backend)
         except ValueError as e:
             parser.error(str(e))
+        if settings.backend == "megatron":
+            from tinkerd.megatron.launch import as_rank
+
+            as_rank(list(sys.argv[1:] if argv is None else argv), settings)
+    elif settings.tp * settings.pp != 1:
+        parser.error("--tp and --pp are options of the worker's --backend megatron")
     # A server's clients each hold a descriptor (a waiting long-poll too), the worker its
     # model files and connections: neither should stop at a login shell's default of 1024.
     raise_file_limit(settings.connection_limit if args.command == "serve" else None)
@@ -164,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         from tinkerd.serve import EmbeddedServer
 
         EmbeddedServer(settings).serve_forever()
+        close_backends()
     elif args.command == "worker":
         if not settings.redis_url:
             parser.error("tinkerd worker needs --redis URL (or TINKERD_REDIS_URL)")
@@ -174,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         from tinkerd.cluster.worker import WorkerProcess
 
         WorkerProcess(settings).run()
+        close_backends()
         # Drained: results, events and checkpoints are in Redis and on disk. Leave without the
         # interpreter's teardown, in which native threads (torch's, Celery's libraries') that
         # outlive it have been seen to abort the process ("terminate called ...").

@@ -33,6 +33,8 @@ class Settings:
         device: "cuda", "cuda:1", "cpu", or None to pick the GPU when there is one.
         backend: the engine under the worker, by its name in `tinkerd.backends` ("hf":
             transformers + PEFT), or a `package.module:factory` that builds one.
+        tp, pp: the Megatron backend's tensor-parallel ranks and pipeline stages (one process
+            per rank, tp x pp in all, started by torchrun).
         activation_checkpointing: the worker's base models recompute each decoder layer's
             activations in backward instead of keeping them: memory for long sequences, at
             about a third more compute per forward/backward.
@@ -81,6 +83,8 @@ class Settings:
     device: str | None = None
     backend: str = "hf"
     activation_checkpointing: bool = False
+    tp: int = 1
+    pp: int = 1
     long_poll_seconds: float = 25.0
     threads: int = 128
     connection_limit: int = 10_000
@@ -120,6 +124,7 @@ class Settings:
             raise TypeError(f"unknown settings: {sorted(unknown)}")
         settings = cls(**values)
         settings.port = int(settings.port)
+        settings.tp, settings.pp = int(settings.tp), int(settings.pp)
         settings.activation_checkpointing = _flag(settings.activation_checkpointing)
         settings.threads = int(settings.threads)
         settings.connection_limit = int(settings.connection_limit)

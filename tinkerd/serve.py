@@ -94,6 +94,8 @@ class EmbeddedServer:
                 self.store,
                 activation_checkpointing=settings.activation_checkpointing,
             ),
+                tp=settings.tp,
+                pp=settings.pp,
         )
         self.monitor = LocalMonitor(
             worker=lambda: {**self.backend.held(), "queue_depth": self.scheduler.queue_depth()}

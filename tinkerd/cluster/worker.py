@@ -80,6 +80,8 @@ class WorkerProcess:
                 store,
                 activation_checkpointing=settings.activation_checkpointing,
             ),
+                tp=settings.tp,
+                pp=settings.pp,
         )
         device = self.backend.info().device
         self.name = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}-{device}"
