@@ -180,7 +180,7 @@ def test_client_config_is_valid_for_the_sdk(server) -> None:
     assert r.headers["content-type"] == "application/json"
     config = types.ClientConfigResponse.model_validate(r.json())
     assert config.pjwt_auth_enabled is False  # no JWT exchange
-    assert config.proto_compress_fwdbwd is False  # no zstd bodies
+    assert config.proto_compress_fwdbwd is True  # fwd/bwd bodies come zstd-compressed
 
 
 def test_dynamic_config(server) -> None:
@@ -562,10 +562,12 @@ def settles_soon(server, request_id: str, seconds: float = 15.0) -> httpx.Respon
 
 
 def test_a_refused_sdk_call_does_not_stall_the_model(server, training_client) -> None:
-    """save_weights_external is numbered by the SDK but not served here: its 404 takes its
-    seq_id, so the model's next request (save_state) runs."""
-    with pytest.raises(tinker.NotFoundError, match="does not serve"):
-        training_client.save_weights_external("external").result(timeout=30)
+    """save_weights_external with age recipients is numbered by the SDK but refused here (no
+    encryption): its 400 takes its seq_id, so the model's next request (save_state) runs."""
+    with pytest.raises(tinker.BadRequestError, match="age_encryption_recipients"):
+        training_client.save_weights_external(
+            "external", age_encryption_recipients=["age1x"]
+        ).result(timeout=30)
     saved = training_client.save_state("after-refused").result(timeout=15)
     assert saved.path.endswith("/weights/after-refused")
 

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from tinkerd.audit import AuditLog, audit_store
 from tinkerd.config import Settings
+from tinkerd.downloads import PREFIX as DOWNLOADS
 from tinkerd.keys import KeyRing, key_store
 from tinkerd.metrics import LocalMonitor, MonitorStore
 from tinkerd.registry import Registry
@@ -23,8 +25,9 @@ from tinkerd.types import TinkerdError, TooManyRequests, Unauthorized
 log = logging.getLogger(__name__)
 
 # Served to anyone: liveness for load balancers, the console page and the API's OpenAPI
-# description (they hold no data; the console's comes from the key-checked JSON routes).
-PUBLIC_PATHS = ("/healthz", "/api/v1/healthz", "/console", "/openapi.json")
+# description (they hold no data; the console's comes from the key-checked JSON routes), and
+# signed download URLs (their signature is their grant: `tinkerd.downloads`).
+PUBLIC_PATHS = ("/healthz", "/api/v1/healthz", "/console", "/openapi.json", DOWNLOADS)
 
 
 @dataclass
@@ -37,6 +40,7 @@ class Service:
     store: CheckpointStore
     monitor: MonitorStore = field(default_factory=LocalMonitor)
     keys: KeyRing | None = None
+    audit: AuditLog | None = None  # what each key did (`tinkerd.audit`)
 
 
 def create_app(
@@ -46,8 +50,21 @@ def create_app(
     store: CheckpointStore | None = None,
     monitor: MonitorStore | None = None,
     keys: KeyRing | None = None,
+    audit: AuditLog | None = None,
 ) -> Flask:
-    from tinkerd.api import console, openai, openapi, ops, runs, sampling, simple, tinker, weights
+    from tinkerd.api import (
+        checkpoints,
+        console,
+        openai,
+        openapi,
+        ops,
+        runs,
+        sampling,
+        sessions,
+        simple,
+        tinker,
+        weights,
+    )
     from tinkerd.api import monitor as monitoring
 
     store = store or CheckpointStore(settings.data_dir / "runs")
@@ -59,8 +76,15 @@ def create_app(
     # Larger bodies answer 413 (JSON, by http_error) before they are read.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     keys = keys or KeyRing(key_store(settings.data_dir, settings.redis_url))
+    audit = audit or audit_store(settings.data_dir, settings.redis_url)
     app.extensions["tinkerd"] = Service(
-        settings, scheduler, registry or Registry(store), store, monitor or LocalMonitor(), keys
+        settings,
+        scheduler,
+        registry or Registry(store),
+        store,
+        monitor or LocalMonitor(),
+        keys,
+        audit,
     )
     if keys.open:
         log.warning(
@@ -119,7 +143,8 @@ def create_app(
             {"error": f"internal error: {type(e).__name__}: {e}", "category": "server"}
         ), 500
 
-    for blueprint in (tinker.bp, weights.bp, sampling.bp, runs.bp, ops.bp, openai.bp, simple.bp):
+    blueprints = (tinker.bp, weights.bp, sampling.bp, runs.bp, checkpoints.bp, sessions.bp)
+    for blueprint in (*blueprints, ops.bp, openai.bp, simple.bp):
         app.register_blueprint(blueprint)
     app.register_blueprint(monitoring.bp)  # /metrics, system status, run events; times requests
     app.register_blueprint(console.bp)  # /console: the web console page (data via the API)

@@ -10,6 +10,7 @@ import os
 import sys
 from typing import Any
 
+from tinkerd import audit
 from tinkerd.config import Settings
 from tinkerd.keys import (
     CACHE_SECONDS,
@@ -28,6 +29,14 @@ def _store(args: argparse.Namespace) -> KeyStore:
     return key_store(settings.data_dir, settings.redis_url)
 
 
+def _audit(args: argparse.Namespace, event: str, **details: Any) -> None:
+    """Record a key change in the server's audit log, as done by this operator (an admin key
+    reads it with `get_audit_log`)."""
+    settings = Settings.load(data_dir=args.data_dir, redis_url=args.redis)
+    actor = f"operator:{os.environ.get('USER') or os.getuid()}"
+    audit.record(audit.audit_store(settings.data_dir, settings.redis_url), actor, event, **details)
+
+
 def _tell_mode(store: KeyStore, file: Any = None) -> None:
     """What a running server does from now on (within CACHE_SECONDS); on stderr by default."""
     print(describe(store.mode(), store.all()), file=file or sys.stderr)
@@ -42,6 +51,7 @@ def _create(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    _audit(args, "api_key_create", name=key.name, admin=key.admin, priority=key.priority)
     print(secret)
     print(
         f"created key {key.name!r} (priority {key.priority}); it is shown only now: "
@@ -93,6 +103,7 @@ def _revoke(args: argparse.Namespace) -> int:
         print(f"error: no key named {args.name!r}", file=sys.stderr)
         _tell_mode(store)
         return 1
+    _audit(args, "api_key_revoke", name=args.name)
     print(
         f"revoked key {args.name!r}; requests with it answer 401 within {CACHE_SECONDS:g} s",
         file=sys.stderr,
@@ -109,6 +120,7 @@ def _open(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         _tell_mode(store)
         return 2
+    _audit(args, "api_keys_open")
     _tell_mode(store)
     return 0
 

@@ -53,6 +53,8 @@ class Session:
     last_heartbeat: float = field(default_factory=time.time)
     finished: str | None = None
     owner: str = ""
+    display_name: str | None = None
+    project_id: str | None = None  # a label (`assign_session_project`); tinkerd has no projects
 
     def touch(self) -> None:
         self.last_heartbeat = time.time()
@@ -69,6 +71,7 @@ class ModelRecord:
     created_at: float = field(default_factory=time.time)
     last_request_time: float = field(default_factory=time.time)
     owner: str = ""
+    project_id: str | None = None  # a copy's project (`copy_weights`); else its session's
 
     def touch(self) -> None:
         self.last_request_time = time.time()
@@ -256,9 +259,33 @@ class Registry:
     def _values(self, kind: str) -> list[dict[str, Any]]:
         return [raw for raw in self._records.values(kind) if self._visible(raw) is not None]
 
-    def create_session(self, tags: list[str], user_metadata: dict[str, Any]) -> Session:
-        session = Session(uuid.uuid4().hex[:16], tags, user_metadata, owner=self._owner)
+    def create_session(
+        self,
+        tags: list[str],
+        user_metadata: dict[str, Any],
+        display_name: str | None = None,
+        project_id: str | None = None,
+    ) -> Session:
+        session = Session(
+            uuid.uuid4().hex[:16],
+            tags,
+            user_metadata,
+            owner=self._owner,
+            display_name=display_name,
+            project_id=project_id,
+        )
         self._records.put("session", session.session_id, asdict(session))
+        return session
+
+    def sessions(self) -> list[Session]:
+        """This key's sessions (every key's for an admin), oldest first."""
+        sessions = [Session(**raw) for raw in self._values("session")]
+        return sorted(sessions, key=lambda s: s.created_at)
+
+    def set_project(self, session_id: str, project_id: str) -> Session:
+        session = self.session(session_id)
+        session.project_id = project_id
+        self._records.put("session", session_id, asdict(session))
         return session
 
     def session(self, session_id: str) -> Session:
@@ -491,3 +518,14 @@ class Registry:
 
     def sampler(self, sampler_id: str) -> SamplerRecord:
         return SamplerRecord.from_json(self._get("sampler", sampler_id, "sampling session"))
+
+    def samplers(self) -> list[SamplerRecord]:
+        return [SamplerRecord.from_json(raw) for raw in self._values("sampler")]
+
+    def add_run(self, record: ModelRecord) -> ModelRecord:
+        """Register a training run that no worker holds (a `copy_weights` copy, which cannot be
+        trained on), as this view's key's: its run.json first, as `add_model` does."""
+        record.owner = self._owner
+        if self._store is not None:
+            self._store.save_run(record.model_id, record.to_json())
+        return ModelRecord.from_json(self._records.add("run", record.model_id, record.to_json()))

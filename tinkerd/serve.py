@@ -20,6 +20,7 @@ from waitress.task import ErrorTask
 
 from tinkerd import suspend
 from tinkerd.app import create_app
+from tinkerd.audit import FileAudit
 from tinkerd.config import Settings
 from tinkerd.metrics import LocalMonitor
 from tinkerd.registry import Registry
@@ -93,21 +94,25 @@ class EmbeddedServer:
                 settings.device,
                 self.store,
                 activation_checkpointing=settings.activation_checkpointing,
-            ),
                 tp=settings.tp,
                 pp=settings.pp,
+            ),
         )
         self.monitor = LocalMonitor(
             worker=lambda: {**self.backend.held(), "queue_depth": self.scheduler.queue_depth()}
         )
         self.registry = registry = Registry(self.store)
+        self.audit = FileAudit(settings.data_dir)
         self.worker = Worker(
             self.scheduler,
             self.backend,
             monitor=self.monitor,
             on_create_failed=lambda model_id, e: registry.forget_failed(model_id, e.to_json()),
+            audit=self.audit,
         )
-        self.app = create_app(settings, self.scheduler, registry, self.store, self.monitor)
+        self.app = create_app(
+            settings, self.scheduler, registry, self.store, self.monitor, audit=self.audit
+        )
         self._http = create_server(
             self.app,
             host=settings.host,

@@ -6,6 +6,7 @@ Layout under the data directory:
     runs/<model_id>/weights/<name>/                   training state: a PEFT adapter directory
         adapter_config.json, adapter_model.safetensors,   + optimizer.pt + tinkerd.json
     runs/<model_id>/sampler_weights/<name>/           a PEFT adapter directory + tinkerd.json
+    runs/<model_id>/external_weights/<name>/          the same, for download (save_weights_external)
 
 A checkpoint is written into a temporary directory beside its final place, flushed to disk, and
 renamed into place, so a crash or a full disk never leaves a half-written checkpoint that loads.
@@ -38,7 +39,7 @@ from typing import Any
 
 from tinkerd.types import NotFound, ServerError, UserError
 
-KINDS = {"weights": "training", "sampler_weights": "sampler"}
+KINDS = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 META_FILE = "tinkerd.json"
 # A temporary entry younger than this may be a write in progress, not a crash's leftover; older
 # ones are swept unless their writer still holds their lock (Settings.temp_stale_seconds).
@@ -116,7 +117,7 @@ class CheckpointPath:
         if len(parts) != 3 or parts[1] not in KINDS:
             raise UserError(
                 f"invalid checkpoint path {path!r}: expected "
-                "tinker://<model_id>/{weights|sampler_weights}/<name>"
+                "tinker://<model_id>/{weights|sampler_weights|external_weights}/<name>"
             )
         model_id, kind, name = parts
         check_name(name)
@@ -144,6 +145,7 @@ class CheckpointMeta:
     user_metadata: dict[str, Any] = field(default_factory=dict)
     has_optimizer: bool = False
     size_bytes: int = 0
+    public: bool = False  # published: other keys may read it (never list, change or delete it)
 
     def expired(self, now: float | None = None) -> bool:
         """Past its expiry; a stored expiry that is no number (NaN included) never expires."""
@@ -164,7 +166,7 @@ class CheckpointMeta:
             "time": iso_time(self.created_at),
             "tinker_path": self.tinker_path,
             "size_bytes": size if type(size) is int and 0 <= size < 2**63 else None,
-            "public": False,
+            "public": self.public is True,
             "user_metadata": {k: str(v) for k, v in metadata.items()} or None,
             "expires_at": iso_time_or_none(self.expires_at),
         }
@@ -442,6 +444,53 @@ class CheckpointStore:
     def delete(self, path: CheckpointPath) -> None:
         self.meta(path)  # NotFound if absent
         self._remove(self.directory(path))
+
+    def copy(self, source: CheckpointPath, meta: CheckpointMeta) -> CheckpointMeta:
+        """Copy checkpoint `source` to `meta.tinker_path` (a new one, with `meta`'s record):
+        its files are hard-linked where the filesystem allows, so no bytes are duplicated (a
+        checkpoint's files are never rewritten in place: an overwrite renames a new directory
+        over it), and copied where it does not."""
+        origin = self.directory(source)
+
+        def link_files(directory: Path) -> None:
+            for f in sorted(origin.iterdir()):
+                if f.name.startswith(".") or f.name == META_FILE or not f.is_file():
+                    continue
+                try:
+                    os.link(f, directory / f.name)
+                except OSError:
+                    shutil.copy2(f, directory / f.name)
+
+        self.meta(source)  # NotFound if it is gone
+        return self.write(CheckpointPath.parse(meta.tinker_path), meta, link_files)
+
+    def update(self, path: CheckpointPath, **changes: Any) -> CheckpointMeta:
+        """Change fields of a checkpoint's metadata (`public`, `expires_at`): its tinkerd.json
+        is rewritten through a flushed temporary file and a rename, so a reader sees the old
+        record or the new one. NotFound if the checkpoint does not exist or has expired."""
+        meta = self.meta(path)
+        for key, value in changes.items():
+            setattr(meta, key, value)
+        directory = self.directory(path)
+        tmp = directory / f".{META_FILE}.{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "w") as f:
+                f.write(json.dumps(asdict(meta)))
+                f.flush()
+                os.fsync(f.fileno())
+            with self._lock:
+                if not directory.is_dir():  # deleted meanwhile
+                    raise NotFound(f"checkpoint {path} not found")
+                os.replace(tmp, directory / META_FILE)
+        except OSError as e:
+            full = out_of_space(e, directory)
+            tmp.unlink(missing_ok=True)
+            if full:
+                raise DiskFull(directory / META_FILE) from None
+            raise ServerError(f"could not update checkpoint {path}: {e}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        return meta
 
     def expire(self) -> list[str]:
         """Remove every checkpoint past its TTL; returns their paths."""

@@ -70,6 +70,48 @@ MAX_TOPK = 1024
 TOKEN_ID_LIMIT = 2**63
 
 
+# ModelInput chunk kinds the SDK can send and tinkerd cannot use yet, by their SDK type names.
+_UNSUPPORTED_CHUNKS = {
+    "image": "ImageChunk (an image)",
+    "image_asset_pointer": "ImageAssetPointerChunk (an image by reference)",
+    "dmel": "DmelChunk (audio)",
+}
+_READ_BYTES = 1 << 20
+
+
+def unsupported_chunk(kind: object, where: str) -> UserError:
+    """The 400 for a ModelInput chunk that is not token ids: names the chunk type, and that this
+    server takes text (encoded_text token ids) only."""
+    what = _UNSUPPORTED_CHUNKS.get(str(kind), f"a {kind!r} chunk")
+    return UserError(
+        f"{where}: {what} is not supported: tinkerd serves text models and takes "
+        "encoded_text chunks (token ids) only; vision and audio inputs are refused until "
+        "a multimodal backend supports them"
+    )
+
+
+def decompress_zstd(body: bytes, limit: int) -> bytes:
+    """A zstd-compressed request body (the SDK's `Content-Encoding: zstd`), decompressed a
+    megabyte at a time: past `limit` bytes it stops with a 413, so a small body that expands
+    without bound (a zstd bomb) costs at most `limit` bytes of memory, never more."""
+    import zstandard
+
+    out = bytearray()
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True) as reader:
+            while chunk := reader.read(_READ_BYTES):
+                out += chunk
+                if len(out) > limit:
+                    raise UserError(
+                        f"the zstd-compressed request body expands past {limit} bytes, the most "
+                        "this server takes; send smaller batches",
+                        413,
+                    )
+    except zstandard.ZstdError as e:
+        raise UserError(f"the request body is not valid zstd ({e})") from None
+    return bytes(out)
+
+
 def parse_forward_backward_proto(body: bytes) -> tuple[pb.ForwardBackwardRequest, str]:
     """The protobuf ForwardBackwardRequest in `body`, and a fingerprint of its content."""
     msg = pb.ForwardBackwardRequest()
@@ -96,7 +138,7 @@ def forward_backward_from_proto(
         for chunk in d.model_input:
             kind = chunk.WhichOneof("chunk")
             if kind != "encoded_text":
-                raise UserError(f"datum {i}: {kind} inputs are not supported; send token ids")
+                raise unsupported_chunk(kind, f"datum {i}")
             raw = chunk.encoded_text.tokens
             if len(raw) % 4:
                 raise UserError(f"datum {i}: encoded_text tokens must be int32 bytes ({len(raw)})")
@@ -160,8 +202,10 @@ def model_input_tokens(
         raise UserError(f"{where}: model_input.chunks must be a list")
     tokens: list[int] = []
     for chunk in chunks:
-        if not isinstance(chunk, dict) or chunk.get("type", "encoded_text") != "encoded_text":
-            raise UserError(f"{where}: only encoded_text chunks are supported; send token ids")
+        if not isinstance(chunk, dict):
+            raise UserError(f"{where}: each model_input chunk must be an object")
+        if chunk.get("type", "encoded_text") != "encoded_text":
+            raise unsupported_chunk(chunk.get("type"), where)
         tokens.extend(_int_list(chunk.get("tokens"), f"{where} tokens"))
         check_sequence_tokens(len(tokens), limits, where)
     arr = np.asarray(tokens, np.int64)

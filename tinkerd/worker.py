@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from tinkerd.audit import AuditLog, record
 from tinkerd.metrics import LocalMonitor, MonitorStore, series
 from tinkerd.tasks import Result, Scheduler, Task, by_priority
 from tinkerd.types import (
@@ -64,6 +65,7 @@ class Worker:
         on_create_failed: told (model_id, error) when a model's creation fails, before its
             future settles: the registry forgets the model (`Registry.forget_failed`), so no
             run is left listed or advertised.
+        audit: where each checkpoint saved goes in the audit log, as its key's (`tinkerd.audit`).
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class Worker:
         monitor: MonitorStore | None = None,
         name: str = "local",
         on_create_failed: Callable[[str, TinkerdError], None] | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.backend = backend
@@ -83,6 +86,7 @@ class Worker:
         self.monitor: MonitorStore = monitor or LocalMonitor()
         self.name = name
         self.on_create_failed = on_create_failed
+        self.audit = audit
         self.failed_models: dict[str, TinkerdError] = {}  # creation failed: later work fails fast
         self.running: list[Task] = []  # taken from the scheduler this cycle (some settled)
         self._stop = threading.Event()
@@ -225,6 +229,15 @@ class Worker:
             path = saved.get("path") if isinstance(saved, dict) else None
             where = {"snapshot_id": payload.snapshot_id} if payload.snapshot_id else {}
             self._event(task, "save_weights", kind=payload.kind, path=path, **where)
+            if self.audit is not None and path and not payload.with_gradients:
+                record(
+                    self.audit,
+                    task.tenant,
+                    "checkpoint_save",
+                    model_id=task.model_id,
+                    tinker_path=path,
+                    checkpoint_type=payload.kind,
+                )
             return json_result(saved)
         if isinstance(payload, LoadWeights):
             loaded = self.backend.load_weights(task.model_id, payload)

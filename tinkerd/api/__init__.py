@@ -11,6 +11,7 @@ from typing import Any
 
 from flask import Response, current_app, g, jsonify, request
 
+from tinkerd import audit as audit_log
 from tinkerd.base_models import BaseModelSource
 from tinkerd.config import InputLimits
 from tinkerd.keys import ApiKey
@@ -55,6 +56,11 @@ def registry() -> Registry:
     """The registry as this request's key sees it: another key's records are NotFound."""
     key = caller()
     return service().registry.seen_by(key.name, key.admin)
+
+
+def audit(event: str, **details: Any) -> None:
+    """Record in the audit log that this request's key did `event` (`tinkerd.audit`)."""
+    audit_log.record(service().audit, caller().name, event, **details)
 
 
 def _queue_room() -> dict[str, Any]:
@@ -149,9 +155,28 @@ def limits() -> InputLimits:
     return service().settings.input_limits
 
 
-def json_body() -> dict[str, Any]:
+def page(default_limit: int = 20) -> tuple[int, int]:
+    """A listing's `limit` and `offset` query parameters."""
     try:
-        body = request.get_json(force=True, silent=True)
+        limit = int(request.args.get("limit", default_limit))
+        offset = int(request.args.get("offset", 0))
+    except ValueError:
+        raise UserError("limit and offset must be integers") from None
+    if limit < 1 or offset < 0:
+        raise UserError("limit must be positive and offset not negative")
+    return limit, offset
+
+
+def json_body(raw: bytes | None = None) -> dict[str, Any]:
+    """The request's JSON object body (or `raw`'s, a body already read and decompressed)."""
+    try:
+        if raw is None:
+            body = request.get_json(force=True, silent=True)
+        else:
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = None
     except RecursionError:  # a body nested deeper than the decoder recurses
         raise UserError("the request body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
@@ -223,6 +248,26 @@ def lora_config(raw: Any) -> LoraConfig:
         train_mlp=get_bool(raw, "train_mlp", True),
         train_attn=get_bool(raw, "train_attn", True),
         train_unembed=get_bool(raw, "train_unembed", True),
+    )
+
+
+def check_optimizer_config(raw: Any) -> None:
+    """The optimizer a model is created with: AdamW (absent means AdamW), the only one tinkerd
+    trains with; anything else is a 400 naming it, before anything is created."""
+    if raw is None:
+        return
+    kind = raw.get("type", "adamw") if isinstance(raw, dict) else raw
+    if kind == "adamw":
+        return
+    if kind == "dimuon":
+        raise UserError(
+            "optimizer_config: the Dimuon optimizer (DimuonOptimizerConfig) is not supported; "
+            "tinkerd trains with AdamW: create the model with AdamOptimizerConfig (the "
+            "default) and step it with AdamParams"
+        )
+    raise UserError(
+        f"unsupported optimizer_config {raw!r}: tinkerd trains with AdamW "
+        "(AdamOptimizerConfig, the default)"
     )
 
 
@@ -302,7 +347,8 @@ def start_model(
     if not isinstance(metadata, dict):  # kept with the run, whose listing reads it as one
         raise UserError("user_metadata must be an object")
     model_id = f"{session.session_id}:train:{model_seq_id}"
-    if not svc.registry.exists("model", model_id):  # a retried create is let through
+    retried = svc.registry.exists("model", model_id)
+    if not retried:  # a retried create is let through
         check_model_room()
     record = ModelRecord(
         model_id,
@@ -316,4 +362,12 @@ def start_model(
         raise UserError(f"model_seq_id {model_seq_id} of this session is already a different model")
     svc.scheduler.open_model(model_id)
     request_id = submit(model_id, 0, create, fingerprint(body))
+    if not retried:
+        audit(
+            "training_run_create",
+            model_id=model_id,
+            base_model=source.name,
+            lora_rank=create.lora.rank,
+            from_checkpoint=create.from_checkpoint,
+        )
     return jsonify({"request_id": request_id, "model_id": model_id})

@@ -3,22 +3,22 @@ what the `tinkerd` command line adds: saving a run without seq_ids, a checkpoint
 
 from __future__ import annotations
 
-import os
-import re
-import tarfile
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, jsonify, request
 
 from tinkerd.api import (
+    audit,
     get_bool,
     get_str,
     get_ttl_seconds,
     json_body,
+    page,
     registry,
     service,
     submit_next,
 )
+from tinkerd.api.checkpoints import checkpoint_files, file_name_of, tar_response
 from tinkerd.api.weights import checkpoint_meta
 from tinkerd.registry import ModelRecord
 from tinkerd.storage import KINDS, CheckpointPath, check_name, iso_time, sort_time, timestamp
@@ -55,25 +55,13 @@ def _run(record: ModelRecord) -> dict[str, Any]:
     }
 
 
-def _page(default_limit: int = 20) -> tuple[int, int]:
-    try:
-        limit = int(request.args.get("limit", default_limit))
-        offset = int(request.args.get("offset", 0))
-    except ValueError:
-        raise UserError("limit and offset must be integers") from None
-    if limit < 1 or offset < 0:
-        raise UserError("limit must be positive and offset not negative")
-    return limit, offset
-
-
 @bp.get("/training_runs")
 def list_training_runs():
-    limit, offset = _page()
+    limit, offset = page()
     runs = registry().runs()
-    page = runs[offset : offset + limit]
     return jsonify(
         {
-            "training_runs": [_run(r) for r in page],
+            "training_runs": [_run(r) for r in runs[offset : offset + limit]],
             "cursor": {"offset": offset, "limit": limit, "total_count": len(runs)},
         }
     )
@@ -95,13 +83,14 @@ def delete_checkpoint(run_id: str, kind: str, name: str):
     path = CheckpointPath.parse(f"tinker://{run_id}/{kind}/{name}")
     registry().run(run_id)  # this key's
     service().store.delete(path)
+    audit("checkpoint_delete", tinker_path=str(path), model_id=run_id)
     return jsonify({})
 
 
 @bp.get("/checkpoints")
 def list_all_checkpoints():
     """All runs' checkpoints, newest first, a page at a time (list_user_checkpoints)."""
-    limit, offset = _page(default_limit=100)
+    limit, offset = page(default_limit=100)
     store = service().store
     metas = [m for r in registry().runs() for m in store.list(r.model_id)]
     metas.sort(key=lambda m: sort_time(m.created_at), reverse=True)
@@ -163,10 +152,6 @@ def save_training_run(run_id: str):
     return jsonify({"request_id": request_id, "model_id": run_id, "path": str(path)})
 
 
-OPTIMIZER_FILE = "optimizer.pt"  # checkpoint_io.OPTIMIZER_STATE (that module imports torch)
-_CHUNK = 1 << 20
-
-
 @bp.get("/checkpoints/archive")
 def checkpoint_archive():
     """A checkpoint's files as an uncompressed tar stream, under a directory named after the
@@ -174,43 +159,5 @@ def checkpoint_archive():
     optimizer state only with `optimizer=true`. 404 for a missing, deleted or expired one."""
     path, _ = checkpoint_meta(request.args.get("path"))
     with_optimizer = request.args.get("optimizer", "false").lower() in ("1", "true", "yes")
-    directory = service().store.directory(path)
-    members = []  # (tar header, open file, size): opened now, so a delete cannot cut the stream
-    opened = []
-    try:
-        for f in sorted(directory.iterdir()):
-            if f.name.startswith(".") or not f.is_file():
-                continue
-            if f.name == OPTIMIZER_FILE and not with_optimizer:
-                continue
-            fh = open(f, "rb")  # noqa: SIM115 - closed when the response closes
-            opened.append(fh)
-            stat = os.fstat(fh.fileno())
-            info = tarfile.TarInfo(f"{path.name}/{f.name}")
-            info.size, info.mtime, info.mode = stat.st_size, int(stat.st_mtime), 0o644
-            members.append((info.tobuf(tarfile.GNU_FORMAT), fh, info.size))
-    except OSError:
-        for fh in opened:
-            fh.close()
-        raise NotFound(f"checkpoint {path} not found") from None
-
-    def stream():
-        for header, fh, size in members:
-            yield header
-            left = size
-            while left > 0:
-                chunk = fh.read(min(_CHUNK, left))
-                if not chunk:
-                    raise OSError(f"{fh.name} shrank while it was sent")
-                left -= len(chunk)
-                yield chunk
-            yield b"\0" * (-size % tarfile.BLOCKSIZE)
-        yield b"\0" * (2 * tarfile.BLOCKSIZE)  # end of archive
-
-    length = sum(len(h) + size + (-size % tarfile.BLOCKSIZE) for h, _, size in members)
-    response = Response(stream(), mimetype="application/x-tar")
-    response.headers["Content-Length"] = str(length + 2 * tarfile.BLOCKSIZE)
-    filename = re.sub(r"[^A-Za-z0-9._-]", "_", f"{path.model_id}-{path.kind}-{path.name}.tar")
-    response.headers["Content-Disposition"] = f'attachment; filename="{filename}"'
-    response.call_on_close(lambda: [fh.close() for fh in opened])
-    return response
+    files = checkpoint_files(path, service().store.directory(path), with_optimizer)
+    return tar_response(path, files, f"{path.name}/", file_name_of(path))

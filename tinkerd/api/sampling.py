@@ -41,15 +41,15 @@ def create_sampling_session():
     body = json_body()
     session = registry().session(get_str(body, "session_id"))
     sampler_id = f"{session.session_id}:sample:{get_int(body, 'sampling_session_seq_id')}"
-    weights = _weights(body.get("base_model"), body.get("model_path"))
+    weights = _weights(body.get("base_model"), body.get("model_path"), "sample")
     registry().add_sampler(SamplerRecord(sampler_id, session.session_id, weights))
     return jsonify({"sampling_session_id": sampler_id})
 
 
-def _weights(base_model: object, model_path: object) -> SamplerWeights:
+def _weights(base_model: object, model_path: object, purpose: str | None = None) -> SamplerWeights:
     data_dir = service().settings.data_dir
     if model_path is not None:
-        path, meta = checkpoint_meta(model_path)
+        path, meta = checkpoint_meta(model_path, purpose)
         if base_model is not None and resolve_base_model(base_model, data_dir) != (
             resolve_base_model(meta.base_model, data_dir)
         ):

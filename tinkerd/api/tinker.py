@@ -13,6 +13,8 @@ from flask import Blueprint, Response, jsonify, request
 
 from tinkerd.api import (
     adam_params,
+    audit,
+    check_optimizer_config,
     fingerprint,
     get_int,
     get_str,
@@ -23,12 +25,14 @@ from tinkerd.api import (
     registry,
     service,
     start_model,
+    submit_next,
     submit_ordered,
     wait,
 )
 from tinkerd.base_models import TINY_MODEL, resolve_base_model
-from tinkerd.types import AdamParams, CreateModel, OptimStep, UserError
+from tinkerd.types import AdamParams, CreateModel, OptimStep, RemoveModel, UserError
 from tinkerd.wire import (
+    decompress_zstd,
     forward_backward_from_proto,
     parse_forward_backward_json,
     parse_forward_backward_proto,
@@ -42,8 +46,9 @@ bp = Blueprint("tinker", __name__, url_prefix="/api/v1")
 
 @bp.post("/client/config")
 def client_config():
-    # Every flag at its SDK default but these; the fwd/bwd body is plain (uncompressed) protobuf.
-    return jsonify({"pjwt_auth_enabled": False, "proto_compress_fwdbwd": False})
+    # Every flag at its SDK default but these: no JWTs, and the fwd/bwd protobuf body comes
+    # zstd-compressed (`Content-Encoding: zstd`; about 10x smaller).
+    return jsonify({"pjwt_auth_enabled": False, "proto_compress_fwdbwd": True})
 
 
 @bp.post("/client/dynamic_config")
@@ -58,7 +63,12 @@ def create_session():
     metadata = body.get("user_metadata") or {}
     if not isinstance(tags, list) or not isinstance(metadata, dict):
         raise UserError("tags must be a list and user_metadata an object")
-    session = registry().create_session([str(t) for t in tags], metadata)
+    labels = {k: body.get(k) for k in ("display_name", "project_id")}
+    for key, value in labels.items():
+        if value is not None and not isinstance(value, str):
+            raise UserError(f"{key} must be a string")
+    session = registry().create_session([str(t) for t in tags], metadata, **labels)
+    audit("session_create", session_id=session.session_id, **labels)
     return jsonify({"session_id": session.session_id})
 
 
@@ -113,9 +123,7 @@ def create_model():
     model_seq_id = get_int(body, "model_seq_id")
     source = resolve_base_model(body.get("base_model"), svc.settings.data_dir)
     lora = lora_config(body.get("lora_config") or {})
-    optimizer = body.get("optimizer_config") or {"type": "adamw"}
-    if not isinstance(optimizer, dict) or optimizer.get("type", "adamw") != "adamw":
-        raise UserError(f"unsupported optimizer_config {optimizer!r}: tinkerd trains with adamw")
+    check_optimizer_config(body.get("optimizer_config"))
     return start_model(session, model_seq_id, source, CreateModel(source.name, lora), body)
 
 
@@ -126,16 +134,30 @@ def get_info():
 
 @bp.post("/forward_backward")
 def forward_backward():
+    """The SDK's protobuf ForwardBackwardRequest (zstd-compressed when `client/config` says
+    so), or the same request as JSON."""
+    raw = _body_bytes()
     if request.mimetype == "application/json":
-        body = json_body()
+        body = json_body(raw)
         model_id, seq_id = get_str(body, "model_id"), get_int(body, "seq_id")
         return submit_ordered(
             model_id, seq_id, fingerprint(body), lambda: parse_forward_backward_json(body, limits())
         )
-    msg, content = parse_forward_backward_proto(request.get_data())
+    msg, content = parse_forward_backward_proto(raw)
     return submit_ordered(
         msg.model_id, msg.seq_id, content, lambda: forward_backward_from_proto(msg, limits())
     )
+
+
+def _body_bytes() -> bytes:
+    """The request body, decompressed if it came `Content-Encoding: zstd` (the size limit then
+    holds for the decompressed bytes, checked as they come: `wire.decompress_zstd`)."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return request.get_data()
+    if encoding != "zstd":
+        raise UserError(f"Content-Encoding {encoding!r} is not supported: send zstd or none", 415)
+    return decompress_zstd(request.get_data(), service().settings.max_request_bytes)
 
 
 @bp.post("/optim_step")
@@ -149,14 +171,33 @@ def optim_step():
 
 def _adam_params(body: dict[str, Any]) -> AdamParams:
     if "optimizer_params" in body and "adam_params" not in body:
-        raise UserError("only adam_params are supported (the model was created with adamw)")
+        params = body["optimizer_params"]
+        name = params.get("type") if isinstance(params, dict) else None
+        what = "DimuonParams (the Dimuon optimizer)" if name == "dimuon" else f"{name!r} params"
+        raise UserError(
+            f"optimizer_params: {what} are not supported; tinkerd trains with AdamW: "
+            "step with AdamParams"
+        )
     return adam_params(body.get("adam_params"))
+
+
+@bp.post("/unload_model")
+def unload_model():
+    """Free a model (older SDKs' `models.unload`): after the requests queued before it, its
+    worker drops its adapter, optimizer state and sampling snapshots; its run and checkpoints
+    stay listed (resume it with `create_training_client_from_state`). Answers a future whose
+    result is `{model_id, type: "unload_model"}`."""
+    model_id = get_str(json_body(), "model_id")
+    registry().remove_model(model_id)  # this key's; later requests for it are NotFound
+    request_id = submit_next(model_id, RemoveModel())
+    audit("training_run_unload", model_id=model_id)
+    return jsonify({"request_id": request_id, "model_id": model_id})
 
 
 @bp.after_app_request
 def take_unserved_seq_id(response: Response) -> Response:
-    """A POST under /api/v1 that no route serves (a newer SDK's, such as save_weights_external)
-    whose JSON body names a model_id and seq_id still takes that seq_id, as a rejected request:
+    """A POST under /api/v1 that no route serves (a newer SDK's) whose JSON body names a
+    model_id and seq_id still takes that seq_id, as a rejected request:
     the SDK numbers each training request and sends the model's next one whatever became of
     this one, which would wait for it. An app hook: a path no route matches has no view."""
     if (

@@ -1,7 +1,9 @@
-"""Saving and loading training state: save_weights, save_weights_for_sampler, load_weights.
+"""Saving and loading training state: save_weights, save_weights_for_sampler,
+save_weights_external, load_weights.
 
 Each is an ordered request of its model (it takes a seq_id). Checkpoints are PEFT directories in
-the store, addressed as tinker://<model_id>/{weights|sampler_weights}/<name>.
+the store, addressed as tinker://<model_id>/{weights|sampler_weights|external_weights}/<name>.
+A key reads its own checkpoints and those another key has published (`checkpoint_meta`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from typing import Any
 from flask import Blueprint
 
 from tinkerd.api import (
+    audit,
+    check_optimizer_config,
     fingerprint,
     get_bool,
     get_int,
@@ -59,6 +63,25 @@ def save_weights():
     return submit_ordered(model_id, seq_id, fingerprint(body), lambda: _save(body, "weights"))
 
 
+@bp.post("/save_weights_external")
+def save_weights_external():
+    """The adapter alone, as a Hugging Face PEFT directory, under
+    tinker://<model_id>/external_weights/<name>: downloaded through the signed URLs of
+    `get_external_weights_urls`, listed and deleted like any checkpoint."""
+    body = json_body()
+    model_id, seq_id = get_str(body, "model_id"), get_int(body, "seq_id")
+
+    def build() -> SaveWeights:
+        if body.get("age_encryption_recipients"):
+            raise UserError(
+                "age_encryption_recipients: encrypting external weights is not supported by "
+                "tinkerd; save without recipients (the files stay on this server's disk)"
+            )
+        return _save(body, "external_weights")
+
+    return submit_ordered(model_id, seq_id, fingerprint(body), build)
+
+
 @bp.post("/save_weights_for_sampler")
 def save_weights_for_sampler():
     body = json_body()
@@ -80,14 +103,31 @@ def _snapshot(model_id: str, body: dict[str, Any]) -> SaveWeights:
     return SaveWeights(path=None, kind="sampler_weights", snapshot_id=sampler_id)
 
 
-def checkpoint_meta(path: object) -> tuple[CheckpointPath, CheckpointMeta]:
-    """A checkpoint of this key's that exists: its parsed path and metadata (NotFound
-    otherwise, another key's included)."""
+def checkpoint_meta(
+    path: object, purpose: str | None = None
+) -> tuple[CheckpointPath, CheckpointMeta]:
+    """A checkpoint this key may read, that exists: its parsed path and metadata. It reads its
+    own, and another key's once published (the one crossing of tenant isolation: reading it,
+    never listing, changing or deleting it); any other is NotFound, as an unknown one. A read
+    of another key's with a `purpose` (load, sample, download, copy) goes in the audit log."""
     parsed = CheckpointPath.parse(path)
     try:
         registry().run(parsed.model_id)
-    except NotFound:  # no such run, or another key's: the same answer
-        raise NotFound(f"checkpoint {parsed} not found") from None
+    except NotFound:  # no such run, or another key's: the same answer unless published
+        try:
+            meta = service().store.meta(parsed)
+        except NotFound:
+            meta = None
+        if meta is None or meta.public is not True:
+            raise NotFound(f"checkpoint {parsed} not found") from None
+        if purpose is not None:
+            audit(
+                "checkpoint_read",
+                tinker_path=str(parsed),
+                model_id=parsed.model_id,
+                purpose=purpose,
+            )
+        return parsed, meta
     return parsed, service().store.meta(parsed)
 
 
@@ -102,7 +142,7 @@ def load_weights():
 
 
 def _load(body: dict[str, Any], model: ModelRecord) -> LoadWeights:
-    path, meta = checkpoint_meta(body.get("path"))
+    path, meta = checkpoint_meta(body.get("path"), "load")
     _check_base(meta, model.base_model)
     with_optimizer = get_bool(body, "optimizer", False)
     if with_optimizer and not meta.has_optimizer:
@@ -125,7 +165,8 @@ def _create_from_checkpoint(body: dict[str, Any]) -> Any:
     svc = service()
     session = registry().session(get_str(body, "session_id"))
     model_seq_id = get_int(body, "model_seq_id")
-    path, meta = checkpoint_meta(body.get("path"))
+    check_optimizer_config(body.get("optimizer_config"))
+    path, meta = checkpoint_meta(body.get("path"), "load")
     if body.get("base_model") is not None:
         _check_base(meta, body["base_model"])
     with_optimizer = get_bool(body, "optimizer", False)

@@ -31,6 +31,7 @@ def create_cluster_app(settings: Settings) -> Flask:
     from flask import jsonify, request
 
     from tinkerd.app import create_app
+    from tinkerd.audit import RedisAudit
     from tinkerd.cluster.celery_app import make_celery
     from tinkerd.cluster.scheduler import Reaper, RedisScheduler
     from tinkerd.cluster.state import SWEEPER_LOCK, RedisFutures, RedisRecords, connect
@@ -53,7 +54,7 @@ def create_cluster_app(settings: Settings) -> Flask:
     )
     registry = Registry(store, RedisRecords(client, rebuild))
     monitor = RedisMonitor(client)
-    app = create_app(settings, scheduler, registry, store, monitor)
+    app = create_app(settings, scheduler, registry, store, monitor, audit=RedisAudit(client))
     reaper = Reaper(client, futures, settings.heartbeat_seconds, monitor)
     app.extensions["tinkerd_reaper"] = reaper.start()
     interval = settings.checkpoint_sweep_seconds

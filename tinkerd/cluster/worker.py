@@ -19,6 +19,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from tinkerd.audit import RedisAudit
 from tinkerd.cluster.celery_app import (
     bind_scheduler,
     make_celery,
@@ -79,9 +80,9 @@ class WorkerProcess:
                 settings.device,
                 store,
                 activation_checkpointing=settings.activation_checkpointing,
-            ),
                 tp=settings.tp,
                 pp=settings.pp,
+            ),
         )
         device = self.backend.info().device
         self.name = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}-{device}"
@@ -95,6 +96,7 @@ class WorkerProcess:
             monitor=self.monitor,
             name=self.name,
             on_create_failed=lambda model_id, e: self.registry.forget_failed(model_id, e.to_json()),
+            audit=RedisAudit(self.redis),  # checkpoint saves, as the API processes read them
         )
         self.celery = make_celery(settings.redis_url)
         bind_scheduler(self.celery, self.scheduler)
