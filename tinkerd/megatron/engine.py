@@ -32,6 +32,7 @@ from tinkerd.types import (
     ForwardBackward,
     ForwardBackwardResult,
     LoraConfig,
+    ServerError,
     TinkerdError,
 )
 
@@ -321,8 +322,12 @@ class Engine:
                             base, self.models[model_id].name, request, hidden[:, at : at + n],
                             lengths[at : at + n],
                         )  # fmt: skip
-                    except TinkerdError as e:
-                        outcome[index] = e
+                    except Exception as e:  # this request fails alone; the ranks stay in step
+                        outcome[index] = (
+                            e
+                            if isinstance(e, TinkerdError)
+                            else ServerError(f"{type(e).__name__}: {e}")
+                        )
                     else:
                         if not request.forward_only:
                             losses.append(value)
@@ -380,7 +385,7 @@ class Engine:
         each chunk's logits recomputed in backward rather than kept."""
         assert base.head is not None
         weight = None
-        if base.arch.tied_embeddings and self.first:  # the head is the embedding itself
+        if base.model.share_embeddings_and_output_weights:  # the head is the embedding itself
             weight = base.model.shared_embedding_or_output_weight()
         vocab = base.arch.padded_vocab(self.tp) // self.tp
         start, true_vocab = self.tp_rank * vocab, base.arch.vocab_size

@@ -160,7 +160,9 @@ def build_model(arch: Architecture, dtype: torch.dtype, device: torch.device) ->
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         parallel_output=True,
-        share_embeddings_and_output_weights=arch.tied_embeddings,
+        # Tied across pipeline stages, megatron-core would all-reduce the copies on "cuda" at
+        # construction; the base is frozen, so each stage simply loads its own copy.
+        share_embeddings_and_output_weights=arch.tied_embeddings and pp == 1,
         position_embedding_type="rope",
         rotary_base=int(arch.rope_theta),
     )
@@ -275,7 +277,7 @@ def load_weights(model: nn.Module, arch: Architecture, directory: Path) -> None:
         head = "lm_head.weight"
         if arch.tied_embeddings or head not in weights:
             head = f"{hf}embed_tokens.weight"
-        if not (arch.tied_embeddings and model.pre_process):  # else it is the embedding
+        if not model.share_embeddings_and_output_weights:  # else it is the embedding
             state["output_layer.weight"] = vocab_rows(head)
     own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     missing = sorted(own.keys() - state.keys())
