@@ -57,13 +57,17 @@ def datums(rng: np.random.Generator, vocab: int, lengths: list[int]) -> list[Dat
 
 def request(batch: list[Datum], loss: str, forward_only: bool = False) -> ForwardBackward:
     names = LOSSES[loss].inputs
-    kept = [Datum(d.tokens, {k: v for k, v in d.loss_fn_inputs.items() if k in names}) for d in batch]
+    kept = [
+        Datum(d.tokens, {k: v for k, v in d.loss_fn_inputs.items() if k in names}) for d in batch
+    ]
     return ForwardBackward(kept, loss, resolve_config(LOSSES[loss], {}), forward_only=forward_only)
 
 
 def result_diff(a, b) -> float:
     """Largest difference of per-datum logprobs and elementwise losses, and of the loss."""
-    worst = abs(a.metrics["loss:sum"] - b.metrics["loss:sum"]) / max(1.0, abs(b.metrics["loss:sum"]))
+    worst = abs(a.metrics["loss:sum"] - b.metrics["loss:sum"]) / max(
+        1.0, abs(b.metrics["loss:sum"])
+    )
     for x, y in zip(a.loss_fn_outputs, b.loss_fn_outputs, strict=True):
         for key in ("logprobs", "elementwise_loss"):
             worst = max(worst, float(np.abs(x[key] - y[key]).max()))
@@ -79,18 +83,28 @@ def checkpoint_diff(directory_a: Path, directory_b: Path) -> dict[str, float]:
     assert a.keys() == b.keys(), (sorted(a)[:3], sorted(b)[:3])
     out["weights"] = max(float((a[k] - b[k]).abs().max()) for k in a)
     if (directory_a / "optimizer.pt").is_file():
-        oa, ob = (torch.load(d / "optimizer.pt", weights_only=True) for d in (directory_a, directory_b))
+        oa, ob = (
+            torch.load(d / "optimizer.pt", weights_only=True) for d in (directory_a, directory_b)
+        )
         assert oa["steps"] == ob["steps"]
         sa, sb = oa["optimizer"]["state"], ob["optimizer"]["state"]
         assert sa.keys() == sb.keys()
         out["adam"] = max(
-            [float((sa[i][m] - sb[i][m]).abs().max()) for i in sa for m in ("exp_avg", "exp_avg_sq")],
+            [
+                float((sa[i][m] - sb[i][m]).abs().max())
+                for i in sa
+                for m in ("exp_avg", "exp_avg_sq")
+            ],
             default=0.0,
         )
     if (directory_a / "gradients.pt").is_file():
-        ga, gb = (torch.load(d / "gradients.pt", weights_only=True) for d in (directory_a, directory_b))
+        ga, gb = (
+            torch.load(d / "gradients.pt", weights_only=True) for d in (directory_a, directory_b)
+        )
         scale = max(1.0, max(float(y.abs().max()) for y in gb))  # relative to the largest
-        out["gradients"] = max(float((x - y).abs().max()) for x, y in zip(ga, gb, strict=True)) / scale
+        out["gradients"] = (
+            max(float((x - y).abs().max()) for x, y in zip(ga, gb, strict=True)) / scale
+        )
     return out
 
 
@@ -105,7 +119,9 @@ def compare(mg, hf, model_dir: str, vocab: int) -> dict[str, float]:
     tag = Path(model_dir).name
     for backend in (mg, hf):
         backend.create_model(f"{tag}-a", CreateModel(model_dir, lora))
-        backend.create_model(f"{tag}-b", CreateModel(model_dir, LoraConfig(rank=8, seed=12, train_attn=False)))
+        backend.create_model(
+            f"{tag}-b", CreateModel(model_dir, LoraConfig(rank=8, seed=12, train_attn=False))
+        )
     a, b = f"{tag}-a", f"{tag}-b"
 
     def save(backend, model_id: str, name: str, **kw) -> Path:
@@ -129,7 +145,9 @@ def compare(mg, hf, model_dir: str, vocab: int) -> dict[str, float]:
     # Two models in one pass, each against its own HF twin.
     both = [(a, request(batch, "ppo")), (b, request(datums(rng, vocab, [6, 11]), "cross_entropy"))]
     xs, ys = mg.forward_backward(both), hf.forward_backward(both)
-    diffs["forward_backward two models"] = max(result_diff(x, y) for x, y in zip(xs, ys, strict=True))
+    diffs["forward_backward two models"] = max(
+        result_diff(x, y) for x, y in zip(xs, ys, strict=True)
+    )
     for model_id in (a, b):
         checked = checkpoint_diff(
             save(mg, model_id, "mg-grad", with_gradients=True),
@@ -148,7 +166,9 @@ def compare(mg, hf, model_dir: str, vocab: int) -> dict[str, float]:
     # The PEFT round trip, both ways: HF and PEFT load what Megatron saved, Megatron what HF saved.
     probe = request(datums(rng, vocab, [10, 7]), "cross_entropy", forward_only=True)
     [mine] = mg.forward_backward([(a, probe)])
-    hf.create_model(f"{tag}-from-mg", CreateModel(model_dir, lora, f"tinker://{a}/weights/mg-step", True))
+    hf.create_model(
+        f"{tag}-from-mg", CreateModel(model_dir, lora, f"tinker://{a}/weights/mg-step", True)
+    )
     [theirs] = hf.forward_backward([(f"{tag}-from-mg", probe)])
     diffs["megatron -> hf"] = result_diff(mine, theirs)
     peft = PeftModel.from_pretrained(
@@ -159,10 +179,14 @@ def compare(mg, hf, model_dir: str, vocab: int) -> dict[str, float]:
     with torch.no_grad():
         for d, out in zip(probe.datums, mine.loss_fn_outputs, strict=True):
             logits = peft(torch.from_numpy(d.tokens)[None]).logits[0].float()
-            lp = torch.log_softmax(logits, -1).gather(-1, torch.from_numpy(d.loss_fn_inputs["target_tokens"])[:, None])
+            lp = torch.log_softmax(logits, -1).gather(
+                -1, torch.from_numpy(d.loss_fn_inputs["target_tokens"])[:, None]
+            )
             worst = max(worst, float(np.abs(lp[:, 0].numpy() - out["logprobs"]).max()))
     diffs["megatron -> PeftModel.from_pretrained"] = worst
-    mg.create_model(f"{tag}-from-hf", CreateModel(model_dir, lora, f"tinker://{a}/weights/hf-step", True))
+    mg.create_model(
+        f"{tag}-from-hf", CreateModel(model_dir, lora, f"tinker://{a}/weights/hf-step", True)
+    )
     [x] = mg.forward_backward([(f"{tag}-from-hf", probe)])
     [y] = hf.forward_backward([(a, probe)])
     diffs["hf -> megatron"] = result_diff(x, y)
@@ -171,17 +195,24 @@ def compare(mg, hf, model_dir: str, vocab: int) -> dict[str, float]:
     for backend in (mg, hf):
         backend.forward_backward([(a, request(batch, "importance_sampling"))])
         backend.optim_step(a, adam)
-    diffs["load_weights + step"] = checkpoint_diff(save(mg, a, "mg-last"), save(hf, a, "hf-last"))["weights"]
+    diffs["load_weights + step"] = checkpoint_diff(save(mg, a, "mg-last"), save(hf, a, "hf-last"))[
+        "weights"
+    ]
     # Sampling from an in-memory snapshot: the same tokens and logprobs as the HF backend's.
     samples = []
     for backend in (mg, hf):
-        backend.save_weights(a, SaveWeights(None, "sampler_weights", snapshot_id=f"snap-{tag}-{id(backend)}"))
+        backend.save_weights(
+            a, SaveWeights(None, "sampler_weights", snapshot_id=f"snap-{tag}-{id(backend)}")
+        )
         weights = SamplerWeights(model_dir, snapshot_id=f"snap-{tag}-{id(backend)}")
         params = SamplingParams(max_tokens=6, temperature=1.0, seed=3, stop_tokens=())
         [s] = backend.sample([Sample(weights, np.array([1, 5, 9]), 2, params)])
         samples.append(s)
     diffs["sample tokens differ"] = float(
-        any((x.tokens != y.tokens).any() for x, y in zip(samples[0].sequences, samples[1].sequences, strict=True))
+        any(
+            (x.tokens != y.tokens).any()
+            for x, y in zip(samples[0].sequences, samples[1].sequences, strict=True)
+        )
     )
     diffs["sample logprobs"] = max(
         float(np.abs(x.logprobs - y.logprobs).max())

@@ -79,3 +79,86 @@ def test_matches_the_hf_backend(models: list[str], tmp_path: Path, tp: int, pp: 
         assert len(diffs) == 20, diffs
         for what, diff in diffs.items():
             assert diff <= TOLERANCE, f"{model} at tp={tp} pp={pp}: {what} differs by {diff}"
+
+
+TOKENS = [5, 17, 42, 99, 300, 7, 8, 61, 23, 400, 12]
+
+
+def sft_step(tc, adam, forward_backward_only: bool = False) -> float:
+    from tinker import types
+
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(TOKENS[:-1]),
+        loss_fn_inputs={"target_tokens": TOKENS[1:], "weights": [1.0] * (len(TOKENS) - 1)},
+    )
+    loss = tc.forward_backward([datum], "cross_entropy").result(timeout=120)
+    if not forward_backward_only:
+        tc.optim_step(adam).result(timeout=120)
+    return loss.metrics["loss:sum"]
+
+
+def megatron_serve(data: Path, port: int, log: Path, tp: int = 2):
+    from tinkerd.local_cluster import APIProcess
+
+    args = ["--data-dir", str(data), "--device", "cpu", "--backend", "megatron", "--tp", str(tp)]
+    return APIProcess(args, log, port, env={"HF_HUB_OFFLINE": "1"}).wait_ready(240)
+
+
+@pytest.mark.timeout(600)
+def test_the_sdk_trains_through_serve_with_the_hf_backends_losses(
+    server, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """`tinkerd serve --backend megatron --tp 2`: SFT through the official SDK gives the HF
+    backend's losses; a clean stop mid-step (gradients pending) and a restart go on exactly;
+    sampling from the trained weights gives the HF backend's tokens."""
+    import signal
+
+    import tinker
+    from tinker import types
+
+    from tinkerd.local_cluster import free_port
+
+    adam = types.AdamParams(learning_rate=0.02)
+    params = types.SamplingParams(max_tokens=8, temperature=1.0, seed=5)
+    prompt = types.ModelInput.from_ints(TOKENS[:4])
+
+    def first_half(tc) -> list[float]:
+        return [sft_step(tc, adam), sft_step(tc, adam), sft_step(tc, adam, True)]
+
+    def second_half(tc) -> list[float]:
+        tc.optim_step(adam).result(timeout=120)
+        return [sft_step(tc, adam), sft_step(tc, adam)]
+
+    def sampled(tc) -> list[list[int]]:
+        sampler = tc.save_weights_and_get_sampling_client().result(timeout=120)
+        result = sampler.sample(prompt, num_samples=2, sampling_params=params).result(timeout=120)
+        return [list(s.tokens) for s in result.sequences]
+
+    hf = tinker.ServiceClient(base_url=server.url, api_key="tml-test")
+    twin = hf.create_lora_training_client(base_model=str(tiny_model_dir), rank=8, seed=3).result()
+    expected = first_half(twin) + second_half(twin)
+    expected_tokens = sampled(twin)
+
+    data, port = tmp_path / "data", free_port()
+    mg = megatron_serve(data, port, tmp_path / "first.log")
+    try:
+        service = tinker.ServiceClient(base_url=mg.url, api_key="tml-test")
+        tc = service.create_lora_training_client(
+            base_model=str(tiny_model_dir), rank=8, seed=3
+        ).result()
+        losses = first_half(tc)
+        mg.proc.send_signal(signal.SIGTERM)
+        assert mg.proc.wait(120) == 0, mg.log_tail()
+    finally:
+        mg.stop()
+    assert [p.name for p in (data / "stopped").glob("*.json")], "nothing saved at the stop"
+    mg = megatron_serve(data, port, tmp_path / "second.log")
+    try:
+        losses += second_half(tc)  # the same TrainingClient, on the restarted server
+        assert losses == pytest.approx(expected, rel=1e-5)
+        assert sampled(tc) == expected_tokens
+        service.close("success").result(timeout=30)
+    finally:
+        mg.stop(60)
+    leftover = subprocess.run(["pgrep", "-f", str(data)], capture_output=True, text=True)
+    assert leftover.stdout == "", f"ranks outlived the server: {leftover.stdout}"
