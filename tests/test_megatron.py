@@ -162,3 +162,56 @@ def test_the_sdk_trains_through_serve_with_the_hf_backends_losses(
         mg.stop(60)
     leftover = subprocess.run(["pgrep", "-f", str(data)], capture_output=True, text=True)
     assert leftover.stdout == "", f"ranks outlived the server: {leftover.stdout}"
+
+
+def rank_pid(supervisor: int, rank: int) -> int:
+    """The process of `rank` among a Megatron worker's ranks (read from their environment)."""
+    from tinkerd.local_cluster import _children
+
+    for pid in _children(supervisor):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return pid
+    raise AssertionError(f"no rank {rank} under {supervisor}")
+
+
+@pytest.mark.timeout(600)
+def test_a_megatron_worker_in_a_cluster_and_a_rank_that_dies(
+    server, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """`tinkerd worker --backend megatron --tp 2` serves a Redis cluster with the HF backend's
+    losses; when one of its ranks dies, the worker's requests fail and its model is reported
+    lost, as for any lost worker."""
+    import os
+    import signal
+    import time
+
+    import httpx
+    import tinker
+    from tinker import types
+
+    from tinkerd.local_cluster import Cluster
+
+    adam = types.AdamParams(learning_rate=0.02)
+    env = {"TINKERD_WORKER_TTL_SECONDS": "8", "TINKERD_LONG_POLL_SECONDS": "5"}
+    hf = tinker.ServiceClient(base_url=server.url, api_key="tml-test")
+    twin = hf.create_lora_training_client(base_model=str(tiny_model_dir), rank=8, seed=4).result()
+    expected = [sft_step(twin, adam) for _ in range(2)]
+    worker_args = ["--backend", "megatron", "--tp", "2"]
+    with Cluster(tmp_path, workers=1, env=env, worker_args=worker_args).running() as cluster:
+        client = tinker.ServiceClient(base_url=cluster.url, api_key="tml-test")
+        tc = client.create_lora_training_client(
+            base_model=str(tiny_model_dir), rank=8, seed=4
+        ).result()
+        assert [sft_step(tc, adam) for _ in range(2)] == pytest.approx(expected, rel=1e-5)
+        worker = cluster.workers["w1"]
+        follower = rank_pid(worker.proc.pid, 1)
+        os.kill(follower, signal.SIGKILL)
+        assert worker.proc.wait(60) != 0  # the supervisor stops every rank
+        killed_at = time.monotonic()
+        with pytest.raises(tinker.RequestFailedError, match="lost"):
+            sft_step(tc, adam)
+        assert time.monotonic() - killed_at < 60
+        run = httpx.get(f"{cluster.url}/api/v1/training_runs/{tc.model_id}", timeout=10).json()
+        assert run["status"] == "lost", run
+        client.close("success").result(timeout=30)

@@ -235,8 +235,10 @@ class Cluster:
         api_workers: int = 1,
         log_level: str = "INFO",
         env: dict[str, str] | None = None,
+        worker_args: list[str] | None = None,
     ) -> None:
         self.work_dir = work_dir
+        self.worker_args = worker_args or []  # e.g. ["--backend", "megatron", "--tp", "2"]
         self.data_dir = work_dir / "data"
         self.log_level = log_level
         self.env = {
@@ -277,7 +279,7 @@ class Cluster:
         self._worker_count += 1
         name = f"w{self._worker_count}"
         self.workers[name] = TinkerdProcess(
-            ["worker", "--name", name, *self.common_args()],
+            ["worker", "--name", name, *self.common_args(), *self.worker_args],
             self.work_dir / f"worker-{name}.log",
             self.env,
         )
