@@ -2,6 +2,9 @@
 same weights, in one process group of tp x pp ranks.
 
     torchrun --nproc-per-node N tests/megatron_parity.py TP PP WORKDIR OUT.json MODEL_DIR...
+    python tests/megatron_parity.py --build DIR     # writes the two test models, prints their dirs
+
+Both backends run in float32 on $TINKERD_PARITY_DEVICE (default cpu; bench/megatron_gpu.sh: cuda).
 
 Rank 0 drives `MegatronBackend` exactly as the worker does, and beside it an `HFBackend` (the
 independent computation: transformers + PEFT), sharing one checkpoint store; the other ranks follow.
@@ -229,12 +232,44 @@ def store_path(path: str):
     return CheckpointPath.parse(path)
 
 
+def build_models(root: Path) -> list[str]:
+    """A small random Llama (tinkerd/tiny: its vocabulary of 909 is padded at TP=2) and a small
+    random Qwen3 (q/k norms, tied embeddings, vocabulary 1001)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from tinkerd.tiny_model import build_tiny_model
+
+    llama, qwen = root / "llama", root / "qwen3"
+    build_tiny_model(str(llama))
+    if not (qwen / "config.json").is_file():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            config = Qwen3Config(
+                vocab_size=1001,
+                hidden_size=64,
+                intermediate_size=96,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                tie_word_embeddings=True,
+                max_position_embeddings=256,
+                eos_token_id=0,
+            )
+            Qwen3ForCausalLM(config).save_pretrained(qwen)
+    return [str(llama), str(qwen)]
+
+
 def main() -> None:
     import os
 
+    if sys.argv[1] == "--build":
+        print(" ".join(build_models(Path(sys.argv[2]))))
+        return
     tp, pp, work, out = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
     models = sys.argv[5:]
-    options = BackendOptions(work / "data", "cpu", tp=tp, pp=pp)
+    device = os.environ.get("TINKERD_PARITY_DEVICE", "cpu")
+    options = BackendOptions(work / "data", device, dtype="float32", tp=tp, pp=pp)
     if int(os.environ["RANK"]) != 0:
         from tinkerd.megatron.backend import follow, start_rank
 
@@ -246,7 +281,7 @@ def main() -> None:
     from tinkerd.megatron.backend import MegatronBackend
 
     mg = MegatronBackend(options)
-    hf = HFBackend(work / "data", "cpu", store=mg.store)
+    hf = HFBackend(work / "data", device, store=mg.store, dtype="float32")
     try:
         report = {}
         for model_dir in models:

@@ -42,29 +42,10 @@ def torchrun(ranks: int, *args: str, timeout: float = 600) -> subprocess.Complet
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> list[str]:
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    sys.path.insert(0, str(ROOT / "tests"))
+    from megatron_parity import build_models
 
-    from tinkerd.tiny_model import build_tiny_model
-
-    root = tmp_path_factory.mktemp("megatron-models")
-    llama = root / "llama"
-    build_tiny_model(str(llama))
-    torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=1001,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        tie_word_embeddings=True,
-        max_position_embeddings=256,
-        eos_token_id=0,
-    )
-    Qwen3ForCausalLM(config).save_pretrained(root / "qwen3")
-    return [str(llama), str(root / "qwen3")]
+    return build_models(tmp_path_factory.mktemp("megatron-models"))
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (2, 2)], ids=["tp1", "tp2", "tp2xpp2"])

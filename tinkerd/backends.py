@@ -80,6 +80,7 @@ class BackendOptions:
     device: str | None = None
     store: CheckpointStore | None = None
     activation_checkpointing: bool = False
+    dtype: str | None = None  # the base models' ("float32", "bfloat16"); None: by device
     tp: int = 1  # tensor-parallel ranks (the Megatron backend)
     pp: int = 1  # pipeline stages (the Megatron backend)
 
@@ -132,6 +133,7 @@ def _hf(options: BackendOptions) -> Backend:
         options.device,
         store=options.store,
         activation_checkpointing=options.activation_checkpointing,
+        dtype=options.dtype,
     )
 
 

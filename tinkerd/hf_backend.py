@@ -8,9 +8,11 @@ added to `.grad` only once the whole request has succeeded: a failed request cha
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import re
+import threading
 import time
 import warnings
 from collections import OrderedDict
@@ -31,7 +33,8 @@ from tinkerd.base_models import BaseModelSource, hub_reachable, resolve_base_mod
 from tinkerd.logprobs import split_causal_lm
 from tinkerd.logprobs import target_logprobs as chunked_target_logprobs
 from tinkerd.loss_functions import Loss, get_loss
-from tinkerd.sampling import Engine, check_sample, generate
+from tinkerd.sampling import Done as SampleDone
+from tinkerd.sampling import Engine, check_sample
 from tinkerd.storage import CheckpointMeta, CheckpointPath, CheckpointStore
 from tinkerd.types import (
     CreateModel,
@@ -63,9 +66,13 @@ class _Base:
     model: nn.Module  # the HF model; wrapped in place by PEFT once it has an adapter
     vocab_size: int
     peft: PeftModel | None = None
-    active: str | None = None
     tokenizer: Any = None  # loaded on first need (stop strings)
+    # The sampler's own module tree over the same weight tensors (`sharing_weights`), where
+    # sampler adapters live: sampling never touches the training tree, so it can run beside it.
+    sampler: nn.Module | None = None
+    sampler_peft: PeftModel | None = None
     engine: Engine | None = None  # its sampling engine and KV cache, made on first sample
+    retired: set[str] = field(default_factory=set)  # sampler adapters to delete once unused
 
     @property
     def context_length(self) -> int:
@@ -173,6 +180,7 @@ class HFBackend:
         store: CheckpointStore | None = None,
         max_sampler_adapters: int = 32,
         activation_checkpointing: bool = False,
+        dtype: str | None = None,
         max_pass_tokens: int = 32768,
         sampler_cache_bytes: int = 4 << 30,
     ) -> None:
@@ -181,14 +189,18 @@ class HFBackend:
         # for long sequences, at about one more forward pass of compute.
         self.activation_checkpointing = activation_checkpointing
         self.device = torch.device(device or autodetect_device())
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        # The base models' dtype: bf16 on GPUs, fp32 on the CPU, unless `dtype` names one.
+        self.dtype = base_dtype(self.device, dtype)
         self.store = store or CheckpointStore(self.data_dir / "runs")
         self._bases: dict[str, _Base] = {}
         self._adapters: dict[str, _Adapter] = {}
         # Sampler weights held as extra adapters, least recently used first: key -> (base, name).
         self._samplers: OrderedDict[str, tuple[_Base, str]] = OrderedDict()
         self._max_samplers = max_sampler_adapters
-        self._pinned: set[str] = set()  # samplers a running sample call uses: never evicted
+        # Held by the sampler's steps and by whatever changes its adapters (a snapshot, a drop),
+        # so that the trainer's thread never changes them under a running step.
+        self._sampler_lock = threading.RLock()
+        self._bases_lock = threading.RLock()
         # The sampler's KV cache per base model, at most (tinkerd.sampling.Engine).
         self.sampler_cache_bytes = sampler_cache_bytes
         # Requests of several models run in one packed pass of at most this many tokens.
@@ -200,22 +212,26 @@ class HFBackend:
 
     def _load_base(self, name: str) -> _Base:
         source = resolve_base_model(name, self.data_dir)
-        if source.location in self._bases:
-            return self._bases[source.location]
-        if source.builtin:
-            from tinkerd.tiny_model import build_tiny_model
+        with self._bases_lock:  # the trainer's thread and the sampler's both load bases
+            if source.location in self._bases:
+                return self._bases[source.location]
+            if source.builtin:
+                from tinkerd.tiny_model import build_tiny_model
 
-            build_tiny_model(source.location)
-        log.info("loading base model %s on %s", source.location, self.device)
-        model = self._from_pretrained(source)
-        model.to(self.device).eval().requires_grad_(False)
-        if self.activation_checkpointing:
-            checkpoint_layers(model)
-        vocab = min(
-            model.get_input_embeddings().num_embeddings, model.get_output_embeddings().out_features
-        )
-        base = self._bases[source.location] = _Base(source, model, vocab)
-        return base
+                build_tiny_model(source.location)
+            log.info("loading base model %s on %s", source.location, self.device)
+            model = self._from_pretrained(source)
+            model.to(self.device).eval().requires_grad_(False)
+            sampler = sharing_weights(model)  # before the trainer's tree is changed
+            if self.activation_checkpointing:
+                checkpoint_layers(model)
+            vocab = min(
+                model.get_input_embeddings().num_embeddings,
+                model.get_output_embeddings().out_features,
+            )
+            base = _Base(source, model, vocab, sampler=sampler)
+            self._bases[source.location] = base
+            return base
 
     def _from_pretrained(self, source: BaseModelSource) -> nn.Module:
         """The base model's weights, or a UserError of one line. A hub name is read from its
@@ -257,7 +273,6 @@ class HFBackend:
             else:
                 base.peft.add_adapter(name, config)
         base.peft.eval()
-        base.active = None
         params = [p for n, p in base.peft.named_parameters() if f".{name}." in n and "lora_" in n]
         for p in params:
             p.requires_grad_(trainable)
@@ -268,7 +283,6 @@ class HFBackend:
             with warnings.catch_warnings():  # "Adapter m1 was active which is now deleted"
                 warnings.simplefilter("ignore", UserWarning)
                 base.peft.delete_adapter(name)
-        base.active = None
 
     def create_model(self, model_id: str, request: CreateModel) -> dict[str, Any]:
         if model_id in self._adapters:
@@ -308,7 +322,7 @@ class HFBackend:
         adapter = self._adapters.pop(model_id, None)
         if adapter is not None:
             for key in adapter.snapshots:
-                self._drop_sampler(key)
+                self.drop_sampler(key)
             self._delete_adapter(adapter.base, adapter.name)
 
     def held(self) -> dict[str, Any]:
@@ -536,12 +550,11 @@ class HFBackend:
         base, peft = adapter.base, adapter.base.peft
         assert peft is not None
         if request.snapshot_id is not None:  # unnamed sampler save: weights stay in memory
-            name, _ = self._add_adapter(base, peft.peft_config[adapter.name], 0, trainable=False)
             state = get_peft_model_state_dict(
                 peft, adapter_name=adapter.name, save_embedding_layers=False
             )
-            set_peft_model_state_dict(peft, state, adapter_name=name)
-            self._cache_sampler(request.snapshot_id, base, name)
+            config = peft.peft_config[adapter.name]
+            self.hold_sampler(request.snapshot_id, base.source.name, config, state)
             adapter.snapshots.add(request.snapshot_id)
             return {"sampling_session_id": request.snapshot_id}
         assert request.path is not None
@@ -568,7 +581,7 @@ class HFBackend:
                 checkpoint_io.write_gradients(adapter.params, directory)
 
         self.store.write(path, meta, write_contents, overwrite=request.overwrite)
-        self._drop_sampler(str(path))  # an overwritten checkpoint must be re-read
+        self.drop_sampler(str(path))  # an overwritten checkpoint must be re-read
         return {"path": str(path)}
 
     def load_weights(self, model_id: str, request: LoadWeights) -> dict[str, Any]:
@@ -619,43 +632,49 @@ class HFBackend:
     # -- sampling ----------------------------------------------------------------------------
 
     def sample(self, requests: list[Sample]) -> list[SampleResult | TinkerdError]:
-        """Sample every request: those of one base model in one continuous batch, whatever
-        their weights (the base, a snapshot, a sampler checkpoint), each request's tokens through
-        its own adapter. A request that cannot run fails alone."""
+        """Sample every request and wait for all: those of one base model in one continuous
+        batch, whatever their weights (the base, a snapshot, a sampler checkpoint), each
+        request's tokens through its own adapter. A request that cannot run fails alone."""
         results: list[SampleResult | TinkerdError | None] = [None] * len(requests)
-        groups: dict[int, tuple[_Base, list[int], list[str | None]]] = {}
-        self._pinned.clear()
+        for i, request in enumerate(requests):
+            self.sample_start(request, lambda outcome, i=i: results.__setitem__(i, outcome))
+        while any(r is None for r in results) and self.sample_step():
+            pass
+        return [r or ServerError("the sampler lost this request") for r in results]
+
+    def sample_start(self, request: Sample, done: SampleDone) -> None:
+        """Queue a request on its base model's engine; `done` gets its result or its error, from
+        the thread that runs `sample_step` (or from this call, if it cannot run)."""
         try:
-            for i, request in enumerate(requests):
-                try:
-                    base = self._load_base(request.weights.base_model)
-                    check_sample(request, base.context_length, base.vocab_size)
-                    adapter = self._sampler_adapter(base, request.weights)
-                except TinkerdError as e:
-                    results[i] = e
+            base = self._load_base(request.weights.base_model)
+            check_sample(request, base.context_length, base.vocab_size)
+            with self._sampler_lock:
+                adapter = self._sampler_adapter(base, request.weights)
+                self._engine(base).add(request, adapter, done)
+        except TinkerdError as e:
+            done(e)
+        except torch.OutOfMemoryError:
+            done(UserError("out of memory: sample fewer tokens"))
+
+    def sample_step(self) -> bool:
+        """One step of each base model's engine that has work (finished requests leave, waiting
+        ones join); whether any work is left."""
+        busy = False
+        with self._sampler_lock:
+            for base in list(self._bases.values()):
+                engine = base.engine
+                if engine is None or not engine.busy:
                     continue
-                except torch.OutOfMemoryError:
-                    results[i] = UserError("out of memory: sample fewer tokens")
-                    continue
-                group = groups.setdefault(id(base), (base, [], []))
-                group[1].append(i)
-                group[2].append(adapter)
-            for base, indices, adapters in groups.values():
-                outputs = generate(
-                    base.peft or base.model,
-                    [requests[i] for i in indices],
-                    adapters=adapters,
-                    engine=self._engine(base),
-                )
-                for i, output in zip(indices, outputs, strict=True):
-                    results[i] = output
-        finally:
-            self._pinned.clear()
-        return results  # type: ignore[return-value]
+                engine.step(base.sampler_peft or base.sampler)
+                for name in [n for n in base.retired if not engine.uses(n)]:
+                    base.retired.discard(name)
+                    self._delete_sampler_adapter(base, name)
+                busy |= engine.busy
+        return busy
 
     def _engine(self, base: _Base) -> Engine:
-        """The base's sampling engine, its KV cache sized once: at most `sampler_cache_bytes`
-        and a quarter of the device's free memory, at least one whole context."""
+        """The base's sampling engine. Its KV cache grows as needed up to `sampler_cache_bytes`
+        or a quarter of the device's free memory, at least one whole context."""
         if base.engine is None:
             config = base.model.config.get_text_config()
             heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -677,7 +696,7 @@ class HFBackend:
 
     def _sampler_adapter(self, base: _Base, weights: SamplerWeights) -> str | None:
         """The adapter a sampler's requests go through (None: the base alone), read from its
-        checkpoint on first use; held (never evicted) until this sample call ends."""
+        checkpoint on first use."""
         if weights.snapshot_id is None and weights.model_path is None:
             return None
         cached = self._samplers.get(weights.key)
@@ -688,52 +707,94 @@ class HFBackend:
                 )
             cached = self._load_sampler(base, CheckpointPath.parse(weights.model_path))
         self._samplers.move_to_end(weights.key)
-        self._pinned.add(weights.key)
         return cached[1]
+
+    def _add_sampler_adapter(self, base: _Base, config: PeftLoraConfig) -> str:
+        """A new, frozen adapter in the base's sampler tree."""
+        name = next(self._names)
+        if base.sampler_peft is None:
+            base.sampler_peft = get_peft_model(base.sampler, config, adapter_name=name)
+        else:
+            base.sampler_peft.add_adapter(name, config)
+        base.sampler_peft.eval().requires_grad_(False)
+        return name
+
+    def _delete_sampler_adapter(self, base: _Base, name: str) -> None:
+        if base.sampler_peft is not None and name in base.sampler_peft.peft_config:
+            with warnings.catch_warnings():  # "Adapter m1 was active which is now deleted"
+                warnings.simplefilter("ignore", UserWarning)
+                base.sampler_peft.delete_adapter(name)
 
     def _load_sampler(self, base: _Base, path: CheckpointPath) -> tuple[_Base, str]:
         """Read a checkpoint's adapter once; later samples reuse it from memory."""
         directory = self._checkpoint_dir(base, path)
-        name, _ = self._add_adapter(
-            base, checkpoint_io.read_adapter_config(directory), 0, trainable=False
-        )
+        name = self._add_sampler_adapter(base, checkpoint_io.read_adapter_config(directory))
         try:
-            checkpoint_io.load_adapter(base.peft, name, directory)
+            checkpoint_io.load_adapter(base.sampler_peft, name, directory)
         except BaseException:
-            self._delete_adapter(base, name)
+            self._delete_sampler_adapter(base, name)
             raise
         self._cache_sampler(str(path), base, name)
         return base, name
 
     def _cache_sampler(self, key: str, base: _Base, name: str) -> None:
-        """Keep a sampler's adapter, evicting the least recently used beyond the limit (but
-        none that a running sample call uses)."""
+        """Keep a sampler's adapter, evicting the least recently used beyond the limit (none that
+        a queued or running request goes through)."""
         self._drop_sampler(key)
         self._samplers[key] = (base, name)
-        evictable = [k for k in self._samplers if k not in self._pinned and k != key]
-        while len(self._samplers) > self._max_samplers and evictable:
-            self._drop_sampler(evictable.pop(0))
+        for old in list(self._samplers):
+            if len(self._samplers) <= self._max_samplers:
+                break
+            old_base, old_name = self._samplers[old]
+            if old != key and not (old_base.engine and old_base.engine.uses(old_name)):
+                self._drop_sampler(old)
 
     def _drop_sampler(self, key: str) -> None:
+        """Forget `key`; its adapter goes at once, or once the requests that use it are done."""
         cached = self._samplers.pop(key, None)
-        if cached is not None:
-            self._delete_adapter(*cached)
+        if cached is None:
+            return
+        base, name = cached
+        if base.engine is not None and base.engine.uses(name):
+            base.retired.add(name)
+        else:
+            self._delete_sampler_adapter(base, name)
 
     def hold_sampler(
         self, key: str, base_model: str, config: PeftLoraConfig, state: dict[str, torch.Tensor]
     ) -> None:
-        """Hold sampler weights given as a PEFT state dict under `key` (a snapshot id), as an
-        unnamed sampler save is held: for an engine that trains elsewhere and samples here
-        (the Megatron backend's rank 0)."""
+        """Hold sampler weights given as a PEFT state dict under `key` (a snapshot id): an
+        unnamed sampler save, of a model trained here or elsewhere (the Megatron backend's
+        rank 0). The weights are copied."""
         base = self._load_base(base_model)
-        name, _ = self._add_adapter(base, config, 0, trainable=False)
-        assert base.peft is not None
-        set_peft_model_state_dict(base.peft, state, adapter_name=name)
-        self._cache_sampler(key, base, name)
+        with self._sampler_lock:
+            name = self._add_sampler_adapter(base, config)
+            assert base.sampler_peft is not None
+            set_peft_model_state_dict(base.sampler_peft, state, adapter_name=name)
+            self._cache_sampler(key, base, name)
 
     def drop_sampler(self, key: str) -> None:
         """Forget sampler weights held under `key` (a snapshot id or a checkpoint path)."""
-        self._drop_sampler(key)
+        with self._sampler_lock:
+            self._drop_sampler(key)
+
+
+def sharing_weights(model: nn.Module) -> nn.Module:
+    """A copy of `model`'s modules and config over the same parameter and buffer tensors: a
+    second tree that costs no weight memory, whose adapters, attention setting and patched
+    forwards are its own."""
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, shared)
+
+
+def base_dtype(device: torch.device, name: str | None = None) -> torch.dtype:
+    """"float32", "bfloat16" or "float16" if named (a UserError otherwise), else bfloat16 on a GPU
+    and float32 on the CPU."""
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"dtype {name!r}: float32, bfloat16 or float16")
+    return getattr(torch, name)
 
 
 def device_memory(device: torch.device) -> tuple[int, int]:

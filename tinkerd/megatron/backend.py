@@ -91,8 +91,9 @@ def start_rank(options: BackendOptions) -> Engine:
         cpu.seed_cuda(0)
     else:
         cpu.use_cpu()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return Engine(device, dtype)
+    from tinkerd.hf_backend import base_dtype
+
+    return Engine(device, base_dtype(device, options.dtype))
 
 
 def follow(engine: Engine) -> None:
@@ -458,7 +459,9 @@ class MegatronBackend:
         if self._sampler is None:
             from tinkerd.hf_backend import HFBackend
 
-            self._sampler = HFBackend(self.data_dir, str(self.device), store=self.store)
+            self._sampler = HFBackend(
+                self.data_dir, str(self.device), store=self.store, dtype=self.options.dtype
+            )
         return self._sampler
 
     def sample(self, requests: list[Sample]) -> list[SampleResult | TinkerdError]:

@@ -102,7 +102,8 @@ class Engine:
         # The rank that reports a pass's results: the last stage's first tensor-parallel rank
         # (found by asking every rank once, rather than assuming Megatron's rank order).
         reporter = torch.tensor(
-            self.rank if self.last and self.tp_rank == 0 else dist.get_world_size()
+            self.rank if self.last and self.tp_rank == 0 else dist.get_world_size(),
+            device=device,  # nccl reduces device tensors only
         )
         dist.all_reduce(reporter, op=dist.ReduceOp.MIN)
         self.reporter = int(reporter)
@@ -112,13 +113,20 @@ class Engine:
 
     # -- models ------------------------------------------------------------------------------
 
-    def add_base(self, key: str, arch: Architecture, directory: str) -> None:
+    def add_base(self, key: str, arch: Architecture, directory: str | None) -> None:
+        """Build base `key` from the HF weights in `directory`; None: random weights made on
+        the device (benchmarks: an 8B model without writing and reading 16 GB)."""
         if key in self.bases:
             return
         from pathlib import Path
 
         model = build_model(arch, self.dtype, self.device)
-        load_weights(model, arch, Path(directory))
+        if directory is None:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.fill_(1.0) if "norm" in name else p.normal_(0.0, 0.02)
+        else:
+            load_weights(model, arch, Path(directory))
         layers: dict[int, dict[str, lora_mod.LoraParallelLinear]] = {}
         local = local_arch(arch, self.tp)
         for layer in model.decoder.layers:
