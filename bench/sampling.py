@@ -1,32 +1,32 @@
-"""Sampling throughput: tinkerd's `asample` through the SDK against plain `model.generate`.
+"""Sampling throughput: tinkerd's engine through the SDK against transformers' mixed-adapter
+`generate`, for 1, 4 and 16 LoRA adapters and 8 to 128 concurrent requests, in one run.
 
-Measures generated tokens per second at several concurrency levels N (default 1, 8 and 32), two
-ways, on the same random tiny model (tinkerd's built-in one: hidden 64, 2 layers, vocab 909,
-built with build_tiny_model into a temporary directory; nothing is downloaded):
+Everything runs on the same random tiny model (tinkerd's built-in config by default: hidden 64,
+2 layers, vocab 909; `--hidden` and `--layers` make it larger), built into a temporary directory;
+nothing is downloaded. Three phases, never two at once:
 
-(a) in process: transformers `model.generate` on one batch of the N prompts, left-padded, with
-    sampling (temperature 1, no top-k, top-p 1) and exactly `--max-tokens` new tokens per prompt
-    (EOS is not allowed to end a row early);
-(b) through tinkerd: the official `tinker` SDK against a live `tinkerd serve` subprocess on a free
-    loopback port. A base-model SamplingClient submits N `sample` requests at once (one prompt
-    each, num_samples=1, the same sampling parameters, stop=[] so that EOS does not stop and
-    every request generates exactly `--max-tokens` tokens) and waits for all N. What is timed
-    includes HTTP, queueing, the worker's batching of waiting requests, the KV-cache generation
-    loop, protobuf encoding and the SDK's future polling.
+1. a `tinkerd serve` subprocess makes the adapters: K LoRA models (rank 8, attention and MLP),
+   each trained one step so that its B matrices are not zero, saved as sampler checkpoints
+   (`save_weights_for_sampler`, PEFT format); then it stops;
+2. in process, transformers + PEFT load those checkpoint directories into one PeftModel and
+   `generate` the N prompts in one batch, left-padded, request i through adapter i mod K
+   (`adapter_names`, PEFT's mixed-adapter batch), sampling at temperature 1 with exactly
+   `--max-tokens` new tokens per row;
+3. a fresh `tinkerd serve` subprocess on the same data directory: one SamplingClient per
+   checkpoint (`create_sampling_client(model_path=...)`), request i on client i mod K, all N
+   submitted at once through the official SDK with stop=[] so that every request generates
+   exactly `--max-tokens` tokens; the time counts HTTP, queueing, the engine and the SDK's
+   polling, from the first submit to the last result.
 
-Both sides get the same N prompts (random token ids, 16 to 48 tokens long, so batches are
-padded) and generate the same number of tokens. tokens/s = N x max_tokens / wall time of one
-round; each side runs one untimed warm-up round per level, then `--rounds` timed rounds, and the
-median round is reported. `--threads` sets torch's intra-op threads on both sides alike.
+Prompts are random token ids, 16 to 48 tokens long. tokens/s = N x max_tokens / wall time of a
+round; each cell gets one untimed warm-up round, then `--rounds` timed rounds, and the median
+counts. `--threads` sets torch's intra-op threads on both sides alike. The table gives both rates
+and their ratio per (adapters, concurrency), with the machine's load average, since on a shared
+CPU box other work moves these figures.
 
-(a) and (b) never run at the same time: the server is started only after every in-process round
-is done and its model is freed, and while (b) runs this process only waits on futures. The result
-is a table of tokens/s for (a) and (b) and the ratio b/a per level, with the machine's load
-average, since on a shared CPU box other work moves these figures a lot.
-
-    .venv/bin/python bench/sampling.py                  # levels 1, 8, 32; 64 tokens; 3 rounds
-    .venv/bin/python bench/sampling.py --quick          # a fast smoke run, noisy figures
-    .venv/bin/python bench/sampling.py --max-tokens 128 --threads 1
+    .venv/bin/python bench/sampling.py                 # 1 4 16 adapters x 8 16 32 64 128
+    .venv/bin/python bench/sampling.py --quick         # a smoke run: 4 adapters x 8 32, noisy
+    .venv/bin/python bench/sampling.py --adapters 4 --concurrency 32 --rounds 5 --threads 1
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TINKER_TELEMETRY", "0")
 warnings.filterwarnings("ignore", category=FutureWarning)
 
+TRAIN = [[5, 17, 42, 99, 300, 7, 64, 12], [9, 8, 7, 6, 5, 4, 3]]
+
 
 def make_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     import numpy as np
@@ -62,7 +64,39 @@ def median_rate(tokens: int, seconds: list[float]) -> float:
     return tokens / statistics.median(seconds)
 
 
-# -- (a) in process ------------------------------------------------------------------------------
+# -- 1. the adapters, made by tinkerd ------------------------------------------------------------
+
+
+def make_adapters(
+    model_dir: Path, count: int, work_dir: Path, log_level: str, env: dict[str, str] | None
+) -> list[str]:
+    """`count` sampler checkpoints, each of a LoRA model trained one step; their tinker paths."""
+    from tinker import types
+
+    def datum(tokens: list[int]) -> types.Datum:
+        return types.Datum(
+            model_input=types.ModelInput.from_ints(tokens[:-1]),
+            loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
+        )
+
+    paths = []
+    with sdk_session(work_dir, [], log_level, env) as (_, client):
+        for i in range(count):
+            tc = client.create_lora_training_client(base_model=str(model_dir), rank=8, seed=i)
+            fb = tc.forward_backward([datum(t) for t in TRAIN], "cross_entropy")
+            opt = tc.optim_step(types.AdamParams(learning_rate=1e-2))
+            fb.result(), opt.result()
+            paths.append(tc.save_weights_for_sampler(f"bench-{i}").result().path)
+    return paths
+
+
+def checkpoint_dir(work_dir: Path, path: str) -> Path:
+    from tinkerd.storage import CheckpointPath, CheckpointStore
+
+    return CheckpointStore(work_dir / "data" / "runs").directory(CheckpointPath.parse(path))
+
+
+# -- 2. transformers + PEFT, in process ----------------------------------------------------------
 
 
 def left_padded(prompts: list[list[int]], pad: int):
@@ -78,8 +112,8 @@ def left_padded(prompts: list[list[int]], pad: int):
     return input_ids, mask
 
 
-def generate_round(model, input_ids, mask, max_tokens: int, pad: int) -> float:
-    """Seconds for one model.generate call that samples exactly max_tokens per row."""
+def generate_round(model, input_ids, mask, names: list[str], max_tokens: int, pad: int) -> float:
+    """Seconds for one `generate` call, each row through its adapter, exactly max_tokens new."""
     import torch
 
     start = time.perf_counter()
@@ -87,6 +121,7 @@ def generate_round(model, input_ids, mask, max_tokens: int, pad: int) -> float:
         out = model.generate(
             input_ids=input_ids,
             attention_mask=mask,
+            adapter_names=names,
             do_sample=True,
             temperature=1.0,
             top_k=0,
@@ -100,62 +135,77 @@ def generate_round(model, input_ids, mask, max_tokens: int, pad: int) -> float:
     return elapsed
 
 
-def run_in_process(
-    model_dir: Path, levels: list[int], max_tokens: int, rounds: int
-) -> dict[int, float]:
+def run_generate(
+    model_dir: Path, adapter_dirs: list[Path], cells: list[tuple[int, int]], args
+) -> dict[tuple[int, int], float]:
     import torch
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     pad = AutoTokenizer.from_pretrained(model_dir).pad_token_id
+    model = PeftModel.from_pretrained(base, str(adapter_dirs[0]), adapter_name="a0").eval()
+    for i, directory in enumerate(adapter_dirs[1:], 1):
+        model.load_adapter(str(directory), adapter_name=f"a{i}")
+    model.eval()
     rates = {}
-    for n in levels:
-        input_ids, mask = left_padded(make_prompts(n, model.config.vocab_size), pad)
-        generate_round(model, input_ids, mask, max_tokens, pad)  # warm-up
-        times = [generate_round(model, input_ids, mask, max_tokens, pad) for _ in range(rounds)]
-        rates[n] = median_rate(n * max_tokens, times)
-    del model
+    for k, n in cells:
+        input_ids, mask = left_padded(make_prompts(n, base.config.vocab_size), pad)
+        names = [f"a{i % k}" for i in range(n)]
+        generate_round(model, input_ids, mask, names, args.max_tokens, pad)  # warm-up
+        times = [
+            generate_round(model, input_ids, mask, names, args.max_tokens, pad)
+            for _ in range(args.rounds)
+        ]
+        rates[k, n] = median_rate(n * args.max_tokens, times)
+        print(f"  generate     {k:2d} adapters x {n:3d}: {rates[k, n]:8.0f} tok/s", flush=True)
+    del model, base
     gc.collect()
     return rates
 
 
-# -- (b) through tinkerd -------------------------------------------------------------------------
+# -- 3. tinkerd, through the SDK -----------------------------------------------------------------
 
 
-def sample_round(sampler, prompts, params, max_tokens: int) -> float:
-    """Seconds from submitting one sample request per prompt, all at once, to the last result."""
+def sample_round(samplers, prompts, params, max_tokens: int) -> float:
+    """Seconds from submitting one request per prompt (request i on sampler i mod K), all at
+    once, to the last result."""
     start = time.perf_counter()
-    futures = [sampler.sample(p, num_samples=1, sampling_params=params) for p in prompts]
+    futures = [
+        samplers[i % len(samplers)].sample(p, num_samples=1, sampling_params=params)
+        for i, p in enumerate(prompts)
+    ]
     results = [f.result() for f in futures]
     elapsed = time.perf_counter() - start
     assert all(len(r.sequences[0].tokens) == max_tokens for r in results)
     return elapsed
 
 
-def run_through_server(
+def run_tinkerd(
     model_dir: Path,
-    levels: list[int],
-    max_tokens: int,
-    rounds: int,
+    paths: list[str],
+    cells: list[tuple[int, int]],
     work_dir: Path,
-    log_level: str,
-    threads: int | None,
-) -> dict[int, float]:
+    env: dict[str, str] | None,
+    args,
+) -> dict[tuple[int, int], float]:
     from tinker import types
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(model_dir).vocab_size
-    params = types.SamplingParams(max_tokens=max_tokens, temperature=1.0, stop=[])
-    # torch reads OMP_NUM_THREADS at start-up: the server's intra-op threads
-    env = {"OMP_NUM_THREADS": str(threads)} if threads else None
+    params = types.SamplingParams(max_tokens=args.max_tokens, temperature=1.0, stop=[])
     rates = {}
-    with sdk_session(work_dir, [], log_level, env) as (_, client):
-        sampler = client.create_sampling_client(base_model=str(model_dir)).result()
-        for n in levels:
+    with sdk_session(work_dir, [], args.server_log_level, env) as (_, client):
+        samplers = [client.create_sampling_client(model_path=p) for p in paths]
+        for k, n in cells:
             prompts = [types.ModelInput.from_ints(p) for p in make_prompts(n, vocab)]
-            sample_round(sampler, prompts, params, max_tokens)  # warm-up (loads the model)
-            times = [sample_round(sampler, prompts, params, max_tokens) for _ in range(rounds)]
-            rates[n] = median_rate(n * max_tokens, times)
+            sample_round(samplers[:k], prompts, params, args.max_tokens)  # warm-up
+            times = [
+                sample_round(samplers[:k], prompts, params, args.max_tokens)
+                for _ in range(args.rounds)
+            ]
+            rates[k, n] = median_rate(n * args.max_tokens, times)
+            print(f"  tinkerd      {k:2d} adapters x {n:3d}: {rates[k, n]:8.0f} tok/s", flush=True)
     return rates
 
 
@@ -164,33 +214,31 @@ def run_through_server(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-tokens", type=int, help="tokens per request (default 64; 16 quick)")
+    parser.add_argument("--rounds", type=int, help="timed rounds per cell, median (default 3)")
     parser.add_argument(
-        "--max-tokens", type=int, help="tokens generated per request (default 64; 16 with --quick)"
-    )
-    parser.add_argument(
-        "--rounds", type=int, help="timed rounds per level; the median counts (default 3)"
+        "--adapters", type=int, nargs="+", help="adapters per batch (default 1 4 16; 4 quick)"
     )
     parser.add_argument(
         "--concurrency",
         type=int,
         nargs="+",
-        help="concurrent requests per round (default 1 8 32; 1 8 with --quick)",
+        help="concurrent requests (default 8 16 32 64 128; 8 32 quick)",
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        help="torch intra-op threads on both sides (default: torch's own choice); on a busy "
-        "machine 1 avoids threads waiting on each other",
-    )
+    parser.add_argument("--threads", type=int, help="torch intra-op threads on both sides")
+    parser.add_argument("--hidden", type=int, default=64, help="the model's hidden size (64)")
+    parser.add_argument("--layers", type=int, default=2, help="the model's layers (2)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: noisy figures")
     parser.add_argument("--server-log-level", default="WARNING")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
-    max_tokens = args.max_tokens or (16 if args.quick else 64)
-    rounds = args.rounds or (1 if args.quick else 3)
-    levels = args.concurrency or ([1, 8] if args.quick else [1, 8, 32])
-    if max_tokens < 1 or rounds < 1 or min(levels) < 1:
-        parser.error("--max-tokens, --rounds and --concurrency must be positive")
+    args.max_tokens = args.max_tokens or (16 if args.quick else 64)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    adapters = args.adapters or ([4] if args.quick else [1, 4, 16])
+    levels = args.concurrency or ([8, 32] if args.quick else [8, 16, 32, 64, 128])
+    if args.max_tokens < 1 or args.rounds < 1 or min(levels) < 1 or min(adapters) < 1:
+        parser.error("--max-tokens, --rounds, --adapters and --concurrency must be positive")
+    cells = [(k, n) for k in adapters for n in levels]
 
     import torch
 
@@ -198,21 +246,26 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    # torch reads OMP_NUM_THREADS at start-up: the server's intra-op threads
+    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
 
     work_dir = Path(tempfile.mkdtemp(prefix="tinkerd-bench-sampling-"))
     try:
-        model_dir = build_tiny_model(work_dir / "tiny")
+        model_dir = build_tiny_model(
+            work_dir / "model", hidden_size=args.hidden, num_layers=args.layers
+        )
         print(
-            f"tiny model (tinkerd's built-in config), {max_tokens} new tokens per request, "
-            f"prompts of 16-48 tokens, median of {rounds} round(s) after 1 warm-up, "
-            f"torch {torch.__version__} on cpu with {torch.get_num_threads()} threads per side, "
-            f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
+            f"random Llama (hidden {args.hidden}, {args.layers} layers), LoRA rank 8, "
+            f"{args.max_tokens} new tokens per request, prompts of 16-48 tokens, median of "
+            f"{args.rounds} round(s) after 1 warm-up, torch {torch.__version__} on cpu with "
+            f"{torch.get_num_threads()} threads per side, load average "
+            f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
             flush=True,
         )
-        local = run_in_process(model_dir, levels, max_tokens, rounds)
-        served = run_through_server(
-            model_dir, levels, max_tokens, rounds, work_dir, args.server_log_level, args.threads
-        )
+        paths = make_adapters(model_dir, max(adapters), work_dir, args.server_log_level, env)
+        dirs = [checkpoint_dir(work_dir, p) for p in paths]
+        local = run_generate(model_dir, dirs, cells, args)
+        served = run_tinkerd(model_dir, paths, cells, work_dir, env, args)
         print(f"load average afterwards {os.getloadavg()[0]:.1f}")
     finally:
         if args.keep:
@@ -221,10 +274,11 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work_dir, ignore_errors=True)
 
     print()
-    print("| concurrent requests | model.generate tok/s | tinkerd asample tok/s | ratio |")
-    print("|--------------------:|---------------------:|----------------------:|------:|")
-    for n in levels:
-        print(f"| {n:19d} | {local[n]:20.0f} | {served[n]:21.0f} | {served[n] / local[n]:5.2f} |")
+    print("| adapters | concurrent requests | generate tok/s | tinkerd tok/s | ratio |")
+    print("|---------:|--------------------:|---------------:|--------------:|------:|")
+    for k, n in cells:
+        a, b = local[k, n], served[k, n]
+        print(f"| {k:8d} | {n:19d} | {a:14.0f} | {b:13.0f} | {b / a:5.2f} |")
     return 0
 
 

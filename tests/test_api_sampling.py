@@ -22,7 +22,7 @@ import tinker
 import torch
 from tinker import types
 
-from tinkerd import checkpoint_io, hf_backend
+from tinkerd import checkpoint_io, sampling
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -138,36 +138,40 @@ def user_error(future, *fragments: str, status: int | None = None) -> str:
 
 
 class Batches:
-    """Records how the worker batches samples: requests per backend.sample call (one per worker
-    cycle) and per generate() call (one per set of weights). Closed, it holds the worker at its
-    next sample call until `release_when_queued`, so that concurrent requests meet in one cycle."""
+    """Records how the worker's sampling engine batches: per engine step, the requests in it
+    (decoding or joining) and their adapters. Closed, it holds the sampling thread before it
+    takes the waiting requests until `release_when_queued`, so that concurrent requests meet in
+    the engine's batch."""
 
     def __init__(self, server, monkeypatch, closed: bool) -> None:
         self.server = server
-        self.cycles: list[int] = []
-        self.generates: list[int] = []
+        self.steps: list[tuple[int, set]] = []  # (requests in the step, their adapters)
         self._open = threading.Event()
         if not closed:
             self._open.set()
-        real_sample, real_generate = server.backend.sample, hf_backend.generate
+        real_take, real_pass = server.scheduler.take_unordered, sampling.Engine._pass
 
-        def sample(requests):
-            self.cycles.append(len(requests))
+        def take_unordered(timeout):
+            parked.set()
             assert self._open.wait(WAIT)
-            return real_sample(requests)
+            return real_take(timeout)
 
-        def generate(model, samples, **kwargs):
-            self.generates.append(len(samples))
-            return real_generate(model, samples, **kwargs)
+        def record(engine, model, routed, decoding, joining):
+            requests = {id(r.request): r.request for r in decoding} | {id(q): q for q in joining}
+            self.steps.append((len(requests), {q.adapter for q in requests.values()}))
+            return real_pass(engine, model, routed, decoding, joining)
 
-        monkeypatch.setattr(server.backend, "sample", sample)
-        monkeypatch.setattr(hf_backend, "generate", generate)
+        parked = threading.Event()
+        monkeypatch.setattr(server.scheduler, "take_unordered", take_unordered)
+        monkeypatch.setattr(sampling.Engine, "_pass", record)
+        # the sampling thread may be inside the real take_unordered: wait until it is held
+        assert parked.wait(WAIT)
 
     def release_when_queued(self, n: int) -> None:
-        """Open once all `n` submitted requests are queued or held."""
+        """Open once all `n` submitted requests are queued."""
         deadline = time.monotonic() + WAIT
-        while sum(self.cycles) + self.server.scheduler.queue_depth() < n:
-            assert time.monotonic() < deadline, (self.cycles, self.server.scheduler.queue_depth())
+        while self.server.scheduler.queue_depth() < n:
+            assert time.monotonic() < deadline, self.server.scheduler.queue_depth()
             time.sleep(0.01)
         self._open.set()
 
@@ -328,16 +332,14 @@ def test_concurrent_samples_are_batched_and_match_each_run_alone(server, lab, mo
     futures = [submit(sampler, prompt, **kwargs) for sampler, prompt, kwargs in requests]
     batches.release_when_queued(len(requests))
     together = [f.result(timeout=WAIT) for f in futures]
-    # Only what reached the worker before the rest were queued ran in a cycle of its own.
-    assert len(batches.cycles) <= 2 and sum(batches.cycles) == len(requests), batches.cycles
-    assert max(batches.generates) >= 3  # one generate() ran several requests on one weights
-    assert len(batches.generates) < len(requests)
+    # All eight shared an engine step: the snapshot's requests and the base's in one batch.
+    assert max(n for n, _ in batches.steps) == len(requests), batches.steps
+    assert any(len(adapters) == 2 for _, adapters in batches.steps), batches.steps
 
-    alone_batches = Batches(server, monkeypatch, closed=False)
+    alone = Batches(server, monkeypatch, closed=False)
     for (sampler, prompt, kwargs), batched in zip(requests, together, strict=True):
-        alone = submit(sampler, prompt, **kwargs).result(timeout=WAIT)
-        assert_same_response(batched, alone)
-    assert alone_batches.cycles == [1] * len(requests)
+        assert_same_response(batched, submit(sampler, prompt, **kwargs).result(timeout=WAIT))
+    assert {n for n, _ in alone.steps} == {1}
 
 
 def test_a_sampler_checkpoint_is_read_once(server, lab, monkeypatch) -> None:
@@ -532,6 +534,6 @@ def test_bad_requests_in_a_batch_fail_alone(server, lab, monkeypatch) -> None:
     results = [f.result(timeout=WAIT) for f in good_futures]
     for future, fragment in bad_futures:
         user_error(future, fragment)
-    assert len(batches.cycles) <= 2, batches.cycles
+    assert max(n for n, _ in batches.steps) == len(good), batches.steps
     for (sampler, prompt, kwargs), batched in zip(good, results, strict=True):
         assert_same_response(batched, submit(sampler, prompt, **kwargs).result(timeout=WAIT))

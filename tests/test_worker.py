@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from fake_backend import FakeBackend
 
-from tinkerd import tasks
+from tinkerd import sampling, tasks
 from tinkerd.hf_backend import HFBackend
 from tinkerd.tasks import Result, Scheduler
 from tinkerd.types import (
@@ -87,9 +87,12 @@ class Lab:
                 seq += 1
 
     def run(self) -> None:
-        """Cycles until nothing is left to run."""
-        while self.worker.run_cycle(timeout=0.0):
-            pass
+        """Cycles (and sampling cycles) until nothing is left to run."""
+        while True:
+            ran = self.worker.run_cycle(timeout=0.0)
+            sampling = self.worker.stream is not None and self.worker.sample_cycle(0.0)
+            if not ran and not sampling:
+                return
 
 
 @pytest.fixture
@@ -153,18 +156,32 @@ def test_a_long_waiting_low_priority_request_runs_before_fresh_high_priority_wor
     assert lab.settled == ["low:1", "low:2", "low:3"] + [f"high:{s}" for s in range(1, 7)]
 
 
-def test_samples_waiting_together_run_in_one_pass_highest_priority_first(
+def test_samples_waiting_together_join_one_engine_step_highest_priority_first(
     lab: Lab, backend: HFBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(tasks, "AGING_SECONDS", 1000.0)
-    passes: list[list[int]] = []
-    spy(monkeypatch, backend, "sample", lambda reqs: passes.append([r.num_samples for r in reqs]))
+    started: list[int] = []
+    real_start = backend.sample_start
+    monkeypatch.setattr(
+        backend,
+        "sample_start",
+        lambda r, done: started.append(r.num_samples) or real_start(r, done),
+    )
+    steps: list[list[int]] = []
+    real_pass = sampling.Engine._pass
+
+    def record(engine, model, routed, decoding, joining):
+        steps.append([q.sample.num_samples for q in joining])
+        return real_pass(engine, model, routed, decoding, joining)
+
+    monkeypatch.setattr(sampling.Engine, "_pass", record)
     weights, prompt = SamplerWeights(lab.base_model), np.array([1, 2, 3], dtype=np.int64)
     for n, priority in ((1, 0), (2, 3), (3, 9), (4, 3)):  # num_samples tells them apart
         sample = Sample(weights, prompt, n, SamplingParams(max_tokens=2))
         lab.scheduler.submit_unordered("s:sample:0", n, sample, f"fp{n}", priority=priority)
     lab.run()
-    assert passes == [[3, 2, 4, 1]]
+    assert started == [3, 2, 4, 1]
+    assert steps[0] == [3, 2, 4, 1] and steps[1] == []  # all joined the first step
     assert lab.scheduler.pending("") == 0
 
 

@@ -32,27 +32,59 @@ _PLAN: ContextVar[Plan | None] = ContextVar("sampling_plan", default=None)
 
 
 class BlockPool:
-    """The KV tensors of every layer, allocated once (each layer's on its first use, shaped as its
-    keys are) and handed out a block at a time; blocks are reference-counted, so a prompt's blocks
-    are held until the last of its samples finishes."""
+    """The KV tensors of every layer, handed out a block at a time. Each layer's tensors are
+    allocated on its first use (shaped as its keys are) and grown by doubling, up to
+    `max_blocks`, when a request needs more blocks than are free: never per token or per step.
+    Blocks are reference-counted, so a prompt's blocks are held until the last of its samples
+    finishes."""
 
-    def __init__(self, num_blocks: int, device: torch.device) -> None:
-        self.num_blocks = num_blocks
+    def __init__(self, max_blocks: int, device: torch.device, initial_blocks: int = 64) -> None:
+        self.max_blocks = max_blocks
+        self.num_blocks = min(initial_blocks, max_blocks)
         self.device = device
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._free = list(range(num_blocks - 1, -1, -1))
-        self._refs = np.zeros(num_blocks, dtype=np.int32)
+        self._free = list(range(self.num_blocks - 1, -1, -1))
+        self._refs = np.zeros(self.num_blocks, dtype=np.int32)
 
     @property
     def free(self) -> int:
-        return len(self._free)
+        """Blocks that can be taken, growing the pool if need be."""
+        return len(self._free) + self.max_blocks - self.num_blocks
+
+    def reserve(self, n: int) -> bool:
+        """Whether `n` blocks can be taken now, growing the pool if need be. Out of device
+        memory, the pool stops growing where it is."""
+        if n <= len(self._free):
+            return True
+        if n > self.free:
+            return False
+        try:
+            self._grow(self.num_blocks + n - len(self._free))
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.max_blocks = self.num_blocks
+            return False
+        return True
 
     def take(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise MemoryError(f"{n} blocks asked, {len(self._free)} free")
+        """`n` blocks (reserved first), each referenced once."""
         blocks = [self._free.pop() for _ in range(n)]
         self._refs[blocks] = 1
         return blocks
+
+    def _grow(self, at_least: int) -> None:
+        size = min(max(at_least, 2 * self.num_blocks), self.max_blocks)
+        for index, kv in list(self.layers.items()):
+            grown = []
+            for old in kv:
+                new = old.new_zeros((size * BLOCK, *old.shape[1:]))
+                new[: old.shape[0]] = old
+                grown.append(new)
+            self.layers[index] = (grown[0], grown[1])
+        self._free = list(range(size - 1, self.num_blocks - 1, -1)) + self._free
+        self._refs = np.concatenate([self._refs, np.zeros(size - self.num_blocks, np.int32)])
+        self.num_blocks = size
 
     def share(self, blocks: list[int]) -> None:
         self._refs[blocks] += 1
@@ -69,7 +101,10 @@ class BlockPool:
         kv = self.layers.get(index)
         if kv is None:
             shape = (self.num_blocks * BLOCK, like.shape[1], like.shape[3])
-            kv = tuple(torch.zeros(shape, dtype=like.dtype, device=self.device) for _ in "kv")
+            kv = (
+                torch.zeros(shape, dtype=like.dtype, device=self.device),
+                torch.zeros(shape, dtype=like.dtype, device=self.device),
+            )
             self.layers[index] = kv
         return kv
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import sys
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
@@ -135,13 +136,16 @@ def lora_layers(model: nn.Module) -> list[LoraLinear]:
     return [m for m in model.modules() if isinstance(m, LoraLinear)]
 
 
-def lora_forward(layer: LoraLinear, x: torch.Tensor, routes: Sequence[Route]) -> torch.Tensor:
+def lora_forward(
+    layer: LoraLinear, x: torch.Tensor, routes: Sequence[Route], routing: Routing | None = None
+) -> torch.Tensor:
     """The base layer plus, on each route's tokens (dimension -2), that route's adapter: what
     PEFT computes for one active adapter (base + B(A(x)) * scale), per range of tokens.
 
     The tokens are split once and the deltas joined once, so backward costs one split and one
     join per layer, never a full-size gradient per route. Without grad (sampling, forward-only
-    passes) each delta is added in place to its range instead: the same sums, no zeros, no join."""
+    passes) the deltas are added in place instead, and several adapters' in two matrix products
+    (`_add_stacked`)."""
     result = layer.base_layer(x)
     n = x.shape[-2]
     sizes: list[int] = []
@@ -162,13 +166,18 @@ def lora_forward(layer: LoraLinear, x: torch.Tensor, routes: Sequence[Route]) ->
         names.append(None)
     if all(name is None for name in names):
         return result
-    if not torch.is_grad_enabled():
-        start = 0
+    if not torch.is_grad_enabled() and not layer.training:
+        spans, start = [], 0
         for size, name in zip(sizes, names, strict=True):
             if name is not None:
-                part = x[..., start : start + size, :]
-                result[..., start : start + size, :] += _delta(layer, name, part).to(result.dtype)
+                spans.append((name, start, start + size))
             start += size
+        if len(spans) > 1:
+            _add_stacked(layer, x, result, spans, routing)
+            return result
+        for name, start, stop in spans:
+            part = x[..., start:stop, :]
+            result[..., start:stop, :] += _delta(layer, name, part).to(result.dtype)
         return result
     deltas = []
     for part, name in zip(x.split(sizes, dim=-2), names, strict=True):
@@ -186,23 +195,76 @@ def _delta(layer: LoraLinear, name: str, x: torch.Tensor) -> torch.Tensor:
     return lora_b(lora_a(layer.lora_dropout[name](x))) * layer.scaling[name]
 
 
+def _add_stacked(
+    layer: LoraLinear,
+    x: torch.Tensor,
+    result: torch.Tensor,
+    spans: list[tuple[str, int, int]],
+    routing: Routing | None,
+) -> None:
+    """Add several adapters' deltas, each to its spans of tokens, in two matrix products:
+    h = x [A_1; ...; A_k]^T, each token's h kept (and scaled) only in its own adapter's columns,
+    then h [B_1 ... B_k]^T. The stacked factors are kept on the layer while the adapters and
+    their weights (`_version`) stay the same; a token's delta is its adapter's alone, plus zeros.
+    """
+    names = tuple(dict.fromkeys(name for name, _, _ in spans))
+    key = tuple(
+        (name, id(layer.lora_A[name].weight), layer.lora_A[name].weight._version,
+         layer.lora_B[name].weight._version)
+        for name in names
+    )  # fmt: skip
+    stacked = layer.__dict__.get("_tinkerd_stacked")
+    if stacked is None or stacked[0] != key:
+        a = torch.cat([layer.lora_A[name].weight for name in names])  # (R, in)
+        b = torch.cat([layer.lora_B[name].weight for name in names], dim=1)  # (out, R)
+        stacked = layer.__dict__["_tinkerd_stacked"] = (key, a, b)
+    _, a, b = stacked
+    ranks = tuple(layer.lora_A[name].weight.shape[0] for name in names)
+    scales = tuple(float(layer.scaling[name]) for name in names)
+    mask_key = (tuple(spans), ranks, scales, x.shape[-2])
+    masks = routing.masks if routing is not None else {}
+    mask = masks.get(mask_key)
+    if mask is None:
+        mask = torch.zeros(x.shape[-2], sum(ranks), dtype=a.dtype, device=a.device)  # (n, R)
+        offsets = dict(zip(names, itertools.accumulate((0, *ranks)), strict=False))
+        for name, start, stop in spans:
+            at = offsets[name]
+            mask[start:stop, at : at + ranks[names.index(name)]] = scales[names.index(name)]
+        masks[mask_key] = mask
+    h = nn.functional.linear(x.to(a.dtype), a) * mask  # (..., n, R)
+    result += nn.functional.linear(h, b).to(result.dtype)
+
+
 class Routing:
     """The routes a `routed` model applies; they may change between calls (a sampling pass
-    routes its tokens through the body, then its last positions through the head)."""
+    routes its tokens through the body, then its last positions through the head). Holds the
+    masks of stacked adapters for the current routes."""
 
     def __init__(self, routes: Sequence[Route]) -> None:
         self.routes = tuple(routes)
 
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        return self._routes
+
+    @routes.setter
+    def routes(self, routes: Sequence[Route]) -> None:
+        self._routes = tuple(routes)
+        self.masks: dict[tuple, torch.Tensor] = {}
+
 
 @contextlib.contextmanager
-def routed(model: nn.Module, routes: Sequence[Route]) -> Iterator[Routing]:
-    """Every LoRA layer of `model` applies each route's adapter to that route's tokens, whatever
-    adapter PEFT has active. Held through backward too (a recomputed forward routes the same)."""
-    layers = lora_layers(model)
+def routed(
+    model: nn.Module, routes: Sequence[Route], layers: list[LoraLinear] | None = None
+) -> Iterator[Routing]:
+    """Every LoRA layer of `model` (or of `layers`, its LoRA layers if the caller knows them)
+    applies each route's adapter to that route's tokens, whatever adapter PEFT has active. Held
+    through backward too (a recomputed forward routes the same)."""
+    layers = lora_layers(model) if layers is None else layers
     routing = Routing(routes)
     for layer in layers:
         layer.forward = lambda x, *args, _layer=layer, **kwargs: lora_forward(
-            _layer, x, routing.routes
+            _layer, x, routing.routes, routing
         )
     try:
         yield routing

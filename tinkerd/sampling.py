@@ -155,11 +155,13 @@ class Engine:
         self.max_rows = max_rows
         self.max_step_tokens = max_step_tokens
         self.pool = BlockPool(max(blocks_for(cache_tokens), blocks_for(context_length)), device)
+        self._adapters: dict[str, int] = {}  # requests queued or running per adapter
         self.waiting: deque[_Request] = deque()
         self.running: list[_Row] = []
         self._tables = torch.zeros(0, blocks_for(context_length), dtype=torch.long, device=device)
         self._free_slots: list[int] = []
         self._checked = False
+        self._layers: tuple[object, list] = (None, [])
 
     @property
     def busy(self) -> bool:
@@ -177,6 +179,8 @@ class Engine:
         for j in range(sample.num_samples):
             request.rows.append(_Row(request, _mix64(base ^ _mix64(j)), max_new, stops))
         request.left = len(request.rows)
+        if adapter is not None:
+            self._adapters[adapter] = self._adapters.get(adapter, 0) + 1
         self.waiting.append(request)
 
     def step(self, model: nn.Module, routed: bool = True) -> None:
@@ -211,6 +215,14 @@ class Engine:
         ):
             self._fail(request, error)
 
+    def _lora_layers(self, model: nn.Module) -> list:
+        """The model's LoRA layers, found again only when its adapters change (a new adapter
+        may wrap more layers)."""
+        key = (id(model), tuple(getattr(model, "peft_config", ())))
+        if self._layers[0] != key:
+            self._layers = (key, packing.lora_layers(model))
+        return self._layers[1]
+
     # -- admission and release ---------------------------------------------------------------
 
     def _admit(self) -> list[_Request]:
@@ -228,16 +240,18 @@ class Engine:
             shared = n // BLOCK  # the prompt's full blocks, shared by its rows
             own = blocks_for(n + request.rows[0].max_new - 1) - shared
             need = shared + k * own
-            if need > self.pool.num_blocks:
+            if need > self.pool.max_blocks:
                 self.waiting.popleft()
-                request.done(
+                request.left = 0
+                self._settle(
+                    request,
                     UserError(
                         f"this request needs {need * BLOCK} tokens of KV cache; the sampler's "
-                        f"cache holds {self.pool.num_blocks * BLOCK}: sample fewer or shorter"
-                    )
+                        f"cache holds {self.pool.max_blocks * BLOCK}: sample fewer or shorter"
+                    ),
                 )
                 continue
-            if need > self.pool.free:
+            if not self.pool.reserve(need):
                 break
             self.waiting.popleft()
             prompt_blocks = self.pool.take(shared)
@@ -277,7 +291,7 @@ class Engine:
         if request in self.waiting:
             self.waiting.remove(request)
         request.left = 0
-        request.done(error)
+        self._settle(request, error)
 
     def _finish(self, row: _Row) -> None:
         self._release(row)
@@ -293,7 +307,18 @@ class Engine:
             )
             for r in request.rows
         ]
-        request.done(request.result)
+        self._settle(request, request.result)
+
+    def _settle(self, request: _Request, outcome: SampleResult | TinkerdError) -> None:
+        if request.adapter is not None:
+            self._adapters[request.adapter] -= 1
+            if not self._adapters[request.adapter]:
+                del self._adapters[request.adapter]
+        request.done(outcome)
+
+    def uses(self, adapter: str) -> bool:
+        """Whether a request queued or running goes through `adapter` (it must stay loaded)."""
+        return adapter in self._adapters
 
     # -- one pass ------------------------------------------------------------------------------
 
@@ -309,7 +334,7 @@ class Engine:
         ]
         pick_owners = [r.request for r in decoding] + joining
         router = (
-            packing.routed(model, _routes(token_owners))
+            packing.routed(model, _routes(token_owners), self._lora_layers(model))
             if routed
             else contextlib.nullcontext(packing.Routing(()))  # the model as it is
         )

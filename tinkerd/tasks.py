@@ -466,9 +466,10 @@ class Scheduler:
             self._unordered.append(task)
             self._cond.notify_all()
 
-    def take_ready(self, timeout: float) -> list[list[Task]]:
+    def take_ready(self, timeout: float, unordered: bool = True) -> list[list[Task]]:
         """The next step of each model whose turn it is, highest effective priority first, each
-        list in seq order, then the unordered tasks as one list; waits up to `timeout` for some.
+        list in seq order, then (unless `unordered` is False: a sampling thread takes them) the
+        unordered tasks as one list; waits up to `timeout` for some.
 
         A step is a model's runnable tasks up to and including its next optim_step (all of
         them if none is queued). It is the turn of the models at the highest priority level
@@ -478,11 +479,11 @@ class Scheduler:
         taken, whichever is later, so a long backlog gains no seniority over a newcomer."""
         with self._cond:
             self._skip_old_gaps()
-            if not self._ready and not self._unordered:
+            if not self._ready and not (unordered and self._unordered):
                 self._cond.wait(timeout)
                 self._skip_old_gaps()
             batches = [self._take_step(model_id) for model_id in self._turn()]
-            if self._unordered:
+            if unordered and self._unordered:
                 batches.append(self._unordered)
                 self._unordered = []
             return batches

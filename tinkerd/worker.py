@@ -2,12 +2,17 @@
 requests in order.
 
 Each cycle takes from the scheduler one training step of each model whose turn it is (highest
-priority first, see `tasks.Scheduler.take_ready`), then samples everything waiting in one pass,
-highest priority first. The steps run together, in rounds: each round hands the backend ONE batch,
-the forward/backward passes of every model, each model's up to its next barrier (optim_step,
-load, save, create, remove), in turn order; then each model's barrier runs, the optim_steps of
-consecutive models in one `optim_steps` call. A model's requests after its barrier go in the
-next round, so each model's requests still apply in seq_id order.
+priority first, see `tasks.Scheduler.take_ready`). The steps run together, in rounds: each round
+hands the backend ONE batch, the forward/backward passes of every model, each model's up to its
+next barrier (optim_step, load, save, create, remove), in turn order; then each model's barrier
+runs, the optim_steps of consecutive models in one `optim_steps` call. A model's requests after
+its barrier go in the next round, so each model's requests still apply in seq_id order.
+
+Sampling runs beside the steps, in its own thread, when the backend samples continuously
+(`SampleStream`: tinkerd's engine): each sample request joins the engine's batch at its next step,
+so a sample never waits for a training step, of its own model or another's. A snapshot is still
+taken in its model's order (a save is a barrier of the training thread). Without it, each cycle
+samples everything waiting in one `sample` call after the steps.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from tinkerd.audit import AuditLog, record
 from tinkerd.metrics import LocalMonitor, MonitorStore, series
@@ -43,6 +48,19 @@ from tinkerd.types import (
 from tinkerd.wire import encode_forward_backward_output, encode_sample_response
 
 log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class SampleStream(Protocol):
+    """A backend that samples continuously: requests join a running batch at its next step."""
+
+    def sample_start(
+        self, request: Sample, done: Callable[[SampleResult | TinkerdError], None]
+    ) -> None:
+        """Queue `request`; `done` gets its result or error (from a later `sample_step`)."""
+
+    def sample_step(self) -> bool:
+        """One step of the batch; whether work is left."""
 
 
 def json_result(body: dict[str, Any]) -> Result:
@@ -88,19 +106,35 @@ class Worker:
         self.on_create_failed = on_create_failed
         self.audit = audit
         self.failed_models: dict[str, TinkerdError] = {}  # creation failed: later work fails fast
-        self.running: list[Task] = []  # taken from the scheduler this cycle (some settled)
+        self._steps: list[Task] = []  # taken from the scheduler this cycle (some settled)
+        self.stream = backend if isinstance(backend, SampleStream) else None
+        self._sampling: dict[str, Task] = {}  # samples in the engine, by request id
+        self._finished: deque[tuple[Task, SampleResult | TinkerdError]] = deque()
         self._stop = threading.Event()
         self._draining = threading.Event()
         self._thread: threading.Thread | None = None
+        self._sampler: threading.Thread | None = None
+
+    @property
+    def running(self) -> list[Task]:
+        """The tasks taken from the scheduler and not settled yet: this cycle's steps (some may
+        be settled) and the samples in the engine."""
+        return self._steps + list(self._sampling.values())
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run_forever, name="tinkerd-worker", daemon=True)
         self._thread.start()
+        if self.stream is not None:
+            self._sampler = threading.Thread(
+                target=self.sample_forever, name="tinkerd-sampler", daemon=True
+            )
+            self._sampler.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        for thread in (self._thread, self._sampler):
+            if thread is not None:
+                thread.join(timeout)
 
     def run_forever(self) -> None:
         while not self._stop.is_set():
@@ -114,46 +148,106 @@ class Worker:
         not get its turn in time or waits for a seq_id that never came, with a server error.
         Returns the request ids failed that way."""
         self._draining.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():  # out of time: end after the step that is running
-                log.warning("drain: still busy after %.0f s; stopping after this step", timeout)
-                self._stop.set()
-                self._thread.join()
+        deadline = time.monotonic() + timeout
+        for thread in (self._thread, self._sampler):
+            if thread is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        if any(t is not None and t.is_alive() for t in (self._thread, self._sampler)):
+            log.warning("drain: still busy after %.0f s; stopping after this step", timeout)
+            self._stop.set()
+            for thread in (self._thread, self._sampler):
+                if thread is not None:
+                    thread.join()
         error = ServerError(
             "the server shut down before this request ran; nothing of it was applied"
         )
+        for task in list(self._sampling.values()):  # cut short in the engine
+            self._sampling.pop(task.request_id, None)
+            self._settle(task, lambda: error_result(error))
         failed = self.scheduler.fail_pending(error_result(error))
         if failed:
             log.warning("drain: %d queued request(s) failed with a server error", len(failed))
         return failed
 
     def run_samples(self) -> int:
-        """Run the waiting samples now, in the caller's thread (the loop has stopped)."""
+        """Run the waiting samples, and those the engine holds, to the end now, in the caller's
+        thread (the loops have stopped); returns how many were taken."""
         tasks = self.scheduler.take_unordered(0)
-        if tasks:
-            self._sample(by_priority(tasks))
+        if self.stream is None:
+            if tasks:
+                self._sample(by_priority(tasks))
+            return len(tasks)
+        self._start_samples(tasks)
+        while self._sampling and self.sample_cycle(0.0):
+            pass
         return len(tasks)
 
     def run_cycle(self, timeout: float) -> int:
-        """Run a step of each model whose turn it is, in turn, then all waiting samples
-        together; returns how many tasks ran."""
-        batches = self.scheduler.take_ready(timeout)
-        self.running = [t for tasks in batches for t in tasks]
+        """Run a step of each model whose turn it is, in turn, then (without a sampling thread)
+        all waiting samples together; returns how many tasks ran."""
+        batches = self.scheduler.take_ready(timeout, unordered=self.stream is None)
+        self._steps = [t for tasks in batches for t in tasks]
         try:
-            samples = [t for t in self.running if isinstance(t.payload, Sample)]
+            samples = [t for t in self._steps if isinstance(t.payload, Sample)]
             self._run_steps(
                 [[t for t in tasks if not isinstance(t.payload, Sample)] for tasks in batches]
             )
-            ran = len(self.running)
+            ran = len(self._steps)
             if samples:
                 more = self._gather_samples()
-                self.running = self.running + more
+                self._steps = self._steps + more
                 self._sample(by_priority(samples + more))
                 ran += len(more)
             return ran
         finally:
-            self.running = []
+            self._steps = []
+
+    # -- sampling beside the steps ---------------------------------------------------------------
+
+    def sample_forever(self) -> None:
+        busy = False
+        while not self._stop.is_set():
+            busy = self.sample_cycle(0.0 if busy else 0.5)
+            if self._draining.is_set() and not busy and not self.scheduler.has_ready():
+                break  # drained, as run_forever
+
+    def sample_cycle(self, timeout: float) -> bool:
+        """Hand the samples that arrived (waiting up to `timeout` for some when the engine is
+        idle) to the engine, run one engine step, settle the requests that finished; returns
+        whether the engine has work left."""
+        assert self.stream is not None
+        self._start_samples(self.scheduler.take_unordered(timeout))
+        if not self._sampling:
+            return False
+        started = time.perf_counter()
+        try:
+            busy = self.stream.sample_step()
+        except Exception as e:  # a bug in the engine: what it held fails, the thread goes on
+            error = _as_error(e)
+            busy = False
+            for task in list(self._sampling.values()):
+                self._finished.append((task, error))
+        finished = []
+        while self._finished:
+            task, result = self._finished.popleft()
+            if self._sampling.pop(task.request_id, None) is not None:
+                finished.append((task, result))
+        if not busy:  # the engine is idle: nothing it was given may stay unsettled
+            lost = ServerError("the sampler lost this request")
+            finished += [(task, lost) for task in self._sampling.values()]
+            self._sampling.clear()
+        self._count_samples([r for _, r in finished], time.perf_counter() - started)
+        for task, result in finished:
+            self._settle(task, lambda r=result: _encoded(r, encode_sample_response))
+        return busy
+
+    def _start_samples(self, tasks: list[Task]) -> None:
+        assert self.stream is not None
+        for task in by_priority(tasks):
+            self._sampling[task.request_id] = task
+            self.stream.sample_start(
+                task.payload, lambda result, t=task: self._finished.append((t, result))
+            )
 
     def _gather_samples(self) -> list[Task]:
         more: list[Task] = []
