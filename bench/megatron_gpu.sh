@@ -64,7 +64,7 @@ run() {  # run NAME SECONDS COMMAND...: at most SECONDS, never past the budget
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 models=$("$PYTHON" tests/megatron_parity.py --build "$work/models" 2>/dev/null | tail -1)
-torchrun=("$PYTHON" -m torch.distributed.run --master-addr 127.0.0.1 --master-port 29517)
+torchrun=("$PYTHON" -m torch.distributed.run --standalone)
 export TINKERD_PARITY_DEVICE=cuda HF_HUB_OFFLINE=1
 run "parity at TP=1 on one GPU (nccl), float32" 180 \
     "${torchrun[@]}" --nproc-per-node 1 tests/megatron_parity.py 1 1 "$work/parity" \

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -105,18 +104,12 @@ def rank_main(args: argparse.Namespace) -> None:
         Path(args.out).write_text(json.dumps({"seconds": seconds, "peak_memory": memory}))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_shape(args: argparse.Namespace, shape: str, work: Path, model_dir: str | None) -> dict:
     tp, pp = (int(x) for x in shape.split("x"))
     out = work / f"{shape}.json"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp * pp),
-        "--master-addr", "127.0.0.1", "--master-port", str(free_port()), __file__, "--rank-main",
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        "--nproc-per-node", str(tp * pp), __file__, "--rank-main",
         "--shape", shape, "--work", str(work), "--out", str(out), "--device", args.device,
         "--model", args.model, "--sequences", str(args.sequences), "--length", str(args.length),
         "--warmup", str(args.warmup), "--steps", str(args.steps),

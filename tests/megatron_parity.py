@@ -145,8 +145,13 @@ def compare(mg, hf, model_dir: str, vocab: int) -> dict[str, float]:
         [x] = mg.forward_backward([(a, request(batch, loss, forward_only=True))])
         [y] = hf.forward_backward([(a, request(batch, loss, forward_only=True))])
         diffs[f"forward {loss}"] = result_diff(x, y)
-    # Two models in one pass, each against its own HF twin.
-    both = [(a, request(batch, "ppo")), (b, request(datums(rng, vocab, [6, 11]), "cross_entropy"))]
+    # Two models in one pass, one of them with two requests (their gradients add up), each
+    # against its HF twin.
+    both = [
+        (a, request(batch, "ppo")),
+        (b, request(datums(rng, vocab, [6, 11]), "cross_entropy")),
+        (a, request(datums(rng, vocab, [3]), "cross_entropy")),
+    ]
     xs, ys = mg.forward_backward(both), hf.forward_backward(both)
     diffs["forward_backward two models"] = max(
         result_diff(x, y) for x, y in zip(xs, ys, strict=True)
@@ -233,9 +238,9 @@ def store_path(path: str):
 
 
 def build_models(root: Path) -> list[str]:
-    """A small random Llama (tinkerd/tiny: its vocabulary of 909 is padded at TP=2) and a small
-    random Qwen3 (q/k norms, tied embeddings, vocabulary 1001)."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    """A small random Llama (tinkerd/tiny: its vocabulary of 909 is padded at TP=2), Qwen3 (q/k
+    norms, tied embeddings, vocabulary 1001) and Qwen2 (q/k/v biases)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     from tinkerd.tiny_model import build_tiny_model
 
@@ -257,7 +262,28 @@ def build_models(root: Path) -> list[str]:
                 eos_token_id=0,
             )
             Qwen3ForCausalLM(config).save_pretrained(qwen)
-    return [str(llama), str(qwen)]
+    qwen2 = root / "qwen2"
+    if not (qwen2 / "config.json").is_file():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            config = Qwen2Config(
+                vocab_size=640,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                tie_word_embeddings=False,
+                max_position_embeddings=256,
+                eos_token_id=0,
+            )
+            model = Qwen2ForCausalLM(config)
+            with torch.no_grad():  # non-zero biases, so that their mapping is tested
+                for name, p in model.named_parameters():
+                    if name.endswith("bias"):
+                        p.normal_(0.0, 0.1)
+            model.save_pretrained(qwen2)
+    return [str(llama), str(qwen), str(qwen2)]
 
 
 def main() -> None:
