@@ -126,7 +126,13 @@ class MegatronBackend:
         self._models: dict[str, _Model] = {}
         self._lock = threading.Lock()  # one call at a time goes to the ranks, in order
         self._broken: str | None = None
-        self._sampler: Any = None  # an HFBackend on rank 0, made on first use
+        from tinkerd.hf_backend import HFBackend
+
+        # tinkerd's sampling engine on rank 0's device, reading the same checkpoints; its base
+        # model is loaded on the first sample.
+        self._sampler = HFBackend(
+            self.data_dir, str(self.device), store=self.store, dtype=options.dtype
+        )
 
     # -- the ranks ---------------------------------------------------------------------------
 
@@ -224,7 +230,7 @@ class MegatronBackend:
         if model is not None:
             self._call("remove", model_id)
             for key in model.snapshots:
-                self._sampling().drop_sampler(key)
+                self._sampler.drop_sampler(key)
 
     def held(self) -> dict[str, Any]:
         info = self.info()
@@ -312,7 +318,7 @@ class MegatronBackend:
         if request.snapshot_id is not None:  # unnamed sampler save: weights stay in memory
             state = self._call("gather", model_id, False, False)
             tensors = {k: v["param"] for k, v in state.factors.items()}
-            self._sampling().hold_sampler(
+            self._sampler.hold_sampler(
                 request.snapshot_id, model.base.location, self._peft_config(model), tensors
             )
             model.snapshots.add(request.snapshot_id)
@@ -338,8 +344,7 @@ class MegatronBackend:
             self._write(model, state, directory, with_optimizer, request.with_gradients)
 
         self.store.write(path, meta, write_contents, overwrite=request.overwrite)
-        if self._sampler is not None:
-            self._sampler.drop_sampler(str(path))  # an overwritten checkpoint must be re-read
+        self._sampler.drop_sampler(str(path))  # an overwritten checkpoint must be re-read
         return {"path": str(path)}
 
     def load_weights(self, model_id: str, request: LoadWeights) -> dict[str, Any]:
@@ -454,18 +459,16 @@ class MegatronBackend:
 
     # -- sampling ----------------------------------------------------------------------------
 
-    def _sampling(self) -> Any:
-        """tinkerd's sampling engine on rank 0's device, reading the same checkpoints."""
-        if self._sampler is None:
-            from tinkerd.hf_backend import HFBackend
-
-            self._sampler = HFBackend(
-                self.data_dir, str(self.device), store=self.store, dtype=self.options.dtype
-            )
-        return self._sampler
-
     def sample(self, requests: list[Sample]) -> list[SampleResult | TinkerdError]:
-        return self._sampling().sample(requests)
+        return self._sampler.sample(requests)
+
+    def sample_start(self, request: Sample, done: Any) -> None:
+        """`worker.SampleStream`: samples run in the worker's sampling thread, beside training
+        (the ranks are not involved)."""
+        self._sampler.sample_start(request, done)
+
+    def sample_step(self) -> bool:
+        return self._sampler.sample_step()
 
 
 def _model_directory(location: str) -> str:
