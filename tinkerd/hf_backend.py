@@ -13,10 +13,9 @@ import itertools
 import logging
 import re
 import threading
-import time
 import warnings
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -560,18 +559,7 @@ class HFBackend:
         assert request.path is not None
         path = CheckpointPath.parse(request.path)
         with_optimizer = path.kind == "weights"
-        now = time.time()
-        meta = CheckpointMeta(
-            str(path),
-            path.kind,
-            model_id,
-            base.source.name,
-            asdict(adapter.lora),
-            created_at=now,
-            expires_at=now + request.ttl_seconds if request.ttl_seconds else None,
-            user_metadata=request.user_metadata,
-            has_optimizer=with_optimizer,
-        )
+        meta = CheckpointMeta.saved(path, model_id, base.source.name, adapter.lora, request)
 
         def write_contents(directory: Path) -> None:
             checkpoint_io.write_adapter(peft, adapter.name, base.source.location, directory)

@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tinkerd.types import NotFound, ServerError, UserError
+from tinkerd.types import NotFound, SaveWeights, ServerError, UserError
 
 KINDS = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 META_FILE = "tinkerd.json"
@@ -146,6 +146,25 @@ class CheckpointMeta:
     has_optimizer: bool = False
     size_bytes: int = 0
     public: bool = False  # published: other keys may read it (never list, change or delete it)
+
+    @classmethod
+    def saved(
+        cls, path: CheckpointPath, model_id: str, base_model: str, lora: Any, request: SaveWeights
+    ) -> CheckpointMeta:
+        """The record of a checkpoint a backend writes now for `request` (a weights checkpoint
+        keeps the optimizer state, a sampler checkpoint does not)."""
+        now = time.time()
+        return cls(
+            str(path),
+            path.kind,
+            model_id,
+            base_model,
+            asdict(lora),
+            created_at=now,
+            expires_at=now + request.ttl_seconds if request.ttl_seconds else None,
+            user_metadata=request.user_metadata,
+            has_optimizer=path.kind == "weights",
+        )
 
     def expired(self, now: float | None = None) -> bool:
         """Past its expiry; a stored expiry that is no number (NaN included) never expires."""

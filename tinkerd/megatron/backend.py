@@ -13,8 +13,7 @@ import logging
 import os
 import signal
 import threading
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -327,18 +326,7 @@ class MegatronBackend:
         path = CheckpointPath.parse(request.path)
         with_optimizer = path.kind == "weights"
         state = self._call("gather", model_id, with_optimizer, request.with_gradients)
-        now = time.time()
-        meta = CheckpointMeta(
-            str(path),
-            path.kind,
-            model_id,
-            model.base.name,
-            asdict(model.lora),
-            created_at=now,
-            expires_at=now + request.ttl_seconds if request.ttl_seconds else None,
-            user_metadata=request.user_metadata,
-            has_optimizer=with_optimizer,
-        )
+        meta = CheckpointMeta.saved(path, model_id, model.base.name, model.lora, request)
 
         def write_contents(directory: Path) -> None:
             self._write(model, state, directory, with_optimizer, request.with_gradients)
