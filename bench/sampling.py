@@ -3,26 +3,28 @@
 
 Everything runs on the same random tiny model (tinkerd's built-in config by default: hidden 64,
 2 layers, vocab 909; `--hidden` and `--layers` make it larger), built into a temporary directory;
-nothing is downloaded. Three phases, never two at once:
+nothing is downloaded.
 
-1. a `tinkerd serve` subprocess makes the adapters: K LoRA models (rank 8, attention and MLP),
-   each trained one step so that its B matrices are not zero, saved as sampler checkpoints
-   (`save_weights_for_sampler`, PEFT format); then it stops;
-2. in process, transformers + PEFT load those checkpoint directories into one PeftModel and
-   `generate` the N prompts in one batch, left-padded, request i through adapter i mod K
-   (`adapter_names`, PEFT's mixed-adapter batch), sampling at temperature 1 with exactly
-   `--max-tokens` new tokens per row;
-3. a fresh `tinkerd serve` subprocess on the same data directory: one SamplingClient per
-   checkpoint (`create_sampling_client(model_path=...)`), request i on client i mod K, all N
-   submitted at once through the official SDK with stop=[] so that every request generates
-   exactly `--max-tokens` tokens; the time counts HTTP, queueing, the engine and the SDK's
-   polling, from the first submit to the last result.
+First a `tinkerd serve` subprocess makes the adapters: K LoRA models (rank 8, attention and MLP),
+each trained one step so that its B matrices are not zero, saved as sampler checkpoints
+(`save_weights_for_sampler`, PEFT format); then it stops. Then, for each (adapters K, requests
+N), rounds of the two sides alternate, one at a time (while one runs the other is idle), so that
+load from other work on a shared machine falls on both alike:
+
+- transformers + PEFT, in this process: the checkpoint directories loaded into one PeftModel,
+  one `generate` call on the N prompts, left-padded, request i through adapter i mod K
+  (`adapter_names`, PEFT's mixed-adapter batch), sampling at temperature 1 with exactly
+  `--max-tokens` new tokens per row;
+- tinkerd, a fresh `tinkerd serve` subprocess on the same data directory: one SamplingClient
+  per checkpoint (`create_sampling_client(model_path=...)`), request i on client i mod K, all N
+  submitted at once through the official SDK with stop=[] so that every request generates
+  exactly `--max-tokens` tokens; the time counts HTTP, queueing, the engine and the SDK's
+  polling, from the first submit to the last result.
 
 Prompts are random token ids, 16 to 48 tokens long. tokens/s = N x max_tokens / wall time of a
-round; each cell gets one untimed warm-up round, then `--rounds` timed rounds, and the median
-counts. `--threads` sets torch's intra-op threads on both sides alike. The table gives both rates
-and their ratio per (adapters, concurrency), with the machine's load average, since on a shared
-CPU box other work moves these figures.
+round; each cell gets one untimed warm-up round per side, then `--rounds` timed rounds, and the
+median counts. `--threads` sets torch's intra-op threads on both sides alike. The table gives
+both rates and their ratio per cell, with the machine's load average.
 
     .venv/bin/python bench/sampling.py                 # 1 4 16 adapters x 8 16 32 64 128
     .venv/bin/python bench/sampling.py --quick         # a smoke run: 4 adapters x 8 32, noisy
@@ -32,7 +34,6 @@ CPU box other work moves these figures.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import shutil
 import statistics
@@ -96,7 +97,7 @@ def checkpoint_dir(work_dir: Path, path: str) -> Path:
     return CheckpointStore(work_dir / "data" / "runs").directory(CheckpointPath.parse(path))
 
 
-# -- 2. transformers + PEFT, in process ----------------------------------------------------------
+# -- the two sides --------------------------------------------------------------------------------
 
 
 def left_padded(prompts: list[list[int]], pad: int):
@@ -112,16 +113,30 @@ def left_padded(prompts: list[list[int]], pad: int):
     return input_ids, mask
 
 
-def generate_round(model, input_ids, mask, names: list[str], max_tokens: int, pad: int) -> float:
-    """Seconds for one `generate` call, each row through its adapter, exactly max_tokens new."""
+def peft_model(model_dir: Path, adapter_dirs: list[Path]):
+    """The base model with every checkpoint loaded as an adapter a0, a1, ..., and its pad id."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = PeftModel.from_pretrained(base, str(adapter_dirs[0]), adapter_name="a0")
+    for i, directory in enumerate(adapter_dirs[1:], 1):
+        model.load_adapter(str(directory), adapter_name=f"a{i}")
+    return model.eval(), AutoTokenizer.from_pretrained(model_dir).pad_token_id
+
+
+def generate_round(model, prompts: list[list[int]], k: int, max_tokens: int, pad: int) -> float:
+    """Seconds for one `generate` call, row i through adapter i mod k, exactly max_tokens new."""
     import torch
 
+    input_ids, mask = left_padded(prompts, pad)
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(
             input_ids=input_ids,
             attention_mask=mask,
-            adapter_names=names,
+            adapter_names=[f"a{i % k}" for i in range(len(prompts))],
             do_sample=True,
             temperature=1.0,
             top_k=0,
@@ -135,45 +150,17 @@ def generate_round(model, input_ids, mask, names: list[str], max_tokens: int, pa
     return elapsed
 
 
-def run_generate(
-    model_dir: Path, adapter_dirs: list[Path], cells: list[tuple[int, int]], args
-) -> dict[tuple[int, int], float]:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    pad = AutoTokenizer.from_pretrained(model_dir).pad_token_id
-    model = PeftModel.from_pretrained(base, str(adapter_dirs[0]), adapter_name="a0").eval()
-    for i, directory in enumerate(adapter_dirs[1:], 1):
-        model.load_adapter(str(directory), adapter_name=f"a{i}")
-    model.eval()
-    rates = {}
-    for k, n in cells:
-        input_ids, mask = left_padded(make_prompts(n, base.config.vocab_size), pad)
-        names = [f"a{i % k}" for i in range(n)]
-        generate_round(model, input_ids, mask, names, args.max_tokens, pad)  # warm-up
-        times = [
-            generate_round(model, input_ids, mask, names, args.max_tokens, pad)
-            for _ in range(args.rounds)
-        ]
-        rates[k, n] = median_rate(n * args.max_tokens, times)
-        print(f"  generate     {k:2d} adapters x {n:3d}: {rates[k, n]:8.0f} tok/s", flush=True)
-    del model, base
-    gc.collect()
-    return rates
-
-
-# -- 3. tinkerd, through the SDK -----------------------------------------------------------------
-
-
-def sample_round(samplers, prompts, params, max_tokens: int) -> float:
+def sample_round(samplers, prompts: list[list[int]], max_tokens: int) -> float:
     """Seconds from submitting one request per prompt (request i on sampler i mod K), all at
     once, to the last result."""
+    from tinker import types
+
+    params = types.SamplingParams(max_tokens=max_tokens, temperature=1.0, stop=[])
+    inputs = [types.ModelInput.from_ints(p) for p in prompts]
     start = time.perf_counter()
     futures = [
         samplers[i % len(samplers)].sample(p, num_samples=1, sampling_params=params)
-        for i, p in enumerate(prompts)
+        for i, p in enumerate(inputs)
     ]
     results = [f.result() for f in futures]
     elapsed = time.perf_counter() - start
@@ -181,31 +168,36 @@ def sample_round(samplers, prompts, params, max_tokens: int) -> float:
     return elapsed
 
 
-def run_tinkerd(
+def run_cells(
     model_dir: Path,
     paths: list[str],
     cells: list[tuple[int, int]],
     work_dir: Path,
     env: dict[str, str] | None,
     args,
-) -> dict[tuple[int, int], float]:
-    from tinker import types
-    from transformers import AutoConfig
-
-    vocab = AutoConfig.from_pretrained(model_dir).vocab_size
-    params = types.SamplingParams(max_tokens=args.max_tokens, temperature=1.0, stop=[])
+) -> dict[tuple[int, int], tuple[float, float]]:
+    """(generate, tinkerd) tokens/s per cell, their rounds alternating."""
+    model, pad = peft_model(model_dir, [checkpoint_dir(work_dir, p) for p in paths])
+    vocab = model.config.vocab_size
     rates = {}
     with sdk_session(work_dir, [], args.server_log_level, env) as (_, client):
         samplers = [client.create_sampling_client(model_path=p) for p in paths]
         for k, n in cells:
-            prompts = [types.ModelInput.from_ints(p) for p in make_prompts(n, vocab)]
-            sample_round(samplers[:k], prompts, params, args.max_tokens)  # warm-up
-            times = [
-                sample_round(samplers[:k], prompts, params, args.max_tokens)
-                for _ in range(args.rounds)
-            ]
-            rates[k, n] = median_rate(n * args.max_tokens, times)
-            print(f"  tinkerd      {k:2d} adapters x {n:3d}: {rates[k, n]:8.0f} tok/s", flush=True)
+            prompts = make_prompts(n, vocab)
+            generate_round(model, prompts, k, args.max_tokens, pad)  # warm-ups
+            sample_round(samplers[:k], prompts, args.max_tokens)
+            local, served = [], []
+            for _ in range(args.rounds):
+                local.append(generate_round(model, prompts, k, args.max_tokens, pad))
+                served.append(sample_round(samplers[:k], prompts, args.max_tokens))
+            tokens = n * args.max_tokens
+            rates[k, n] = (median_rate(tokens, local), median_rate(tokens, served))
+            a, b = rates[k, n]
+            print(
+                f"  {k:2d} adapters x {n:3d} requests: generate {a:6.0f} tok/s, "
+                f"tinkerd {b:6.0f} tok/s ({b / a:.2f}x), load {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
     return rates
 
 
@@ -263,9 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         paths = make_adapters(model_dir, max(adapters), work_dir, args.server_log_level, env)
-        dirs = [checkpoint_dir(work_dir, p) for p in paths]
-        local = run_generate(model_dir, dirs, cells, args)
-        served = run_tinkerd(model_dir, paths, cells, work_dir, env, args)
+        rates = run_cells(model_dir, paths, cells, work_dir, env, args)
         print(f"load average afterwards {os.getloadavg()[0]:.1f}")
     finally:
         if args.keep:
@@ -277,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| adapters | concurrent requests | generate tok/s | tinkerd tok/s | ratio |")
     print("|---------:|--------------------:|---------------:|--------------:|------:|")
     for k, n in cells:
-        a, b = local[k, n], served[k, n]
+        a, b = rates[k, n]
         print(f"| {k:8d} | {n:19d} | {a:14.0f} | {b:13.0f} | {b / a:5.2f} |")
     return 0
 

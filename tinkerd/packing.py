@@ -144,9 +144,11 @@ def lora_forward(
 
     The tokens are split once and the deltas joined once, so backward costs one split and one
     join per layer, never a full-size gradient per route. Without grad (sampling, forward-only
-    passes) the deltas are added in place instead, and several adapters' in two matrix products
-    (`_add_stacked`)."""
+    passes) and with a `routing`, the deltas are added in place instead, several adapters' in
+    two matrix products (`_add_routed`)."""
     result = layer.base_layer(x)
+    if routing is not None and not torch.is_grad_enabled() and not layer.training:
+        return _add_routed(layer, x, result, routing)
     n = x.shape[-2]
     sizes: list[int] = []
     names: list[str | None] = []
@@ -166,19 +168,6 @@ def lora_forward(
         names.append(None)
     if all(name is None for name in names):
         return result
-    if not torch.is_grad_enabled() and not layer.training:
-        spans, start = [], 0
-        for size, name in zip(sizes, names, strict=True):
-            if name is not None:
-                spans.append((name, start, start + size))
-            start += size
-        if len(spans) > 1:
-            _add_stacked(layer, x, result, spans, routing)
-            return result
-        for name, start, stop in spans:
-            part = x[..., start:stop, :]
-            result[..., start:stop, :] += _delta(layer, name, part).to(result.dtype)
-        return result
     deltas = []
     for part, name in zip(x.split(sizes, dim=-2), names, strict=True):
         if name is None:
@@ -195,52 +184,88 @@ def _delta(layer: LoraLinear, name: str, x: torch.Tensor) -> torch.Tensor:
     return lora_b(lora_a(layer.lora_dropout[name](x))) * layer.scaling[name]
 
 
-def _add_stacked(
-    layer: LoraLinear,
-    x: torch.Tensor,
-    result: torch.Tensor,
-    spans: list[tuple[str, int, int]],
-    routing: Routing | None,
-) -> None:
-    """Add several adapters' deltas, each to its spans of tokens, in two matrix products:
-    h = x [A_1; ...; A_k]^T, each token's h kept (and scaled) only in its own adapter's columns,
-    then h [B_1 ... B_k]^T. The stacked factors are kept on the layer while the adapters and
-    their weights (`_version`) stay the same; a token's delta is its adapter's alone, plus zeros.
-    """
-    names = tuple(dict.fromkeys(name for name, _, _ in spans))
-    key = tuple(
-        (name, id(layer.lora_A[name].weight), layer.lora_A[name].weight._version,
-         layer.lora_B[name].weight._version)
-        for name in names
-    )  # fmt: skip
-    stacked = layer.__dict__.get("_tinkerd_stacked")
-    if stacked is None or stacked[0] != key:
-        a = torch.cat([layer.lora_A[name].weight for name in names])  # (R, in)
-        b = torch.cat([layer.lora_B[name].weight for name in names], dim=1)  # (out, R)
-        stacked = layer.__dict__["_tinkerd_stacked"] = (key, a, b)
-    _, a, b = stacked
-    ranks = tuple(layer.lora_A[name].weight.shape[0] for name in names)
-    scales = tuple(float(layer.scaling[name]) for name in names)
-    mask_key = (tuple(spans), ranks, scales, x.shape[-2])
-    masks = routing.masks if routing is not None else {}
-    mask = masks.get(mask_key)
+@dataclass(frozen=True)
+class _Stacked:
+    """Several adapters' factors of one layer side by side: A (R, in), B (out, R)."""
+
+    names: tuple[str, ...]
+    versions: tuple[int, ...]
+    a: torch.Tensor
+    b: torch.Tensor
+    ranks: tuple[int, ...]
+    scales: tuple[float, ...]
+
+
+def _add_routed(
+    layer: LoraLinear, x: torch.Tensor, result: torch.Tensor, routing: Routing
+) -> torch.Tensor:
+    """Add each route's delta to its tokens of `result`, in place (routes in order, apart).
+
+    One adapter: B(A(x)) * scale on its ranges. Several: two matrix products for all of them,
+    h = x [A_1; ...; A_k]^T, each token's h kept (and scaled) only in its own adapter's
+    columns, then h [B_1 ... B_k]^T: a token's delta is its adapter's alone, plus zeros."""
+    present = tuple(name for name in routing.names if name in layer.lora_A)
+    if not present:
+        return result
+    n = x.shape[-2]
+    if len(present) == 1:
+        for route in routing.routes:
+            stop = min(route.stop, n)
+            if route.name == present[0] and stop > route.start:
+                part = x[..., route.start : stop, :]
+                result[..., route.start : stop, :] += _delta(layer, route.name, part).to(
+                    result.dtype
+                )
+        return result
+    stacked = _stacked(layer, present, routing.frozen)
+    key = (present, stacked.ranks, stacked.scales, n)
+    mask = routing.masks.get(key)
     if mask is None:
-        mask = torch.zeros(x.shape[-2], sum(ranks), dtype=a.dtype, device=a.device)  # (n, R)
-        offsets = dict(zip(names, itertools.accumulate((0, *ranks)), strict=False))
-        for name, start, stop in spans:
-            at = offsets[name]
-            mask[start:stop, at : at + ranks[names.index(name)]] = scales[names.index(name)]
-        masks[mask_key] = mask
-    h = nn.functional.linear(x.to(a.dtype), a) * mask  # (..., n, R)
-    result += nn.functional.linear(h, b).to(result.dtype)
+        mask = torch.zeros(n, sum(stacked.ranks), dtype=stacked.a.dtype, device=x.device)
+        offsets = dict(zip(present, itertools.accumulate((0, *stacked.ranks)), strict=False))
+        columns = dict(zip(present, zip(stacked.ranks, stacked.scales, strict=True), strict=True))
+        for route in routing.routes:
+            if route.name in offsets:
+                rank, scale = columns[route.name]
+                at = offsets[route.name]
+                mask[route.start : route.stop, at : at + rank] = scale
+        routing.masks[key] = mask
+    h = nn.functional.linear(x.to(stacked.a.dtype), stacked.a) * mask  # (..., n, R)
+    result += nn.functional.linear(h, stacked.b).to(result.dtype)
+    return result
+
+
+def _stacked(layer: LoraLinear, names: tuple[str, ...], frozen: bool) -> _Stacked:
+    """The layer's stacked factors of `names`, kept on the layer while they hold: the same
+    names, and (unless the caller's adapters are frozen) the same weight versions."""
+    stacked = layer.__dict__.get("_tinkerd_stacked")
+    versions: tuple[int, ...] = ()
+    if not frozen:
+        versions = tuple(
+            v for name in names
+            for v in (layer.lora_A[name].weight._version, layer.lora_B[name].weight._version)
+        )  # fmt: skip
+    if stacked is None or stacked.names != names or stacked.versions != versions:
+        a = [layer.lora_A[name].weight for name in names]
+        stacked = _Stacked(
+            names,
+            versions,
+            torch.cat(a),  # (R, in)
+            torch.cat([layer.lora_B[name].weight for name in names], dim=1),  # (out, R)
+            tuple(w.shape[0] for w in a),
+            tuple(float(layer.scaling[name]) for name in names),
+        )
+        layer.__dict__["_tinkerd_stacked"] = stacked
+    return stacked
 
 
 class Routing:
     """The routes a `routed` model applies; they may change between calls (a sampling pass
-    routes its tokens through the body, then its last positions through the head). Holds the
-    masks of stacked adapters for the current routes."""
+    routes its tokens through the body, then its last positions through the head). `frozen`:
+    the adapters' weights never change (a sampler's), so stacked factors are kept by name."""
 
-    def __init__(self, routes: Sequence[Route]) -> None:
+    def __init__(self, routes: Sequence[Route], frozen: bool = False) -> None:
+        self.frozen = frozen
         self.routes = tuple(routes)
 
     @property
@@ -250,18 +275,23 @@ class Routing:
     @routes.setter
     def routes(self, routes: Sequence[Route]) -> None:
         self._routes = tuple(routes)
+        self.names = tuple(dict.fromkeys(route.name for route in self._routes))
         self.masks: dict[tuple, torch.Tensor] = {}
 
 
 @contextlib.contextmanager
 def routed(
-    model: nn.Module, routes: Sequence[Route], layers: list[LoraLinear] | None = None
+    model: nn.Module,
+    routes: Sequence[Route],
+    layers: list[LoraLinear] | None = None,
+    frozen: bool = False,
 ) -> Iterator[Routing]:
     """Every LoRA layer of `model` (or of `layers`, its LoRA layers if the caller knows them)
     applies each route's adapter to that route's tokens, whatever adapter PEFT has active. Held
-    through backward too (a recomputed forward routes the same)."""
+    through backward too (a recomputed forward routes the same). Routes are in order and apart.
+    `frozen`: see `Routing`."""
     layers = lora_layers(model) if layers is None else layers
-    routing = Routing(routes)
+    routing = Routing(routes, frozen)
     for layer in layers:
         layer.forward = lambda x, *args, _layer=layer, **kwargs: lora_forward(
             _layer, x, routing.routes, routing

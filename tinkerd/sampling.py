@@ -334,7 +334,7 @@ class Engine:
         ]
         pick_owners = [r.request for r in decoding] + joining
         router = (
-            packing.routed(model, _routes(token_owners), self._lora_layers(model))
+            packing.routed(model, _routes(token_owners), self._lora_layers(model), frozen=True)
             if routed
             else contextlib.nullcontext(packing.Routing(()))  # the model as it is
         )
