@@ -6,6 +6,7 @@ and optimizer steps of several models."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -183,6 +184,47 @@ def test_samples_waiting_together_join_one_engine_step_highest_priority_first(
     assert started == [3, 2, 4, 1]
     assert steps[0] == [3, 2, 4, 1] and steps[1] == []  # all joined the first step
     assert lab.scheduler.pending("") == 0
+
+
+def test_a_sample_never_waits_for_a_training_step(
+    lab: Lab, backend: HFBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the worker's threads running, samples (of the base, and of an earlier snapshot of
+    the very model that trains) settle while a training step is held in the backend; the
+    step's own order is untouched: its result comes after."""
+    lab.create("busy", "a", priority=0)
+    lab.submit("busy", 1, SaveWeights(None, snapshot_id="busy-0"), "a", 0)
+    lab.run()
+    entered, release = threading.Event(), threading.Event()
+    real = backend.forward_backward
+
+    def held(requests: list) -> list:
+        entered.set()
+        assert release.wait(60)
+        return real(requests)
+
+    monkeypatch.setattr(backend, "forward_backward", held)
+    lab.worker.start()
+    try:
+        step = lab.submit("busy", 2, forward_backward(), "a", 0)
+        assert entered.wait(30)
+        prompt = np.array([1, 2, 3], dtype=np.int64)
+        sampled = [
+            lab.scheduler.submit_unordered(
+                "s:sample:0", i, Sample(weights, prompt, 2, SamplingParams(max_tokens=4)), f"s{i}"
+            )
+            for i, weights in enumerate(
+                [SamplerWeights(lab.base_model), SamplerWeights(lab.base_model, None, "busy-0")]
+            )
+        ]
+        for request_id in sampled:
+            result = lab.scheduler.wait(request_id, 30)
+            assert result is not None and result.content_type == "application/x-protobuf"
+        assert lab.scheduler.wait(step, 0) is None  # the step is still held
+    finally:
+        release.set()
+        lab.worker.stop()
+    assert lab.scheduler.wait(step, 30) is not None
 
 
 # -- pending per tenant ----------------------------------------------------------------------
