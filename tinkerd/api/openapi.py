@@ -80,8 +80,8 @@ NUMBER: Schema = {"type": "number"}
 ANY_OBJECT: Schema = {"type": "object"}
 TOKENS: Schema = array(integer(0))
 TINKER_PATH: Schema = string(
-    pattern=r"^tinker://[^/]+/(weights|sampler_weights)/[^/]+$",
-    description="tinker://<model_id>/{weights|sampler_weights}/<name>",
+    pattern=r"^tinker://[^/]+/(weights|sampler_weights|external_weights)/[^/]+$",
+    description="tinker://<model_id>/{weights|sampler_weights|external_weights}/<name>",
 )
 
 
@@ -232,7 +232,13 @@ def describe() -> Schema:
             },
         },
         "security": [{"apiKey": []}, {"bearer": []}],
-        "paths": {**sdk_paths(), **rest_paths(), **simple_paths(), **openai_paths()},
+        "paths": {
+            **sdk_paths(),
+            **rest_paths(),
+            **session_paths(),
+            **simple_paths(),
+            **openai_paths(),
+        },
     }
 
 
@@ -260,7 +266,12 @@ def sdk_paths() -> dict[str, Schema]:
             "post": op(
                 "start a session",
                 sdk,
-                obj(tags=null_or(array({})), user_metadata=null_or(ANY_OBJECT)),
+                obj(
+                    tags=null_or(array({})),
+                    user_metadata=null_or(ANY_OBJECT),
+                    display_name=null_or({"type": "string"}),
+                    project_id=null_or({"type": "string"}),
+                ),
                 obj(("session_id",), session_id=string()),
             )
         },
@@ -359,6 +370,20 @@ def sdk_paths() -> dict[str, Schema]:
                 FUTURE,
             )
         },
+        f"{v1}/save_weights_external": {
+            "post": op(
+                "queue a save of the adapter as a Hugging Face PEFT directory, for download",
+                sdk,
+                obj(
+                    ("model_id", "seq_id", "path"),
+                    **ordered,
+                    path=string(pattern=CHECKPOINT_NAME),
+                    ttl_seconds=TTL,
+                    age_encryption_recipients={"anyOf": [{"type": "null"}, array(string(), 0)]},
+                ),
+                FUTURE,
+            )
+        },
         f"{v1}/load_weights": {
             "post": op(
                 "load a checkpoint into a live model (with `model_id`, in its order), or create "
@@ -432,6 +457,14 @@ def sdk_paths() -> dict[str, Schema]:
                 params=(path_param("session_id"),),
             )
         },
+        f"{v1}/unload_model": {
+            "post": op(
+                "free a model on its worker, after its queued requests (older SDKs)",
+                sdk,
+                obj(("model_id",), model_id=string()),
+                FUTURE,
+            )
+        },
     }
 
 
@@ -441,6 +474,8 @@ def sdk_paths() -> dict[str, Schema]:
 def rest_paths() -> dict[str, Schema]:
     v1, rest, ops = "/api/v1", "rest", "ops"
     run = (path_param("run_id"),)
+    checkpoint = f"{v1}/training_runs/{{run_id}}/checkpoints/{{kind}}/{{name}}"
+    one = (*run, path_param("kind"), path_param("name"))
     health = obj(("status",), status={"const": "ok"}, queue_depth=integer(0))
     events = (
         query("limit", integer(1, 1000)),
@@ -493,13 +528,67 @@ def rest_paths() -> dict[str, Schema]:
                 obj(("tinker_path",), tinker_path=TINKER_PATH),
             )
         },
-        f"{v1}/training_runs/{{run_id}}/checkpoints/{{kind}}/{{name}}": {
-            "delete": op(
-                "delete a checkpoint",
+        f"{checkpoint}/external_weights_urls": {
+            "get": op(
+                "signed download URLs, one per file, of an external weights checkpoint",
                 rest,
-                params=(*run, path_param("kind"), path_param("name")),
+                ok=obj(("urls", "expires"), urls=ANY_OBJECT, expires={"type": "string"}),
+                params=one,
             )
         },
+        f"{checkpoint}/archive": {
+            "get": op(
+                "a signed URL to a checkpoint's tar (older SDKs)",
+                rest,
+                ok=obj(("url", "expires"), url=string(), expires={"type": "string"}),
+                params=one,
+            )
+        },
+        f"{v1}/copy_weights": {
+            "post": op(
+                "copy a checkpoint (own or published) into a new run of this key's",
+                rest,
+                obj(
+                    ("source_path",),
+                    source_path=TINKER_PATH,
+                    destination_project_id=null_or(string()),
+                    session_id=null_or(string()),
+                    model_seq_id=null_or(integer(0)),
+                    ttl_seconds=TTL,
+                ),
+                obj(("tinker_path",), tinker_path=TINKER_PATH),
+            )
+        },
+        f"{v1}/downloads/{{token}}/{{file_name}}": {
+            "get": op(
+                "a signed URL's file (no API key: the signature grants it)",
+                rest,
+                params=(path_param("token"), path_param("file_name")),
+                ok_content={
+                    "application/octet-stream": {"schema": {"type": "string"}},
+                    "application/x-tar": {"schema": {"type": "string"}},
+                    "application/json": {"schema": ANY_OBJECT},
+                },
+                public=True,
+            )
+        },
+        f"{checkpoint}/ttl": {
+            "put": op(
+                "set (null: remove) a checkpoint's expiry, from now; owner only",
+                rest,
+                obj(("ttl_seconds",), ttl_seconds=TTL),
+                params=one,
+            )
+        },
+        f"{checkpoint}/publish": {
+            "post": op(
+                "publish a checkpoint: every key may read it; owner only (409 if public)",
+                rest,
+                params=one,
+            ),
+            "delete": op("unpublish a checkpoint (409 if private)", rest, params=one),
+        },
+        checkpoint: {"delete": op("delete a checkpoint", rest, params=one)},
         f"{v1}/system/status": {"get": op("workers, queue, host, lost models", ops)},
         f"{v1}/healthz": {"get": op("liveness", ops, ok=health, public=True)},
         f"{v1}/loss_functions": {"get": op("the losses, their inputs and config", ops)},
@@ -507,6 +596,99 @@ def rest_paths() -> dict[str, Schema]:
         "/loss_functions": {"get": op("the losses, their inputs and config", ops)},
         "/metrics": {"get": op("Prometheus text exposition", ops, ok_content=TEXT)},
         "/openapi.json": {"get": op("this document", ops, public=True)},
+    }
+
+
+def session_paths() -> dict[str, Schema]:
+    v1, rest = "/api/v1", "rest"
+    session = (path_param("session_id"),)
+    owner = obj(("type",), type={"enum": ["own", "accessible", "user"]}, owner_urns=array(string()))
+    status = obj(
+        ("type",),
+        type={"enum": ["active", "cancelled", "failed", "client_finished"]},
+        reasons=null_or(array({"enum": ["success", "errored", "interrupted"]}, 1)),
+    )
+    cursor = obj(
+        ("last_created_at", "last_session_id"),
+        last_created_at={"type": "string", "format": "date-time"},
+        last_session_id=string(),
+    )
+    return {
+        f"{v1}/sessions": {
+            "get": op(
+                "this key's session ids, newest first",
+                rest,
+                ok=obj(("sessions",), sessions=array({"type": "string"})),
+                params=(*PAGE, query("access_scope", {"enum": ["owned", "accessible"]})),
+            )
+        },
+        f"{v1}/sessions/search": {
+            "post": op(
+                "search this key's sessions, newest first, a page at a time",
+                rest,
+                obj(
+                    session_id=null_or({"type": "string"}),
+                    display_name=null_or(string()),
+                    project_ids=null_or(array({"type": "string"})),
+                    user_metadata={"type": "object", "additionalProperties": {"type": "string"}},
+                    owner=owner,
+                    statuses=null_or(array(status, 1)),
+                    limit=integer(1, 200),
+                    cursor=null_or(cursor),
+                ),
+                obj(("sessions",), sessions=array(ANY_OBJECT), next_cursor=null_or(cursor)),
+            )
+        },
+        f"{v1}/sessions/{{session_id}}": {
+            "get": op(
+                "a session's runs, samplers, metadata",
+                rest,
+                ok=obj(
+                    ("training_run_ids", "sampler_ids"),
+                    training_run_ids=array({"type": "string"}),
+                    sampler_ids=array({"type": "string"}),
+                ),
+                params=(*session, query("access_scope", {"enum": ["owned", "accessible"]})),
+            )
+        },
+        f"{v1}/sessions/{{session_id}}/trace_export": {
+            "get": op(
+                "a signed URL to the session's trace (Chrome trace-event JSON)",
+                rest,
+                ok=obj(("status", "url"), status={"const": "ready"}, url=string()),
+                params=session,
+            )
+        },
+        f"{v1}/sessions/{{session_id}}/project": {
+            "put": op(
+                "label a session with a project id",
+                rest,
+                obj(("project_id",), project_id=string()),
+                params=session,
+            )
+        },
+        f"{v1}/audit": {
+            "get": op(
+                "a UTC day of this key's audit log (an admin key's: every key's)",
+                rest,
+                ok=obj(("entries",), entries=array(ANY_OBJECT)),
+                params=(
+                    query(
+                        "event_type",
+                        {"enum": ["all", "checkpoints", "projects", "teams", "organizations"]},
+                    ),
+                    query("day", {"type": "string", "format": "date"}),
+                ),
+            )
+        },
+        f"{v1}/billing/usage/checkpoints/current": {
+            "get": op(
+                "the checkpoints this key stores, by project label and key",
+                rest,
+                ok=obj(("data",), data=array(ANY_OBJECT)),
+                params=(query("project_id", {"type": "string"}),),
+            )
+        },
     }
 
 

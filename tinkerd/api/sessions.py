@@ -11,7 +11,7 @@ JSON file of its runs' events (ui.perfetto.dev opens it), behind a signed URL
 from __future__ import annotations
 
 import time
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from flask import Blueprint, jsonify, request
@@ -25,6 +25,7 @@ from tinkerd.types import NotFound, UserError
 
 bp = Blueprint("sessions", __name__, url_prefix="/api/v1")
 
+EPOCH = datetime.fromtimestamp(0, UTC)
 # A session heard from within this many seconds is "active" in a search (the SDK heartbeats
 # every 10 s); older and unfinished, its status is unknown (None).
 ACTIVE_SECONDS = 120.0
@@ -54,8 +55,17 @@ def _session(reg: Registry, session_id: str) -> Session:
         return found
 
 
+def _micros(iso: str) -> int:
+    """An ISO time as whole microseconds since 1970: the exact order of what listings show."""
+    return (datetime.fromisoformat(iso) - EPOCH) // timedelta(microseconds=1)
+
+
+def _order(session: Session) -> tuple[int, str]:
+    return _micros(iso_time(session.created_at)), session.session_id
+
+
 def _newest_first(sessions: list[Session]) -> list[Session]:
-    return sorted(sessions, key=lambda s: (sort_time(s.created_at), s.session_id), reverse=True)
+    return sorted(sessions, key=_order, reverse=True)
 
 
 def _labels(metadata: Any) -> dict[str, str] | None:
@@ -143,12 +153,13 @@ def search_sessions():
     limit = body.get("limit", 50)
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_SEARCH_LIMIT:
         raise UserError(f"limit must be an integer in [1, {MAX_SEARCH_LIMIT}], got {limit!r}")
+    _check_search(body)
     matches = [s for s in _sessions(reg).values() if _matches(s, body)]
     cursor = body.get("cursor")
     ordered = _newest_first(matches)
     if cursor is not None:
         after = _cursor_key(cursor)
-        ordered = [s for s in ordered if (sort_time(s.created_at), s.session_id) < after]
+        ordered = [s for s in ordered if _order(s) < after]
     shown = ordered[:limit]
     next_cursor = None
     if len(ordered) > limit:
@@ -161,38 +172,76 @@ def search_sessions():
     return jsonify({"sessions": [_summary(s, runs) for s in shown], "next_cursor": next_cursor})
 
 
-def _cursor_key(cursor: Any) -> tuple[float, str]:
+def _cursor_key(cursor: Any) -> tuple[int, str]:
     try:
-        when = datetime.fromisoformat(cursor["last_created_at"]).timestamp()
-        return when, str(cursor["last_session_id"])
-    except (TypeError, KeyError, ValueError):
+        when = datetime.fromisoformat(cursor["last_created_at"])
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return _micros(when.isoformat()), str(cursor["last_session_id"])
+    except (TypeError, KeyError, ValueError, AttributeError):
         raise UserError("cursor must be a response's next_cursor, unchanged") from None
 
 
-def _matches(session: Session, body: dict[str, Any]) -> bool:
+def _strings(body: dict[str, Any], key: str) -> list[str] | None:
+    value = body.get(key)
+    if value is not None and (
+        not isinstance(value, list) or not all(isinstance(v, str) for v in value)
+    ):
+        raise UserError(f"{key} must be a list of strings")
+    return value
+
+
+def _optional_str(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is not None and not isinstance(value, str):
+        raise UserError(f"{key} must be a string")
+    return value
+
+
+def _check_search(body: dict[str, Any]) -> None:
+    """A SessionSearchRequest's fields, type-checked before any session is looked at."""
     owner = body.get("owner") or {"type": "own"}
-    kind = owner.get("type") if isinstance(owner, dict) else None
-    if kind not in ("own", "accessible", "user"):
-        raise UserError(f"owner must be own, accessible or user, got {owner!r}")
-    if kind == "own" and session.owner != caller().name:
+    if not isinstance(owner, dict) or owner.get("type") not in ("own", "accessible", "user"):
+        raise UserError(f"owner must be {{type: own | accessible | user}}, got {owner!r}")
+    if owner["type"] == "user":
+        _strings(owner, "owner_urns")
+    _optional_str(body, "session_id")
+    _optional_str(body, "display_name")
+    _strings(body, "project_ids")
+    metadata = body.get("user_metadata") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise UserError("user_metadata must be an object of strings")
+    statuses = body.get("statuses")
+    if statuses is None:
+        return
+    if not isinstance(statuses, list) or not all(
+        isinstance(q, dict) and isinstance(q.get("type"), str) for q in statuses
+    ):
+        raise UserError("statuses must be a list of {type, reasons?}")
+    for query in statuses:
+        _strings(query, "reasons")
+
+
+def _matches(session: Session, body: dict[str, Any]) -> bool:
+    """Whether `session` answers a (checked) SessionSearchRequest."""
+    owner = body.get("owner") or {"type": "own"}
+    if owner["type"] == "own" and session.owner != caller().name:
         return False
-    if kind == "user" and session.owner not in (owner.get("owner_urns") or []):
+    if owner["type"] == "user" and session.owner not in (owner.get("owner_urns") or []):
         return False
     wanted_id, name = body.get("session_id"), body.get("display_name")
     if wanted_id is not None or name is not None:
         by_id = wanted_id is not None and session.session_id == wanted_id
-        words = str(name or "").lower().split()
-        by_name = name is not None and all(w in (session.display_name or "").lower() for w in words)
+        words = (name or "").lower().split()
+        shown = (session.display_name or "").lower()
+        by_name = name is not None and all(w in shown for w in words)
         if not (by_id or by_name):
             return False
     projects = body.get("project_ids")
     if projects is not None and session.project_id not in projects:
         return False
-    metadata = body.get("user_metadata") or {}
-    if not isinstance(metadata, dict):
-        raise UserError("user_metadata must be an object of strings")
     labels = _labels(session.user_metadata) or {}
-    if any(labels.get(k) != v for k, v in metadata.items()):
+    if any(labels.get(k) != v for k, v in (body.get("user_metadata") or {}).items()):
         return False
     statuses = body.get("statuses")
     return statuses is None or any(_status_matches(session, q) for q in statuses)
@@ -212,9 +261,7 @@ def _status(session: Session) -> dict[str, Any] | None:
     return None
 
 
-def _status_matches(session: Session, query: Any) -> bool:
-    if not isinstance(query, dict):
-        raise UserError(f"each status must be an object with a type, got {query!r}")
+def _status_matches(session: Session, query: dict[str, Any]) -> bool:
     status = _status(session)
     if status is None or status["type"] != query.get("type"):
         return False
