@@ -592,3 +592,67 @@ def test_a_bad_unnamed_save_for_sampler_takes_its_seq_id(server, base_model) -> 
     r = post(server, "save_weights_for_sampler", body)
     assert r.status_code == 400 and "sampling_session_seq_id" in r.json()["error"]
     assert settles_soon(server, submit_optim(server, optim_body(model_id, 2))).status_code == 200
+
+
+# -- zstd bodies and what tinkerd refuses by name ----------------------------------------------
+
+
+def zstd_post(server, body: bytes, encoding: str = "zstd") -> httpx.Response:
+    headers = {**HEADERS, "Content-Type": PROTO, "Content-Encoding": encoding}
+    return httpx.post(
+        f"{server.url}/api/v1/forward_backward", content=body, headers=headers, timeout=60
+    )
+
+
+def test_zstd_bodies_and_their_limit(server, base_model, monkeypatch) -> None:
+    """The SDK compresses forward_backward bodies (client/config says so); the size limit holds
+    for the decompressed body, so a bomb is a 413 and changes nothing."""
+    import zstandard
+
+    model_id = create_model(server, new_session(server), base_model=base_model)
+    body = fwdbwd_body(model_id, 1, [ce_datum()], forward_only=True)
+    compressed = zstandard.ZstdCompressor().compress(body)
+    r = zstd_post(server, compressed)
+    assert r.status_code == 200, r.text
+    plain = fwdbwd_result(server, submit_fwdbwd(server, fwdbwd_body(model_id, 2, [ce_datum()])))
+    assert logprobs(fwdbwd_result(server, r.json()["request_id"]))[0].tolist() == pytest.approx(
+        logprobs(plain)[0].tolist()
+    )  # the same request as the plain one after it, on the same weights
+
+    monkeypatch.setattr(server.settings, "max_request_bytes", 4 << 20)
+    writer = zstandard.ZstdCompressor(level=1).compressobj()
+    bomb = writer.compress(body) + b"".join(writer.compress(bytes(1 << 20)) for _ in range(64))
+    bomb += writer.flush()
+    r = zstd_post(server, bomb)
+    assert r.status_code == 413 and r.json()["category"] == "user", r.text
+    assert "expands past 4194304 bytes" in r.json()["error"]
+    r = zstd_post(server, b"\x28\xb5\x2f\xfd garbage")
+    assert r.status_code == 400 and "not valid zstd" in r.json()["error"]
+    r = zstd_post(server, body, encoding="br")
+    assert r.status_code == 415 and "Content-Encoding 'br'" in r.json()["error"]
+
+
+def test_dimuon_is_refused_naming_adamw(server, service_client, training_client) -> None:
+    with pytest.raises(tinker.BadRequestError, match="Dimuon optimizer .*AdamW"):
+        service_client.create_lora_training_client(
+            base_model="tinkerd/tiny", rank=4, optimizer=types.DimuonOptimizerConfig()
+        ).result(timeout=30)
+    with pytest.raises(tinker.BadRequestError, match="DimuonParams .*AdamParams"):
+        training_client.optim_step(types.DimuonParams(learning_rate=1e-3)).result(timeout=30)
+    fb = training_client.forward([ce_datum()], "cross_entropy").result(timeout=30)  # not stalled
+    assert fb.metrics["loss:sum"] > 0
+
+
+def test_image_inputs_are_refused_by_name(server, service_client, training_client) -> None:
+    image = types.ImageChunk(data=b"\x89PNG", format="png", expected_tokens=2)
+    datum = types.Datum(
+        model_input=types.ModelInput(chunks=[types.EncodedTextChunk(tokens=[5, 17]), image]),
+        loss_fn_inputs={"target_tokens": [17, 42, 99, 7], "weights": [1.0] * 4},
+    )
+    with pytest.raises(tinker.BadRequestError, match="ImageChunk .*not supported"):
+        training_client.forward_backward([datum], "cross_entropy").result(timeout=30)
+    sampler = training_client.save_weights_and_get_sampling_client().result(timeout=30)
+    pointer = types.ImageAssetPointerChunk(format="png", location="/x.png", expected_tokens=2)
+    prompt = types.ModelInput(chunks=[types.EncodedTextChunk(tokens=[5, 17]), pointer])
+    with pytest.raises(Exception, match="ImageAssetPointerChunk .*not supported"):
+        sampler.sample(prompt, 1, types.SamplingParams(max_tokens=2)).result(timeout=30)

@@ -13,8 +13,10 @@ from tinker.types.tensor_data import TensorData
 
 from tinkerd.types import ForwardBackwardResult, UserError
 from tinkerd.wire import (
+    decompress_zstd,
     encode_forward_backward_output,
     forward_backward_from_proto,
+    model_input_tokens,
     parse_forward_backward_json,
     parse_forward_backward_proto,
 )
@@ -309,11 +311,40 @@ def test_token_bytes_not_a_multiple_of_four_is_a_user_error() -> None:
         forward_backward_from_proto(msg)
 
 
-def test_image_chunks_are_refused() -> None:
+def test_image_and_audio_chunks_are_refused_by_their_sdk_names() -> None:
     msg = pb.ForwardBackwardRequest.FromString(sdk_request([ce_datum([1, 2], [2, 3], [1, 1])]))
     msg.data[0].model_input.add().image.data = b"png"
-    with pytest.raises(UserError, match="image"):
+    with pytest.raises(UserError, match="datum 0: ImageChunk .* encoded_text chunks"):
         forward_backward_from_proto(msg)
+    for kind, name in (("image_asset_pointer", "ImageAssetPointerChunk"), ("dmel", "DmelChunk")):
+        with pytest.raises(UserError, match=f"prompt: {name}"):
+            model_input_tokens({"chunks": [{"type": kind}]}, "prompt")
+
+
+def test_a_zstd_body_is_limited_as_it_is_decompressed() -> None:
+    """A bomb (a small body that expands without bound) stops at the limit, holding about the
+    limit in memory, never what the frame claims."""
+    import tracemalloc
+
+    import zstandard
+
+    body = sdk_request([ce_datum([1, 2], [2, 3], [1, 1])])
+    assert decompress_zstd(zstandard.ZstdCompressor().compress(body), 1 << 20) == body
+    writer = zstandard.ZstdCompressor(level=1).compressobj()
+    bomb = b"".join(writer.compress(bytes(1 << 20)) for _ in range(256)) + writer.flush()
+    assert len(bomb) < 64 << 10  # 256 MiB of zeros in a few kilobytes
+    tracemalloc.start()
+    try:
+        with pytest.raises(UserError) as refused:
+            decompress_zstd(bomb, 4 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert refused.value.status == 413 and "expands past 4194304 bytes" in refused.value.message
+    assert peak < 16 << 20, peak
+    with pytest.raises(UserError, match="not valid zstd") as bad:
+        decompress_zstd(b"not zstd at all", 1 << 20)
+    assert bad.value.status == 400
 
 
 @pytest.mark.parametrize(
