@@ -254,3 +254,34 @@ def test_sampling_never_touches_the_trainers_modules(lab) -> None:
     names = {lab.backend._samplers[s.snapshot_id][1] for s in lab.snapshots}
     assert names <= set(base.sampler_peft.peft_config)
     assert not names & set(base.peft.peft_config)
+
+
+def test_score_is_the_engines_logprobs_at_any_temperature(lab) -> None:
+    """`sampling.score` (the trainer's forward, used where vLLM's logprobs differ) gives the
+    engine's sampled logprobs and its prompt logprobs."""
+    base = lab.backend._load_base(lab.model)
+    for weights, temperature in ((lab.snapshots[1], 0.7), (lab.base, 1.3)):
+        r = request(weights, 21, max_tokens=10, seed=3, temperature=temperature)
+        r.prompt_logprobs, r.topk_prompt_logprobs = True, 2
+        (result,) = lab.backend.sample([r])
+        adapter = lab.backend._sampler_adapter(base, weights)
+        seq = result.sequences[0]
+        tokens = np.concatenate([r.prompt, seq.tokens])
+        chosen, _, _ = sampling.score(base.sampler_peft, adapter, tokens, temperature)
+        np.testing.assert_allclose(chosen[len(r.prompt) - 1 :], seq.logprobs, rtol=0, atol=1e-5)
+        chosen, values, ids = sampling.score(base.sampler_peft, adapter, r.prompt, 1.0, 2)
+        np.testing.assert_allclose(chosen, result.prompt_logprobs[1:], rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(ids, result.topk_prompt_logprobs[0][1:])
+
+
+def test_the_vllm_sampler_is_refused_clearly_without_vllm(tmp_path: Path, tiny_model_dir) -> None:
+    with pytest.raises(ValueError, match="unknown sampler 'sglang'"):
+        HFBackend(tmp_path, "cpu", sampler="sglang")
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        backend = HFBackend(tmp_path, "cpu", sampler="vllm")
+        (error,) = backend.sample([request(SamplerWeights(str(tiny_model_dir)), 5, max_tokens=2)])
+        assert "--sampler vllm needs vLLM" in str(error) and "tinkerd[vllm]" in str(error)
+    else:
+        pytest.skip("vLLM is installed here: tests/test_vllm.py runs it")

@@ -10,6 +10,7 @@ registration.
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -83,6 +84,8 @@ class BackendOptions:
     dtype: str | None = None  # the base models' ("float32", "bfloat16"); None: by device
     tp: int = 1  # tensor-parallel ranks (the Megatron backend)
     pp: int = 1  # pipeline stages (the Megatron backend)
+    sampler: str = "tinkerd"  # the sampling engine: "tinkerd" or "vllm" (the hf backend)
+    vllm_engine_args: str = "{}"  # JSON: vLLM EngineArgs over tinkerd's defaults
 
 
 BackendFactory = Callable[[BackendOptions], "Backend"]
@@ -134,6 +137,8 @@ def _hf(options: BackendOptions) -> Backend:
         store=options.store,
         activation_checkpointing=options.activation_checkpointing,
         dtype=options.dtype,
+        sampler=options.sampler,
+        vllm_engine_args=json.loads(options.vllm_engine_args or "{}"),
     )
 
 

@@ -125,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
             "--pp", type=int, help="--backend megatron: pipeline stages (default 1)"
         )
         command.add_argument(
+            "--sampler",
+            choices=["tinkerd", "vllm"],
+            help="the sampling engine: tinkerd's own (default) or vLLM on a GPU worker "
+            "(pip install 'tinkerd[vllm]'; TINKERD_VLLM_ENGINE_ARGS: JSON EngineArgs)",
+        )
+        command.add_argument(
             "--activation-checkpointing",
             action="store_true",
             default=None,
@@ -156,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         tp=getattr(args, "tp", None),
         pp=getattr(args, "pp", None),
         activation_checkpointing=args.activation_checkpointing,
+        sampler=args.sampler,
         redis_url=args.redis,
     )
     if args.command == "worker" or (args.command == "serve" and not settings.redis_url):

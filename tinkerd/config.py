@@ -38,6 +38,10 @@ class Settings:
         activation_checkpointing: the worker's base models recompute each decoder layer's
             activations in backward instead of keeping them: memory for long sequences, at
             about a third more compute per forward/backward.
+        sampler: the worker's sampling engine: "tinkerd" (its own, `tinkerd.sampling`) or
+            "vllm" (`tinkerd.vllm_sampler`, GPU workers, `pip install 'tinkerd[vllm]'`).
+        vllm_engine_args: JSON object of vLLM EngineArgs over tinkerd's defaults
+            (`vllm_sampler.DEFAULT_ENGINE_ARGS`), e.g. {"gpu_memory_utilization": 0.5}.
         long_poll_seconds: how long retrieve_future holds a request before `try_again`; the SDK
             gives up on a poll after 45 s, so stay well under that.
         threads: HTTP threads; each waiting long-poll holds one.
@@ -83,6 +87,8 @@ class Settings:
     device: str | None = None
     backend: str = "hf"
     activation_checkpointing: bool = False
+    sampler: str = "tinkerd"
+    vllm_engine_args: str = "{}"
     tp: int = 1
     pp: int = 1
     long_poll_seconds: float = 25.0

@@ -11,7 +11,10 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import os
 import re
+import shutil
+import tempfile
 import threading
 import warnings
 from collections import OrderedDict
@@ -182,6 +185,8 @@ class HFBackend:
         dtype: str | None = None,
         max_pass_tokens: int = 32768,
         sampler_cache_bytes: int = 4 << 30,
+        sampler: str = "tinkerd",
+        vllm_engine_args: dict[str, Any] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         # Recompute each decoder layer's activations in backward (`checkpoint_layers`): memory
@@ -202,6 +207,13 @@ class HFBackend:
         self._bases_lock = threading.RLock()
         # The sampler's KV cache per base model, at most (tinkerd.sampling.Engine).
         self.sampler_cache_bytes = sampler_cache_bytes
+        # The sampling engine: "tinkerd" (tinkerd.sampling) or "vllm" (tinkerd.vllm_sampler,
+        # with these EngineArgs over its defaults); sampler adapters' PEFT directories for it.
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r} (known: {', '.join(SAMPLERS)})")
+        self.sampler = sampler
+        self.vllm_engine_args = dict(vllm_engine_args or {})
+        self._adapter_dirs: dict[str, Path] = {}
         # Requests of several models run in one packed pass of at most this many tokens.
         self.max_pass_tokens = max_pass_tokens
         self.attention = packing.attention_implementation(self.device)
@@ -661,8 +673,21 @@ class HFBackend:
         return busy
 
     def _engine(self, base: _Base) -> Engine:
-        """The base's sampling engine. Its KV cache grows as needed up to `sampler_cache_bytes`
-        or a quarter of the device's free memory, at least one whole context."""
+        """The base's sampling engine. tinkerd's: its KV cache grows as needed up to
+        `sampler_cache_bytes` or a quarter of the device's free memory, at least one whole
+        context. vLLM's (`--sampler vllm`): beside it on the device, of the trainer's dtype."""
+        if base.engine is None and self.sampler == "vllm":
+            from tinkerd.vllm_sampler import VLLMEngine
+
+            base.engine = VLLMEngine(  # type: ignore[assignment]
+                base.source.location,
+                dtype=str(self.dtype).removeprefix("torch."),
+                context_length=base.context_length,
+                eos_token_ids=base.eos_token_ids(),
+                adapter_dir=lambda name: self._adapter_dir(base, name),
+                engine_args=self.vllm_engine_args,
+                gpu=self.device.type == "cuda",
+            )
         if base.engine is None:
             config = base.model.config.get_text_config()
             heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -712,6 +737,24 @@ class HFBackend:
             with warnings.catch_warnings():  # "Adapter m1 was active which is now deleted"
                 warnings.simplefilter("ignore", UserWarning)
                 base.sampler_peft.delete_adapter(name)
+        forget = getattr(base.engine, "forget", None)
+        if forget is not None:  # vLLM's copy
+            forget(name)
+        directory = self._adapter_dirs.pop(name, None)
+        if directory is not None and directory.parent == ram_dir():  # a snapshot's, ours
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def _adapter_dir(self, base: _Base, name: str) -> Path:
+        """A sampler adapter as a PEFT directory (for vLLM): a checkpoint's own, or a
+        snapshot written to a RAM-backed directory on first need."""
+        directory = self._adapter_dirs.get(name)
+        if directory is None:
+            directory = ram_dir() / name
+            directory.mkdir(parents=True, exist_ok=True)
+            assert base.sampler_peft is not None
+            checkpoint_io.write_adapter(base.sampler_peft, name, base.source.location, directory)
+            self._adapter_dirs[name] = directory
+        return directory
 
     def _load_sampler(self, base: _Base, path: CheckpointPath) -> tuple[_Base, str]:
         """Read a checkpoint's adapter once; later samples reuse it from memory."""
@@ -722,6 +765,7 @@ class HFBackend:
         except BaseException:
             self._delete_sampler_adapter(base, name)
             raise
+        self._adapter_dirs[name] = directory
         self._cache_sampler(str(path), base, name)
         return base, name
 
@@ -767,6 +811,16 @@ class HFBackend:
             self._drop_sampler(key)
 
 
+SAMPLERS = ("tinkerd", "vllm")
+
+
+def ram_dir() -> Path:
+    """Where snapshots are written for vLLM to read: RAM-backed where the system has one."""
+    shm = Path("/dev/shm")
+    root = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    return root / f"tinkerd-vllm-{os.getpid()}"
+
+
 def sharing_weights(model: nn.Module) -> nn.Module:
     """A copy of `model`'s modules and config over the same parameter and buffer tensors: a
     second tree that costs no weight memory, whose adapters, attention setting and patched
@@ -776,7 +830,7 @@ def sharing_weights(model: nn.Module) -> nn.Module:
 
 
 def base_dtype(device: torch.device, name: str | None = None) -> torch.dtype:
-    """"float32", "bfloat16" or "float16" if named (a UserError otherwise), else bfloat16 on a GPU
+    """ "float32", "bfloat16" or "float16" if named (a UserError otherwise), else bfloat16 on a GPU
     and float32 on the CPU."""
     if name is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32

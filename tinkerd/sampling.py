@@ -30,7 +30,7 @@ from torch import nn
 
 from tinkerd import kv_cache, packing
 from tinkerd.kv_cache import BLOCK, BlockPool, Plan, blocks_for
-from tinkerd.logprobs import prompt_logprobs, split_causal_lm
+from tinkerd.logprobs import prompt_logprobs, split_causal_lm, vocab_size
 from tinkerd.types import (
     Sample,
     SampledSequence,
@@ -100,6 +100,11 @@ def _mix64(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
     return x ^ (x >> 31)
+
+
+def row_seed(seed: int, j: int) -> int:
+    """The 64-bit seed of sample j of a request seeded `seed`."""
+    return _mix64(_mix64(seed & MASK64) ^ _mix64(j))
 
 
 def _uniforms(seeds: Sequence[int], positions: Sequence[int]) -> np.ndarray:
@@ -175,9 +180,10 @@ class Engine:
         max_new = min(max_tokens, limit) if max_tokens else limit
         stops = _stop_tokens(sample, self.eos_token_ids)
         seed = sample.params.seed
-        base = _mix64(seed & MASK64) if seed is not None else secrets.randbits(64)
+        if seed is None:
+            seed = secrets.randbits(64)
         for j in range(sample.num_samples):
-            request.rows.append(_Row(request, _mix64(base ^ _mix64(j)), max_new, stops))
+            request.rows.append(_Row(request, row_seed(seed, j), max_new, stops))
         request.left = len(request.rows)
         if adapter is not None:
             self._adapters[adapter] = self._adapters.get(adapter, 0) + 1
@@ -520,13 +526,24 @@ def _top_k_top_p(scaled: torch.Tensor, params: list) -> torch.Tensor:
 
 
 def _prompt_logprobs(request: _Request, hidden: torch.Tensor, unembed: nn.Module) -> None:
-    """Fill prompt logprobs (NaN for the first token) and top-k prompt logprobs from the prompt's
-    (n-1, H) hidden states, a chunk of positions at a time."""
-    sample, result = request.sample, request.result
-    n = len(sample.prompt)
+    """Fill the request's prompt logprobs and top-k prompt logprobs from the prompt's (n-1, H)
+    hidden states, a chunk of positions at a time."""
+    sample = request.sample
     targets = torch.from_numpy(sample.prompt[1:].astype(np.int64)).to(hidden.device)
-    k = sample.topk_prompt_logprobs
-    chosen, values, ids = prompt_logprobs(hidden, unembed, targets, k)
+    chosen, values, ids = prompt_logprobs(hidden, unembed, targets, sample.topk_prompt_logprobs)
+    fill_prompt_logprobs(request.result, sample, chosen, values, ids)
+
+
+def fill_prompt_logprobs(
+    result: SampleResult,
+    sample: Sample,
+    chosen: torch.Tensor,
+    values: torch.Tensor,
+    ids: torch.Tensor,
+) -> None:
+    """The wire's prompt logprobs (NaN for the first token) and top-k prompt logprobs (k slots
+    per position, fillers where the vocabulary has fewer) of (n-1,) and (n-1, k) tensors."""
+    n, k = len(sample.prompt), sample.topk_prompt_logprobs
     if sample.prompt_logprobs:
         chosen_np = chosen.cpu().numpy()
         result.prompt_logprobs = np.concatenate([[np.nan], chosen_np]).astype(np.float32)
@@ -536,6 +553,41 @@ def _prompt_logprobs(request: _Request, hidden: torch.Tensor, unembed: nn.Module
         all_ids[1:, : ids.shape[1]] = ids.cpu().numpy()
         all_lps[1:, : values.shape[1]] = values.cpu().numpy()
         result.topk_prompt_logprobs = (all_ids, all_lps)
+
+
+class _Tempered(nn.Module):
+    """A head's logits divided by a temperature."""
+
+    def __init__(self, head: nn.Module, temperature: float) -> None:
+        super().__init__()
+        self.head, self.temperature = head, temperature
+        self.out_features = vocab_size(head)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden) / self.temperature
+
+
+@torch.no_grad()
+def score(
+    model: nn.Module, adapter: str | None, tokens: np.ndarray, temperature: float = 1.0, k: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logprobs of tokens[1:], each given the tokens before it, under
+    log softmax(logits / temperature) through `adapter` (None: the base), by one plain forward
+    pass of the sequence (the trainer's computation), and the top k per position.
+
+    Returns:
+        (n-1,) fp32 logprobs, (n-1, k) top-k logprobs and their ids.
+    """
+    body, unembed = split_causal_lm(model)
+    device = next(model.parameters()).device
+    ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(device)
+    routes = [packing.Route(adapter, 0, len(ids))] if adapter is not None else []
+    with packing.routed(model, routes, frozen=True):  # no route: the base, whatever is active
+        hidden = body(input_ids=ids[None], use_cache=False).last_hidden_state[0]
+    head = packing.adapter_unembed(unembed, adapter)
+    if temperature != 1.0:
+        head = _Tempered(head, temperature)
+    return prompt_logprobs(hidden[:-1], head, ids[1:], k)
 
 
 # -- all at once -----------------------------------------------------------------------------------

@@ -94,6 +94,8 @@ class EmbeddedServer:
                 settings.device,
                 self.store,
                 activation_checkpointing=settings.activation_checkpointing,
+                sampler=settings.sampler,
+                vllm_engine_args=settings.vllm_engine_args,
                 tp=settings.tp,
                 pp=settings.pp,
             ),

@@ -80,6 +80,8 @@ class WorkerProcess:
                 settings.device,
                 store,
                 activation_checkpointing=settings.activation_checkpointing,
+                sampler=settings.sampler,
+                vllm_engine_args=settings.vllm_engine_args,
                 tp=settings.tp,
                 pp=settings.pp,
             ),
