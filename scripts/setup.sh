@@ -35,3 +35,14 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q chz==0.4.0 datasets==5.2.0 blobfile==3.3.0 pillow==13.0.0 \
     cloudpickle==3.1.2 termcolor==3.3.0 pylatexenc==2.11
 .venv/bin/python -m pip install -q --no-deps tinker-cookbook==0.6.1
+
+# Older SDKs of the protobuf era, each in its own venv (.venv-sdk/<version>) from the package
+# registry: tests/test_old_sdks.py runs tests/test_api_tinker.py with each against tinkerd.
+while read -r version; do
+  venv=.venv-sdk/$version
+  have=$("$venv/bin/python" -c "import importlib.metadata as m; print(m.version('tinker'))" \
+      2>/dev/null || true)
+  [ "$have" = "$version" ] && continue
+  "$PYTHON" -m venv "$venv"
+  "$venv/bin/python" -m pip install -q "tinker==$version" pytest pytest-timeout
+done < scripts/old-sdks.txt

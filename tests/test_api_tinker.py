@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 import tinker
+from sdk_versions import needs, ready, server_capabilities
 from tinker import types
 from tinker.proto.request_conv import forward_backward_request_to_proto
 from tinker.proto.response_conv import deserialize_forward_backward_output
@@ -236,7 +237,7 @@ def test_session_lifecycle(server, base_model) -> None:
 def test_sdk_client_lifecycle_sends_finish(server) -> None:
     client = tinker.ServiceClient(base_url=server.url, api_key="tml-test")
     session_id = client.holder.get_session_id()
-    client.close("success").result(timeout=30)
+    needs(client, "close")("success").result(timeout=30)
     r = post(server, "session_heartbeat", {"session_id": session_id, "type": "session_heartbeat"})
     assert r.status_code == 410
 
@@ -251,19 +252,16 @@ def test_healthz(server) -> None:
 def test_server_capabilities(server) -> None:
     r = httpx.get(f"{server.url}/api/v1/get_server_capabilities", headers=HEADERS)
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
-    caps = tinker.RestClient(base_url=server.url, api_key="tml-test").get_server_capabilities()
-    caps = caps.result(timeout=30)
-    names = [m.model_name for m in caps.supported_models]
-    assert "tinkerd/tiny" in names
-    assert all(m.trainable for m in caps.supported_models)
-    assert all(m.sampleable for m in caps.supported_models)
+    models = r.json()["supported_models"]
+    assert all(m["trainable"] and m["sampleable"] for m in models)  # fields older SDKs drop
+    caps = server_capabilities(server.url, "tml-test")
+    assert [m.model_name for m in caps.supported_models] == [m["model_name"] for m in models]
+    assert "tinkerd/tiny" in [m.model_name for m in caps.supported_models]
 
 
 def test_every_model_said_sampleable_samples(server, service_client) -> None:
-    caps = tinker.RestClient(base_url=server.url, api_key="tml-test").get_server_capabilities()
-    for model in caps.result(timeout=30).supported_models:
-        assert model.sampleable
-        sampler = service_client.create_sampling_client(base_model=model.model_name)
+    for model in server_capabilities(server.url, "tml-test").supported_models:
+        sampler = ready(service_client.create_sampling_client(base_model=model.model_name))
         params = types.SamplingParams(max_tokens=2, seed=0)
         prompt = types.ModelInput.from_ints(TOKENS)
         result = sampler.sample(prompt, num_samples=1, sampling_params=params).result(timeout=60)
@@ -309,8 +307,9 @@ def test_create_model_and_get_info(server, service_client, training_client, tiny
     ids = tokenizer.encode("the cat sees a dog", add_special_tokens=False)
     assert ids and tokenizer.decode(ids) == "the cat sees a dog"
     # the session's next model gets the next model_seq_id
-    second = service_client.create_lora_training_client(base_model=str(tiny_model_dir), rank=4)
-    second = second.result(timeout=60)
+    second = ready(
+        service_client.create_lora_training_client(base_model=str(tiny_model_dir), rank=4)
+    )
     assert second.model_id == f"{session_id}:train:1"
     assert second.get_info().lora_rank == 4
     # get_info over raw HTTP answers directly (no future)
@@ -342,6 +341,7 @@ def test_retried_create_model_returns_the_same_future(server, base_model) -> Non
 # -- training through the SDK ----------------------------------------------------------------
 
 
+@pytest.mark.in_process
 def test_forward_backward_forward_and_optim_step(server, training_client) -> None:
     data = [ce_datum(), ce_datum([3, 4, 5, 6], [0.0, 1.0, 0.5])]
     before = server.backend.adapter_state(training_client.model_id)
@@ -370,6 +370,7 @@ def test_forward_backward_forward_and_optim_step(server, training_client) -> Non
     assert after.metrics["loss:sum"] < fwd.metrics["loss:sum"]  # one step on this data helps
 
 
+@pytest.mark.in_process
 def test_sdk_batch_split_into_chunks(server, training_client, monkeypatch) -> None:
     """A batch the SDK splits (chunk 1 sent last) comes back concatenated in datum order."""
     arrivals: list[int] = []
@@ -401,6 +402,7 @@ def test_sdk_batch_split_into_chunks(server, training_client, monkeypatch) -> No
 # -- futures ---------------------------------------------------------------------------------
 
 
+@pytest.mark.in_process
 def test_retrieve_future_answers(server, base_model, monkeypatch) -> None:
     monkeypatch.setattr(server.settings, "long_poll_seconds", 0.5)
     model_id = create_model(server, new_session(server), base_model=base_model)
@@ -496,6 +498,7 @@ def test_requests_run_in_seq_order_not_arrival_order(server, base_model) -> None
     assert fwd.metrics["loss:sum"] < fb.metrics["loss:sum"]
 
 
+@pytest.mark.in_process
 def test_retried_requests_run_once(server, base_model) -> None:
     """The same (model_id, seq_id) body sent twice gets one request id and one effect."""
     session_id = new_session(server)
@@ -562,12 +565,10 @@ def settles_soon(server, request_id: str, seconds: float = 15.0) -> httpx.Respon
 
 
 def test_a_refused_sdk_call_does_not_stall_the_model(server, training_client) -> None:
-    """save_weights_external with age recipients is numbered by the SDK but refused here (no
-    encryption): its 400 takes its seq_id, so the model's next request (save_state) runs."""
-    with pytest.raises(tinker.BadRequestError, match="age_encryption_recipients"):
-        training_client.save_weights_external(
-            "external", age_encryption_recipients=["age1x"]
-        ).result(timeout=30)
+    """An optim_step with beta1 past 1 is numbered by the SDK but refused here: its 400 takes its
+    seq_id, so the model's next request (save_state) runs."""
+    with pytest.raises(tinker.BadRequestError, match="beta1"):
+        training_client.optim_step(types.AdamParams(beta1=1.5)).result(timeout=30)
     saved = training_client.save_state("after-refused").result(timeout=15)
     assert saved.path.endswith("/weights/after-refused")
 
@@ -604,6 +605,7 @@ def zstd_post(server, body: bytes, encoding: str = "zstd") -> httpx.Response:
     )
 
 
+@pytest.mark.in_process
 def test_zstd_bodies_and_their_limit(server, base_model, monkeypatch) -> None:
     """The SDK compresses forward_backward bodies (client/config says so); the size limit holds
     for the decompressed body, so a bomb is a 413 and changes nothing."""
@@ -633,12 +635,15 @@ def test_zstd_bodies_and_their_limit(server, base_model, monkeypatch) -> None:
 
 
 def test_dimuon_is_refused_naming_adamw(server, service_client, training_client) -> None:
+    dimuon, params = needs(types, "DimuonOptimizerConfig"), needs(types, "DimuonParams")
     with pytest.raises(tinker.BadRequestError, match="Dimuon optimizer .*AdamW"):
-        service_client.create_lora_training_client(
-            base_model="tinkerd/tiny", rank=4, optimizer=types.DimuonOptimizerConfig()
-        ).result(timeout=30)
+        ready(
+            service_client.create_lora_training_client(
+                base_model="tinkerd/tiny", rank=4, optimizer=dimuon()
+            )
+        )
     with pytest.raises(tinker.BadRequestError, match="DimuonParams .*AdamParams"):
-        training_client.optim_step(types.DimuonParams(learning_rate=1e-3)).result(timeout=30)
+        training_client.optim_step(params(learning_rate=1e-3)).result(timeout=30)
     fb = training_client.forward([ce_datum()], "cross_entropy").result(timeout=30)  # not stalled
     assert fb.metrics["loss:sum"] > 0
 
@@ -651,8 +656,85 @@ def test_image_inputs_are_refused_by_name(server, service_client, training_clien
     )
     with pytest.raises(tinker.BadRequestError, match="ImageChunk .*not supported"):
         training_client.forward_backward([datum], "cross_entropy").result(timeout=30)
-    sampler = training_client.save_weights_and_get_sampling_client().result(timeout=30)
+    sampler = ready(training_client.save_weights_and_get_sampling_client())
     pointer = types.ImageAssetPointerChunk(format="png", location="/x.png", expected_tokens=2)
     prompt = types.ModelInput(chunks=[types.EncodedTextChunk(tokens=[5, 17]), pointer])
     with pytest.raises(Exception, match="ImageAssetPointerChunk .*not supported"):
         sampler.sample(prompt, 1, types.SamplingParams(max_tokens=2)).result(timeout=30)
+
+
+def test_the_whole_sdk_flow(server, service_client, tiny_model_dir) -> None:
+    """Train, save, resume, sample, list, publish and delete through the SDK alone: what a user
+    of any SDK version does (tests/test_old_sdks.py runs it with 0.25 and 0.31 too)."""
+    tc = ready(
+        service_client.create_lora_training_client(base_model=str(tiny_model_dir), rank=4, seed=1)
+    )
+    fb = tc.forward_backward([ce_datum()], "cross_entropy")
+    step = tc.optim_step(types.AdamParams(learning_rate=0.05))
+    first = fb.result(timeout=60).metrics["loss:sum"]
+    assert step.result(timeout=60).metrics["grad_norm:mean"] > 0
+    state = tc.save_state("flow").result(timeout=60).path
+    resumed = ready(service_client.create_training_client_from_state_with_optimizer(state))
+    now, again = (
+        c.forward([ce_datum()], "cross_entropy").result(timeout=60) for c in (tc, resumed)
+    )
+    assert now.metrics["loss:sum"] == pytest.approx(again.metrics["loss:sum"], rel=1e-5)
+    assert now.metrics["loss:sum"] < first
+
+    sampler_path = tc.save_weights_for_sampler("flow").result(timeout=60).path
+    sampler = ready(service_client.create_sampling_client(model_path=sampler_path))
+    params = types.SamplingParams(max_tokens=4, seed=3, temperature=0.7)
+    out = sampler.sample(types.ModelInput.from_ints(TOKENS), 2, params).result(timeout=60)
+    assert len(out.sequences) == 2 and all(1 <= len(s.tokens) <= 4 for s in out.sequences)
+    logprobs_ = sampler.compute_logprobs(types.ModelInput.from_ints(TOKENS)).result(timeout=60)
+    assert logprobs_[0] is None and len(logprobs_) == len(TOKENS)
+
+    rest = service_client.create_rest_client()
+    listed = {c.tinker_path: c for c in rest.list_checkpoints(tc.model_id).result().checkpoints}
+    assert {state, sampler_path} <= set(listed)
+    assert rest.get_training_run(tc.model_id).result().base_model == str(tiny_model_dir)
+    rest.publish_checkpoint_from_tinker_path(state).result()
+    assert {
+        c.tinker_path: c.public for c in rest.list_checkpoints(tc.model_id).result().checkpoints
+    }[state]
+    rest.unpublish_checkpoint_from_tinker_path(state).result()
+    rest.delete_checkpoint_from_tinker_path(sampler_path).result()
+    left = {c.tinker_path for c in rest.list_checkpoints(tc.model_id).result().checkpoints}
+    assert state in left and sampler_path not in left
+
+
+def test_save_weights_external_through_the_sdk(training_client) -> None:
+    save = needs(training_client, "save_weights_external")
+    path = save("external").result(timeout=60).path
+    assert path == f"tinker://{training_client.model_id}/external_weights/external"
+
+
+def test_the_older_sdks_archive_url(service_client, training_client) -> None:
+    """SDK 0.31's get_checkpoint_archive_url (GET .../archive, gone in 0.38): a URL to a tar of
+    the adapter, which a plain GET downloads."""
+    rest = service_client.create_rest_client()
+    archive_url = needs(rest, "get_checkpoint_archive_url_from_tinker_path")
+    path = training_client.save_state("archived").result(timeout=60).path
+    answer = archive_url(path).result(timeout=60)
+    tar = httpx.get(answer.url, timeout=30)
+    assert tar.status_code == 200 and tar.headers["content-type"] == "application/x-tar"
+    assert b"adapter_model.safetensors" in tar.content and b"checkpoint_complete" in tar.content
+
+
+def test_the_older_sdks_unload_model(server, training_client) -> None:
+    """SDK 0.25's models.unload (POST unload_model, gone from later SDKs): the model is freed
+    after its queued work; its checkpoints stay."""
+    import asyncio
+
+    from tinker._client import AsyncTinker
+
+    path = training_client.save_state("before-unload").result(timeout=60).path
+    client = AsyncTinker(api_key="tml-test", base_url=server.url)
+    unload = needs(client.models, "unload")
+    request = types.UnloadModelRequest(model_id=training_client.model_id)
+    future = asyncio.run(unload(request=request))
+    assert json_result(server, future.request_id)["model_id"] == training_client.model_id
+    r = post(server, "get_info", {"model_id": training_client.model_id})
+    assert r.status_code == 404
+    r = post(server, "weights_info", {"tinker_path": path})
+    assert r.status_code == 200
