@@ -24,7 +24,7 @@ import tinker
 from tinker import types
 from tinker.proto.response_conv import deserialize_forward_backward_output
 
-from tinkerd.cluster.state import LOST, PLACEMENT
+from tinkerd.cluster.keys import LOST, PLACEMENT
 from tinkerd.local_cluster import APIProcess, Cluster, wait_until
 
 pytestmark = pytest.mark.timeout(240)
@@ -627,4 +627,69 @@ def test_api_keys_on_the_cluster(cluster: Cluster, client) -> None:
         for name in secrets:
             keys.revoke(name)
         keys.set_open()  # a server that had keys stays keyed until it is opened explicitly
+        time.sleep(1.2)  # open again for whatever runs next
+
+
+def test_published_checkpoints_audit_and_sessions_on_the_cluster(cluster: Cluster) -> None:
+    """The same code path as `tinkerd serve`: another key reads a checkpoint only while it is
+    published, whichever API process answers; the audit log (saves written by the worker) and
+    sessions, in Redis, are each key's own."""
+    from tinkerd.keys import RedisKeys, create_key
+
+    keys = RedisKeys(rdb(cluster))
+    secrets = {name: create_key(keys, name)[0] for name in ("pub-a", "pub-b")}
+    clients: list[tinker.ServiceClient] = []
+    try:
+        time.sleep(1.2)  # each API process re-reads the keys once a second
+
+        def sdk(name: str) -> tinker.ServiceClient:
+            clients.append(tinker.ServiceClient(base_url=cluster.url, api_key=secrets[name]))
+            return clients[-1]
+
+        def call(method: str, path: str, name: str) -> httpx.Response:
+            headers = {"X-API-Key": secrets[name]}
+            return httpx.request(
+                method, f"{cluster.url}/api/v1/{path}", headers=headers, timeout=30
+            )
+
+        a, b = sdk("pub-a"), sdk("pub-b")
+        tc = a.create_lora_training_client(base_model="tinkerd/tiny", rank=4, seed=1).result()
+        train(tc, 1)
+        path = tc.save_weights_for_sampler("shared").result(timeout=60).path
+        checkpoint = f"training_runs/{tc.model_id}/checkpoints/sampler_weights/shared"
+        params = types.SamplingParams(max_tokens=3, seed=1, temperature=0.0)
+        prompt = types.ModelInput.from_ints(TOKENS)
+        with pytest.raises(tinker.NotFoundError):
+            b.create_sampling_client(model_path=path).result(timeout=60)
+        assert call("POST", f"{checkpoint}/publish", "pub-a").status_code == 200
+        theirs = b.create_sampling_client(model_path=path).result(timeout=60)
+        mine = a.create_sampling_client(model_path=path).result(timeout=60)
+        for _ in range(2):  # whichever API process answers
+            assert (
+                theirs.sample(prompt, 1, params).result(timeout=60).sequences[0].tokens
+                == mine.sample(prompt, 1, params).result(timeout=60).sequences[0].tokens
+            )
+        assert call("DELETE", f"{checkpoint}/publish", "pub-a").status_code == 200
+        for _ in range(2):
+            with pytest.raises(tinker.NotFoundError):
+                b.create_sampling_client(model_path=path).result(timeout=60)
+
+        def events(name: str) -> list[tuple[str, str | None]]:
+            entries = call("GET", "audit", name).json()["entries"]
+            assert {e["event_details"]["key"] for e in entries} == {name}
+            return [(e["event"], e["tinker_path"]) for e in entries]
+
+        assert {("checkpoint_save", path), ("checkpoint_publish", path)} <= set(events("pub-a"))
+        assert ("checkpoint_read", path) in events("pub-b")
+        session = tc.model_id.split(":")[0]
+        for _ in range(2):
+            assert session in call("GET", "sessions", "pub-a").json()["sessions"]
+            assert session not in call("GET", "sessions", "pub-b").json()["sessions"]
+            assert call("GET", f"sessions/{session}", "pub-b").status_code == 404
+    finally:
+        for client in clients:
+            client.close("success").result()
+        for name in secrets:
+            keys.revoke(name)
+        keys.set_open()
         time.sleep(1.2)  # open again for whatever runs next
