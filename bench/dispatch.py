@@ -617,7 +617,7 @@ def cluster_session(
 def placement(cluster: Any) -> dict[str, str]:
     import redis
 
-    from tinkerd.cluster.state import PLACEMENT
+    from tinkerd.cluster.keys import PLACEMENT
 
     client = redis.Redis.from_url(cluster.redis.url)
     try:

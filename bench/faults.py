@@ -111,7 +111,7 @@ class Bench:
     def owner(self, model_id: str) -> str:
         import redis
 
-        from tinkerd.cluster.state import PLACEMENT
+        from tinkerd.cluster.keys import PLACEMENT
 
         client = redis.Redis.from_url(self.cluster.redis.url, decode_responses=True)
         try:

@@ -24,7 +24,7 @@ import tinker
 from tinker import types
 from tinker.proto.response_conv import deserialize_forward_backward_output
 
-from tinkerd.cluster.state import LOST, PLACEMENT
+from tinkerd.cluster.keys import LOST, PLACEMENT
 from tinkerd.local_cluster import APIProcess, Cluster, wait_until
 
 pytestmark = pytest.mark.timeout(240)

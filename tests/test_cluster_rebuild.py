@@ -23,7 +23,8 @@ import tinker
 from test_cluster import forward_json as forward  # a sibling test module
 from test_cluster import post, rdb, train
 
-from tinkerd.cluster.state import PLACEMENT, RedisFutures, connect
+from tinkerd.cluster.keys import PLACEMENT
+from tinkerd.cluster.state import RedisFutures, connect
 from tinkerd.local_cluster import Cluster, RedisServer, wait_until
 from tinkerd.tasks import Result
 

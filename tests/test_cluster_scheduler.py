@@ -20,25 +20,21 @@ import redis
 from tinkerd.backends import BackendInfo
 from tinkerd.cluster import codec
 from tinkerd.cluster import scheduler as cluster_scheduler
-from tinkerd.cluster.celery_app import make_celery, queue_task, take_undelivered, worker_queue
-from tinkerd.cluster.scheduler import (
-    Reaper,
-    RedisScheduler,
-    Unavailable,
-    lost_models,
-    skip_seq,
-)
-from tinkerd.cluster.state import (
+from tinkerd.cluster.celery_app import make_celery, queue_task, take_undelivered
+from tinkerd.cluster.keys import (
     PLACEMENT,
     WORKERS,
-    RedisFutures,
-    connect,
     inflight_key,
     pending_key,
     worker_key,
+    worker_queue,
 )
+from tinkerd.cluster.reaper import Reaper
+from tinkerd.cluster.scheduler import RedisScheduler, Unavailable
+from tinkerd.cluster.state import RedisFutures, connect, lost_models, skip_seq
 from tinkerd.local_cluster import RedisServer, wait_until
-from tinkerd.tasks import MAX_SEQ_AHEAD, Result, Scheduler
+from tinkerd.sequencing import MAX_SEQ_AHEAD
+from tinkerd.tasks import Result, Scheduler
 from tinkerd.types import (
     AdamParams,
     CreateModel,

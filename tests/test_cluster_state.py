@@ -12,17 +12,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from tinkerd.cluster.state import (
-    WORKERS,
-    RedisFutures,
-    RedisRecords,
-    connect,
-    inflight_key,
-    live_workers,
-    request_key,
-    result_key,
-    worker_key,
-)
+from tinkerd.cluster.keys import WORKERS, inflight_key, request_key, result_key, worker_key
+from tinkerd.cluster.state import RedisFutures, RedisRecords, connect, live_workers
 from tinkerd.local_cluster import RedisServer, wait_until
 from tinkerd.registry import ModelRecord, Registry, SamplerRecord
 from tinkerd.tasks import Result

@@ -170,7 +170,8 @@ def test_messages_celery_took_ahead_but_never_ran_are_taken_too(
     """kombu keeps what a consumer took ahead in its `unacked` hash and puts it back on the
     queue only when its channel closes, which may be after the drain looked: the drain takes
     those of its own queue from the hash, and leaves other workers' alone."""
-    from tinkerd.cluster.celery_app import KOMBU_UNACKED, take_undelivered
+    from tinkerd.cluster.celery_app import take_undelivered
+    from tinkerd.cluster.keys import KOMBU_UNACKED
 
     api.open_model(MODEL)
     api.submit(MODEL, 0, CreateModel("tinkerd/tiny", LoraConfig(rank=4, seed=0)), "c")

@@ -11,12 +11,11 @@ import pytest
 
 from tinkerd import keys as keys_module
 from tinkerd.cli import main
+from tinkerd.cluster.keys import API_KEYS, API_KEYS_MODE
 from tinkerd.keys import (
     KEYED,
     OPEN,
     OPEN_MODE,
-    REDIS_KEYS,
-    REDIS_MODE,
     FileKeys,
     KeyRing,
     RedisKeys,
@@ -186,9 +185,9 @@ def test_stores_written_by_an_older_version_are_keyed(client, tmp_path: Path) ->
 
     redis_keys = RedisKeys(client)
     create_key(redis_keys, "old")
-    client.delete(REDIS_MODE)  # as an older version wrote it
+    client.delete(API_KEYS_MODE)  # as an older version wrote it
     assert redis_keys.mode() == KEYED and not KeyRing(redis_keys).open
-    assert redis_keys.revoke("old") and client.hlen(REDIS_KEYS) == 0
+    assert redis_keys.revoke("old") and client.hlen(API_KEYS) == 0
     assert redis_keys.mode() == KEYED and not KeyRing(redis_keys).open
 
 

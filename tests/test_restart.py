@@ -25,8 +25,9 @@ import tinker
 from tinker import types
 
 from tinkerd.checkpoint_io import GRADIENTS
-from tinkerd.cluster.handoff import arrived, incoming_key, leave
-from tinkerd.cluster.state import LOST, PLACEMENT, STOPPED, WORKERS, live_workers, worker_key
+from tinkerd.cluster.handoff import arrived, leave
+from tinkerd.cluster.keys import LOST, PLACEMENT, STOPPED, WORKERS, incoming_key, worker_key
+from tinkerd.cluster.state import live_workers
 from tinkerd.local_cluster import APIProcess, Cluster, free_port
 
 pytestmark = pytest.mark.timeout(300)

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from tinkerd import tasks
-from tinkerd.tasks import MAX_SEQ_AHEAD, FutureStore, Result, Scheduler, Task, by_priority
+from tinkerd.sequencing import MAX_SEQ_AHEAD
+from tinkerd.tasks import FutureStore, Result, Scheduler, Task, by_priority
 from tinkerd.types import AdamParams, NotFound, OptimStep, UserError
 
 pytestmark = pytest.mark.timeout(30)

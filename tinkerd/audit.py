@@ -7,7 +7,7 @@ commands). It lives with the server's other state, one day (UTC) per file or Red
 day's query reads that day alone:
 
     <data-dir>/audit/<YYYY-MM-DD>.jsonl     `tinkerd serve` (appended under a lock)
-    tinkerd:audit:<YYYY-MM-DD>              a cluster's Redis (a list, kept RETENTION_DAYS)
+    `cluster.keys.audit_key(day)`           a cluster's Redis (a list, kept RETENTION_DAYS)
 
 A key reads its own entries; an admin key reads everyone's. Recording never fails a request:
 an entry that cannot be written is logged and dropped.
@@ -24,11 +24,11 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from tinkerd.cluster.keys import audit_key
 from tinkerd.storage import iso_time, sort_time
 
 log = logging.getLogger(__name__)
 
-REDIS_PREFIX = "tinkerd:audit:"
 RETENTION_DAYS = 400  # a cluster's days expire; the files of `tinkerd serve` stay until removed
 # The SDK's `event_type` filter: which events each resource covers ("all": every one).
 EVENT_TYPES = {
@@ -86,14 +86,14 @@ class RedisAudit:
         self.redis = client
 
     def append(self, entry: dict[str, Any]) -> None:
-        key = REDIS_PREFIX + day_of(entry["timestamp"])
+        key = audit_key(day_of(entry["timestamp"]))
         pipe = self.redis.pipeline(transaction=False)
         pipe.rpush(key, json.dumps(entry))
         pipe.expire(key, RETENTION_DAYS * 86400)
         pipe.execute()
 
     def day(self, day: str) -> list[dict[str, Any]]:
-        raws = self.redis.lrange(REDIS_PREFIX + day, 0, -1)
+        raws = self.redis.lrange(audit_key(day), 0, -1)
         return [entry for raw in raws if (entry := _entry(raw)) is not None]
 
 

@@ -28,12 +28,11 @@ from typing import Any, Protocol
 
 import redis
 
+from tinkerd.cluster.keys import API_KEY_DIGESTS, API_KEYS, API_KEYS_MODE
+
 KEY_PREFIX = "tml-"
 DEFAULT_PRIORITY = 5
 MAX_PRIORITY = 10
-REDIS_KEYS = "tinkerd:keys"  # hash: name -> ApiKey JSON
-REDIS_DIGESTS = "tinkerd:key-digests"  # hash: sha256 -> name
-REDIS_MODE = "tinkerd:keys-mode"  # KEYED or OPEN; absent: never held a key
 # The server's mode, kept with its keys. None (no mode stored): it never held a key, so open.
 KEYED = "keyed"
 OPEN_MODE = "open"
@@ -180,37 +179,37 @@ class RedisKeys:
         self.redis = client
 
     def all(self) -> list[ApiKey]:
-        return [ApiKey(**json.loads(v)) for v in self.redis.hvals(REDIS_KEYS)]
+        return [ApiKey(**json.loads(v)) for v in self.redis.hvals(API_KEYS)]
 
     def mode(self) -> str | None:
-        mode = self.redis.get(REDIS_MODE)
+        mode = self.redis.get(API_KEYS_MODE)
         if mode is None:  # an older version's cluster: keyed while it holds a key
-            return KEYED if self.redis.hlen(REDIS_KEYS) else None
+            return KEYED if self.redis.hlen(API_KEYS) else None
         return mode.decode() if isinstance(mode, bytes) else mode
 
     def add(self, key: ApiKey) -> None:
         # Keyed first: no moment holds an active key in a store that says open.
-        self.redis.set(REDIS_MODE, KEYED)
-        if not self.redis.hsetnx(REDIS_KEYS, key.name, json.dumps(asdict(key))):
+        self.redis.set(API_KEYS_MODE, KEYED)
+        if not self.redis.hsetnx(API_KEYS, key.name, json.dumps(asdict(key))):
             raise ValueError(f"a key named {key.name!r} exists; revoke it first")
-        self.redis.hset(REDIS_DIGESTS, key.digest, key.name)
+        self.redis.hset(API_KEY_DIGESTS, key.digest, key.name)
 
     def set_open(self) -> None:
         with self.redis.pipeline() as pipe:
-            pipe.watch(REDIS_KEYS)  # a key added meanwhile fails the transaction (WatchError)
-            _refuse_open([ApiKey(**json.loads(v)) for v in pipe.hvals(REDIS_KEYS)])
+            pipe.watch(API_KEYS)  # a key added meanwhile fails the transaction (WatchError)
+            _refuse_open([ApiKey(**json.loads(v)) for v in pipe.hvals(API_KEYS)])
             pipe.multi()
-            pipe.set(REDIS_MODE, OPEN_MODE)
+            pipe.set(API_KEYS_MODE, OPEN_MODE)
             pipe.execute()
 
     def revoke(self, name: str) -> bool:
-        raw = self.redis.hget(REDIS_KEYS, name)
+        raw = self.redis.hget(API_KEYS, name)
         if raw is None:
             return False
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hdel(REDIS_KEYS, name)
-        pipe.hdel(REDIS_DIGESTS, json.loads(raw)["digest"])
-        pipe.set(REDIS_MODE, KEYED)  # an older version's cluster has none: its last key held it
+        pipe.hdel(API_KEYS, name)
+        pipe.hdel(API_KEY_DIGESTS, json.loads(raw)["digest"])
+        pipe.set(API_KEYS_MODE, KEYED)  # an older version's cluster has none: its last key held it
         pipe.execute()
         return True
 

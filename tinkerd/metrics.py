@@ -11,9 +11,9 @@ counters are cluster-wide: each process buffers its increments and events and a 
 adds them to Redis every half second (one pipeline: HINCRBYFLOAT per series, RPUSH+LTRIM+EXPIRE
 per run), so a request or a step never waits on Redis.
 
-Keys (under `tinkerd:metrics:`):
-    counters            hash: series (JSON [name, [[label, value], ...]]) -> total
-    events:<run_id>     list: the run's events (JSON), oldest first, the last MAX_EVENTS, expiring
+In Redis (keys named in `cluster.keys`): a hash of the counters, series (JSON [name, [[label,
+value], ...]]) -> total, and a list per run of its events (JSON), oldest first, the last
+MAX_EVENTS, expiring.
 
 No torch here; redis is imported only by `RedisMonitor`.
 """
@@ -30,6 +30,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
+
+from tinkerd.cluster.keys import METRICS_COUNTERS, inflight_key, metrics_events_key
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +158,7 @@ class RedisMonitor:
     """Cluster-wide: each process buffers, a flusher thread adds to Redis every `interval`."""
 
     mode = "cluster"
-    COUNTERS = "tinkerd:metrics:counters"
+    COUNTERS = METRICS_COUNTERS
 
     def __init__(self, client: Any, interval: float = 0.5, max_buffered: int = 100_000) -> None:
         self.redis = client
@@ -172,7 +174,7 @@ class RedisMonitor:
 
     @staticmethod
     def events_key(run_id: str) -> str:
-        return f"tinkerd:metrics:events:{run_id}"
+        return metrics_events_key(run_id)
 
     def add(self, increments: dict[str, float]) -> None:
         with self._lock:
@@ -250,7 +252,7 @@ class RedisMonitor:
         return [json.loads(raw) for raw in self.redis.lrange(self.events_key(run_id), 0, -1)]
 
     def workers(self) -> dict[str, dict[str, Any]]:
-        from tinkerd.cluster.state import inflight_key, live_workers
+        from tinkerd.cluster.state import live_workers
 
         workers = live_workers(self.redis)
         pipe = self.redis.pipeline(transaction=False)
@@ -264,7 +266,7 @@ class RedisMonitor:
         return workers
 
     def lost_models(self) -> dict[str, str]:
-        from tinkerd.cluster.scheduler import lost_models
+        from tinkerd.cluster.state import lost_models
 
         return lost_models(self.redis)
 

@@ -24,8 +24,10 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from math import floor
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
+from tinkerd import sequencing
+from tinkerd.sequencing import RETRY_WINDOW, SKIPPED_FINGERPRINT, Gap, Status, skipped_message
 from tinkerd.types import (
     CreateModel,
     NotFound,
@@ -40,19 +42,12 @@ from tinkerd.types import (
 
 log = logging.getLogger(__name__)
 
-# How far ahead of a model's next seq_id a request may arrive (buffered until its turn).
-MAX_SEQ_AHEAD = 100_000
-# How many past seq_ids per model (and unordered requests) are remembered to de-duplicate retries.
-RETRY_WINDOW = 10_000
 AGING_SECONDS = 2.0
 """Waiting this long raises a request's priority by one. A key's priority (0-10) decides who runs
 first while the worker is contended; aging keeps a low key from starving behind a busy high one:
 a ready request climbs one level per AGING_SECONDS, so it waits at most about 20 s behind a
 saturating priority-10 key. That is long against a training step (well under a second here), so
 priority still decides under ordinary contention, and short against a client's patience."""
-# The fingerprint a skipped seq_id is remembered by: that request, arriving after all, gets the
-# skip's answer (an error) rather than running out of order. Never a real fingerprint (hex).
-SKIPPED = "*skipped"
 
 
 @dataclass(frozen=True)
@@ -134,25 +129,6 @@ class TaskQueue(Protocol):
     def model_status(self, model_id: str) -> dict[str, str]:
         """{"status": "active"|"inactive"|"lost", and "worker" or "lost_reason"}."""
         ...
-
-
-class Gap(NamedTuple):
-    """A model's missing next request; a model's requests all come from one tenant, so the
-    ones waiting behind it tell whose it is."""
-
-    model_id: str
-    seq_id: int
-    tenant: str
-    priority: int
-
-
-def skipped_message(gap: Gap, waited: float) -> str:
-    """Why a gap's seq_id was skipped: what the request, if it comes after all, is told."""
-    return (
-        f"seq_id {gap.seq_id} of {gap.model_id} never arrived: the model's later requests "
-        f"waited {waited:.0f} s for it, so it was skipped (the server refused it before "
-        "recording it, or the client never sent it); nothing of it was applied"
-    )
 
 
 @dataclass
@@ -306,20 +282,10 @@ class Scheduler:
             queue = self._queues.get(model_id)
             if queue is None or queue.removed:
                 raise NotFound(f"unknown model_id {model_id!r}")
-            if seq_id in queue.seen:
-                request_id, first_fingerprint = queue.seen[seq_id]
-                if first_fingerprint not in (fingerprint, SKIPPED):
-                    raise UserError(
-                        f"seq_id {seq_id} of {model_id} was already used by a different request"
-                    )
-                return request_id
-            if seq_id < queue.next_seq:
-                raise UserError(
-                    f"seq_id {seq_id} is in the past: {model_id} is already at "
-                    f"seq_id {queue.next_seq}"
-                )
-            if seq_id > queue.next_seq + MAX_SEQ_AHEAD:
-                raise UserError(f"seq_id {seq_id} is too far ahead of {queue.next_seq}")
+            seen = queue.seen.get(seq_id)
+            status, value = sequencing.ordered(seen, fingerprint, seq_id, queue.next_seq)
+            if status is not Status.NEW:
+                return sequencing.answer(status, value, model_id, seq_id)
             request_id = self.futures.create(tenant)
             queue.seen[seq_id] = (request_id, fingerprint)
             if isinstance(payload, RemoveModel):
@@ -419,7 +385,7 @@ class Scheduler:
             if queue is None or gap.seq_id < queue.next_seq or gap.seq_id in queue.pending:
                 return request_id or ""
             request_id = request_id or self.futures.create(gap.tenant)
-            queue.seen.setdefault(gap.seq_id, (request_id, SKIPPED))
+            queue.seen.setdefault(gap.seq_id, (request_id, SKIPPED_FINGERPRINT))
             rejected = Rejected(error.to_json())
             task = Task(request_id, gap.model_id, gap.seq_id, rejected, gap.tenant, gap.priority)
             self._enqueue_locked(queue, task)
@@ -446,12 +412,9 @@ class Scheduler:
         with self._cond:
             self._check_open()
             seen = self._unordered_seen.get((key, seq_id))
-            if seen is not None:
-                if seen[1] != fingerprint:
-                    raise UserError(
-                        f"seq_id {seq_id} of {key} was already used by a different request"
-                    )
-                return seen[0]
+            status, value = sequencing.unordered(seen, fingerprint)
+            if status is not Status.NEW:
+                return sequencing.answer(status, value, key, seq_id)
             request_id = self.futures.create(tenant)
             self._unordered_seen[(key, seq_id)] = (request_id, fingerprint)
             while len(self._unordered_seen) > RETRY_WINDOW:

@@ -33,8 +33,10 @@ def create_cluster_app(settings: Settings) -> Flask:
     from tinkerd.app import create_app
     from tinkerd.audit import RedisAudit
     from tinkerd.cluster.celery_app import make_celery
-    from tinkerd.cluster.scheduler import Reaper, RedisScheduler
-    from tinkerd.cluster.state import SWEEPER_LOCK, RedisFutures, RedisRecords, connect
+    from tinkerd.cluster.keys import SWEEPER_LOCK
+    from tinkerd.cluster.reaper import Reaper
+    from tinkerd.cluster.scheduler import RedisScheduler
+    from tinkerd.cluster.state import RedisFutures, RedisRecords, connect
     from tinkerd.metrics import RedisMonitor
     from tinkerd.registry import Registry
     from tinkerd.serve import sweep_checkpoints

@@ -17,13 +17,10 @@ import redis
 from celery import Celery
 
 from tinkerd.cluster import codec
+from tinkerd.cluster.keys import KOMBU_UNACKED, KOMBU_UNACKED_INDEX, worker_queue
 from tinkerd.tasks import Scheduler, Task
 
 RUN_TASK = "tinkerd.run"
-
-
-def worker_queue(worker: str) -> str:
-    return f"tinkerd.worker.{worker}"
 
 
 def make_celery(redis_url: str) -> Celery:
@@ -82,13 +79,6 @@ def queue_task(scheduler: Scheduler, *args: Any) -> None:
         scheduler.enqueue(task)
     else:
         scheduler.enqueue_unordered(task)
-
-
-# kombu's Redis transport keeps each message a consumer took but has not acked here, as JSON
-# [message, exchange, routing key], and pushes it back onto its queue when the consumer's channel
-# closes: that can be after a stopping worker looked at its queue.
-KOMBU_UNACKED = "unacked"
-KOMBU_UNACKED_INDEX = "unacked_index"
 
 
 def _task_args(message: dict[str, Any]) -> list[Any]:

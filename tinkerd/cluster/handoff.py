@@ -33,15 +33,17 @@ from celery import Celery
 from tinkerd import suspend
 from tinkerd.backends import registered_info
 from tinkerd.cluster.celery_app import send, take_undelivered, task_from_args
-from tinkerd.cluster.state import (
+from tinkerd.cluster.keys import (
     LOST,
     PLACEMENT,
+    STOP_LOCK,
     STOPPED,
-    as_text,
+    incoming_key,
     inflight_key,
-    live_workers,
+    next_key,
     request_key,
 )
+from tinkerd.cluster.state import as_text, live_workers, next_seq_id
 from tinkerd.registry import Registry
 from tinkerd.storage import CheckpointPath
 from tinkerd.tasks import Scheduler, Task
@@ -49,8 +51,6 @@ from tinkerd.types import Backend, SaveWeights
 
 log = logging.getLogger(__name__)
 
-# Serialises stopping workers' choice of targets (`leave`).
-STOP_LOCK = "tinkerd:stop-lock"
 # How long an API process may take between reading a model's placement and sending it a request.
 STRAGGLER_SECONDS = 1.0
 
@@ -67,11 +67,6 @@ def pick_target(client: redis.Redis, me: str) -> str | None:
         return None
     free = {n: registered_info(info).memory_free for n, info in others.items()}
     return min(others, key=lambda n: (len(others[n].get("models", ())), -free[n], n))
-
-
-def incoming_key(name: str) -> str:
-    """How many hand-overs to worker `name` are in progress."""
-    return f"tinkerd:incoming:{name}"
 
 
 def leave(
@@ -137,7 +132,7 @@ class HandOff:
         next_seq, tasks = self.scheduler.take_model(model_id)
         if held:
             if not next_seq:  # nothing queued here since a restart: the API's count says
-                next_seq = int(self.redis.get(f"tinkerd:next:{model_id}") or 1)
+                next_seq = next_seq_id(self.redis, model_id, 1)
             tasks = [self._recreation(model_id, next_seq - 1, tasks), *tasks]
         for task in tasks:
             self._send("ordered", task)
@@ -217,7 +212,7 @@ def keep(
         next_seq, _ = scheduler.take_model(model_id)
         try:
             if not next_seq:  # nothing queued here since a restart: the API's count says
-                next_seq = int(client.get(f"tinkerd:next:{model_id}") or 1)
+                next_seq = next_seq_id(client, model_id, 1)
             records = registry.records_of(model_id)
         except redis.RedisError:
             next_seq, records = next_seq or 1, []  # Redis, if it comes back, has them
@@ -286,7 +281,7 @@ def restore_kept(
             pipe.hset(PLACEMENT, model.model_id, name)
             pipe.hdel(STOPPED, model.model_id)
             pipe.hdel(LOST, model.model_id)  # a stop that could not tell Redis
-            pipe.set(f"tinkerd:next:{model.model_id}", model.seq_id + 1, nx=True)
+            pipe.set(next_key(model.model_id), model.seq_id + 1, nx=True)
             for args in model.queued:
                 pipe.sadd(inflight_key(name), args[1])
                 pipe.set(request_key(args[1]), name, keepttl=True)

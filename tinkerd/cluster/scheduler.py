@@ -1,9 +1,10 @@
-"""The API side of the cluster: sequencing in Redis, placement, dispatch by Celery, the reaper.
+"""The API side of the cluster: sequencing in Redis, placement, dispatch by Celery.
 
 Any API process may take any request of any model, so the per-model state that `tasks.Scheduler`
-keeps in memory lives in Redis and changes only inside Lua scripts (atomic across processes):
-a retried (model_id, seq_id) returns the first request's id, a clash is refused, and each new
-request is recorded as in flight at its worker in the same step. The request then goes by Celery
+keeps in memory lives in Redis and changes only inside Lua scripts (atomic across processes),
+which apply the rules of `sequencing` and answer its `Status`: a retried (model_id, seq_id)
+returns the first request's id, a clash is refused, and each new request is recorded as in
+flight at its worker in the same step. The request then goes by Celery
 to the queue of the one worker that owns the model; the worker orders what arrives by seq_id.
 The same step counts the request as pending for its tenant (a sorted set by submit time), and
 settling it uncounts it, so every API process sees each key's queue.
@@ -12,8 +13,6 @@ settling it uncounts it, so every API process sees each key's queue.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 import uuid
@@ -23,25 +22,30 @@ import kombu.exceptions
 import redis
 from celery import Celery
 
+from tinkerd import sequencing
 from tinkerd.backends import registered_info
 from tinkerd.cluster.celery_app import send
-from tinkerd.cluster.state import (
+from tinkerd.cluster.keys import (
     LOST,
     PLACEMENT,
-    REAPER_LOCK,
-    REQUEST_TTL,
     STOPPED,
     WORKERS,
-    RedisFutures,
-    as_text,
-    forget_pending,
     inflight_key,
-    live_workers,
+    next_key,
     pending_key,
     request_key,
+    seen_key,
+    unordered_seen_key,
 )
-from tinkerd.metrics import MonitorStore
-from tinkerd.tasks import MAX_SEQ_AHEAD, RETRY_WINDOW, SKIPPED, Result, Task
+from tinkerd.cluster.state import (
+    REQUEST_TTL,
+    RedisFutures,
+    as_text,
+    live_workers,
+    next_seq_id,
+)
+from tinkerd.sequencing import LUA, MAX_SEQ_AHEAD, RETRY_WINDOW, TAKEN, Status
+from tinkerd.tasks import Result, Task
 from tinkerd.types import (
     NotFound,
     Payload,
@@ -51,47 +55,9 @@ from tinkerd.types import (
     SaveWeights,
     ServerError,
     TinkerdError,
-    UserError,
 )
 
 log = logging.getLogger(__name__)
-
-# The start of both submit scripts: a (key, seq_id) seen before answers its first request id (a
-# retry, or a seq_id skipped meanwhile: its answer is the skip's error), or a clash when its
-# content differs. KEYS[1]: the seen hash; ARGV[1], ARGV[2]: seq_id and fingerprint.
-SEEN = """
-local v = redis.call('HGET', KEYS[1], ARGV[1])
-if v then
-  local sep = string.find(v, '|', 1, true)
-  local rid = string.sub(v, 1, sep - 1)
-  local first = string.sub(v, sep + 1)
-  if first ~= ARGV[2] and first ~= '@SKIPPED@' then return {'clash', rid} end
-  return {'dup', rid}
-end
-""".replace("@SKIPPED@", SKIPPED)
-
-# Takes a model's seq_id that never came as skipped, unless it was recorded meanwhile (then its
-# entry is answered: the worker asks again later). The model's next seq_id moves on past it and
-# the seq_ids recorded after it, as a submit's does.
-# KEYS: seen hash, next key, request key, inflight set of the worker
-# ARGV: seq_id, new request id, worker, retry window, request ttl
-SKIP_SEQ = """
-local v = redis.call('HGET', KEYS[1], ARGV[1])
-if v then return {'recorded', v} end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '|@SKIPPED@')
-local nxt = tonumber(redis.call('GET', KEYS[2]) or '0')
-if tonumber(ARGV[1]) == nxt then
-  local window = tonumber(ARGV[4])
-  while redis.call('HEXISTS', KEYS[1], tostring(nxt)) == 1 do
-    if nxt >= window then redis.call('HDEL', KEYS[1], tostring(nxt - window)) end
-    nxt = nxt + 1
-  end
-  redis.call('SET', KEYS[2], nxt)
-end
-redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[5])
-redis.call('SADD', KEYS[4], ARGV[2])
-return {'skipped', ARGV[2]}
-""".replace("@SKIPPED@", SKIPPED)
 
 # Counts a new request as pending for its tenant, and drops entries older than the horizon (a
 # request whose settle never came: the count cannot leak). KEY: the tenant's pending set;
@@ -109,29 +75,24 @@ end
 # ARGV: seq_id, fingerprint, new request id, worker, retry window, max ahead, request ttl, now,
 # pending horizon, future ttl
 SUBMIT_ORDERED = (
-    COUNT_PENDING
-    + SEEN
+    LUA
+    + COUNT_PENDING
     + """
+local seen = seen_answer(KEYS[1], ARGV[1], ARGV[2])
+if seen then return seen end
 local seq = tonumber(ARGV[1])
 local nxt = tonumber(redis.call('GET', KEYS[2]) or '0')
-if seq < nxt then return {'past', tostring(nxt)} end
-if seq > nxt + tonumber(ARGV[6]) then return {'ahead', tostring(nxt)} end
-if ARGV[4] ~= '' and redis.call('SISMEMBER', KEYS[5], ARGV[4]) == 0 then return {'lost', ''} end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3] .. '|' .. ARGV[2])
-if seq == nxt then
-  local window = tonumber(ARGV[5])
-  while redis.call('HEXISTS', KEYS[1], tostring(nxt)) == 1 do
-    if nxt >= window then redis.call('HDEL', KEYS[1], tostring(nxt - window)) end
-    nxt = nxt + 1
-  end
-  redis.call('SET', KEYS[2], nxt)
-end
+local refused = order_answer(seq, nxt, tonumber(ARGV[6]))
+if refused then return refused end
+if ARGV[4] ~= '' and redis.call('SISMEMBER', KEYS[5], ARGV[4]) == 0 then return {LOST, ''} end
+redis.call('HSET', KEYS[1], ARGV[1], record(ARGV[3], ARGV[2]))
+if seq == nxt then advance(KEYS[1], KEYS[2], nxt, tonumber(ARGV[5])) end
 redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[7])
 if ARGV[4] ~= '' then
   redis.call('SADD', KEYS[4], ARGV[3])
   count_pending(KEYS[6], ARGV[3], ARGV[8], ARGV[9], ARGV[10])
 end
-return {'new', ARGV[3]}
+return {NEW, ARGV[3]}
 """
 )
 
@@ -139,11 +100,13 @@ return {'new', ARGV[3]}
 # pending set; ARGV: seq_id, fingerprint, new request id, worker, retry window, request ttl, now,
 # pending horizon, future ttl
 SUBMIT_UNORDERED = (
-    COUNT_PENDING
-    + SEEN
+    LUA
+    + COUNT_PENDING
     + """
-if redis.call('SISMEMBER', KEYS[4], ARGV[4]) == 0 then return {'lost', ''} end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3] .. '|' .. ARGV[2])
+local seen = seen_answer(KEYS[1], ARGV[1], ARGV[2])
+if seen then return seen end
+if redis.call('SISMEMBER', KEYS[4], ARGV[4]) == 0 then return {LOST, ''} end
+redis.call('HSET', KEYS[1], ARGV[1], record(ARGV[3], ARGV[2]))
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 local window = tonumber(ARGV[5])
 if redis.call('HLEN', KEYS[1]) > 2 * window then
@@ -155,25 +118,9 @@ end
 redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[6])
 redis.call('SADD', KEYS[3], ARGV[3])
 count_pending(KEYS[5], ARGV[3], ARGV[7], ARGV[8], ARGV[9])
-return {'new', ARGV[3]}
+return {NEW, ARGV[3]}
 """
 )
-
-
-def skip_seq(client: redis.Redis, model_id: str, seq_id: int, worker: str) -> str | None:
-    """Record `model_id`'s `seq_id`, which never came although later ones wait at `worker`, as
-    skipped: a new request id that the worker settles with the skip's error, and that the
-    request gets should it come after all. None if it was recorded meanwhile (on its way)."""
-    request_id = uuid.uuid4().hex
-    keys = [
-        f"tinkerd:seq:{model_id}",
-        f"tinkerd:next:{model_id}",
-        request_key(request_id),
-        inflight_key(worker),
-    ]
-    args = [seq_id, request_id, worker, RETRY_WINDOW, REQUEST_TTL]
-    status, _ = (as_text(v) for v in client.register_script(SKIP_SEQ)(keys=keys, args=args))
-    return request_id if status == "skipped" else None
 
 
 # What sending raises while Redis is unreachable (kombu wraps some of Redis's errors).
@@ -379,6 +326,20 @@ class RedisScheduler:
         tenant: str = "",
         priority: int = 0,
     ) -> str:
+        status, value = self._submit(model_id, seq_id, payload, fingerprint, tenant, priority)
+        return sequencing.answer(status, value, model_id, seq_id)
+
+    def _submit(
+        self,
+        model_id: str,
+        seq_id: int,
+        payload: Payload,
+        fingerprint: str,
+        tenant: str,
+        priority: int,
+    ) -> tuple[Status, str]:
+        """Record (model_id, seq_id) in Redis and, if new, send it to the model's worker: the
+        seq_id's answer, and the request id (or, refused, the model's next seq_id)."""
         worker = self.worker_of(model_id)
         lost = None
         if worker is None:
@@ -389,8 +350,8 @@ class RedisScheduler:
                 raise NotFound(f"unknown model_id {model_id!r}")
         request_id = uuid.uuid4().hex
         keys = [
-            f"tinkerd:seq:{model_id}",
-            f"tinkerd:next:{model_id}",
+            seen_key(model_id),
+            next_key(model_id),
             request_key(request_id),
             inflight_key(worker or ""),
             WORKERS,
@@ -406,36 +367,31 @@ class RedisScheduler:
             REQUEST_TTL,
             *self._pending_window(tenant),
         ]
-        status, value = (as_text(v) for v in self._submit_ordered(keys=keys, args=args))
-        if status == "lost":  # the worker was reaped after we read the placement
+        status, value = self._answer(self._submit_ordered(keys=keys, args=args))
+        if status is Status.LOST:  # the worker was reaped after we read the placement
             lost = self.redis.hget(LOST, model_id) or b"its worker was lost"
-            status, value = (
-                as_text(v) for v in self._submit_ordered(keys=keys, args=[*args[:3], "", *args[4:]])
-            )
-        if status == "dup":
-            return value
-        if status == "clash":
-            raise UserError(
-                f"seq_id {seq_id} of {model_id} was already used by a different request"
-            )
-        if status == "past":
-            raise UserError(
-                f"seq_id {seq_id} is in the past: {model_id} is already at seq_id {value}"
-            )
-        if status == "ahead":
-            raise UserError(f"seq_id {seq_id} is too far ahead of {value}")
+            args = [*args[:3], "", *args[4:]]
+            status, value = self._answer(self._submit_ordered(keys=keys, args=args))
+        if status is not Status.NEW:
+            return status, value
         if isinstance(payload, RemoveModel):
             self._forget(model_id)
         if lost is not None:
             error = ServerError(as_text(lost))
             self.futures.settle_error(request_id, error, None, tenant=tenant)
-            return request_id
+            return status, request_id
         assert worker is not None
         if isinstance(payload, SaveWeights) and payload.snapshot_id is not None:
             self.redis.hset(PLACEMENT, payload.snapshot_id, worker)
         task = Task(request_id, model_id, seq_id, payload, tenant, priority)
         self._send(worker, "ordered", task)
-        return request_id
+        return status, request_id
+
+    @staticmethod
+    def _answer(reply: list[Any]) -> tuple[Status, str]:
+        """A submit script's reply: its `sequencing.Status` and value."""
+        status, value = reply
+        return Status(int(status)), as_text(value)
 
     def _forget(self, model_id: str) -> None:
         """A model being removed takes no more requests (they are answered 404) and no longer
@@ -444,7 +400,7 @@ class RedisScheduler:
         pipe = self.redis.pipeline(transaction=True)
         pipe.hdel(PLACEMENT, model_id, *(key for key, _ in snapshots))
         pipe.hdel(LOST, model_id)
-        pipe.delete(f"tinkerd:seq:{model_id}", f"tinkerd:next:{model_id}")
+        pipe.delete(seen_key(model_id), next_key(model_id))
         pipe.execute()
 
     def submit_next(
@@ -454,14 +410,10 @@ class RedisScheduler:
         fingerprints, each being new), the next one."""
         fingerprint = uuid.uuid4().hex
         while True:
-            seq_id = int(self.redis.get(f"tinkerd:next:{model_id}") or 0)
-            try:
-                return self.submit(
-                    model_id, seq_id, payload, fingerprint, tenant=tenant, priority=priority
-                )
-            except UserError as e:
-                if "already used" not in e.message and "in the past" not in e.message:
-                    raise
+            seq_id = next_seq_id(self.redis, model_id, 0)
+            status, value = self._submit(model_id, seq_id, payload, fingerprint, tenant, priority)
+            if status not in TAKEN:
+                return sequencing.answer(status, value, model_id, seq_id)
 
     def submit_unordered(
         self,
@@ -478,7 +430,7 @@ class RedisScheduler:
         worker = self._sampling_worker(payload)
         request_id = uuid.uuid4().hex
         keys = [
-            f"tinkerd:useen:{key}",
+            unordered_seen_key(key),
             request_key(request_id),
             inflight_key(worker),
             WORKERS,
@@ -493,16 +445,14 @@ class RedisScheduler:
             REQUEST_TTL,
             *self._pending_window(tenant),
         ]
-        status, value = (as_text(v) for v in self._submit_unordered(keys=keys, args=args))
-        if status == "dup":
-            return value
-        if status == "clash":
-            raise UserError(f"seq_id {seq_id} of {key} was already used by a different request")
-        if status == "lost":
+        status, value = self._answer(self._submit_unordered(keys=keys, args=args))
+        if status is Status.LOST:
             why = self.redis.hget(LOST, payload.weights.snapshot_id or "")
             raise ServerError(
                 as_text(why) if why else f"the worker chosen for {key} is gone; try again"
             )
+        if status is not Status.NEW:
+            return sequencing.answer(status, value, key, seq_id)
         self._send(worker, "unordered", Task(request_id, key, seq_id, payload, tenant, priority))
         return request_id
 
@@ -543,88 +493,3 @@ class RedisScheduler:
         for name in names:
             pipe.scard(inflight_key(name))
         return int(sum(pipe.execute())) if names else 0
-
-
-class Reaper:
-    """Finds workers whose heartbeat stopped and fails what they held, so no future stays
-    pending: their queued and running requests settle to a server error naming the worker, and
-    their models (and snapshots) are reported lost. Every API process runs one; a short Redis
-    lock lets one of them act per round. A worker counts as lost only when its registration
-    has been missing in two rounds a heartbeat apart (a Redis restart is not a lost worker)."""
-
-    def __init__(
-        self,
-        client: redis.Redis,
-        futures: RedisFutures,
-        interval: float,
-        monitor: MonitorStore | None = None,
-    ) -> None:
-        self.redis = client
-        self.futures = futures
-        self.interval = interval
-        self.monitor = monitor  # where each lost model's run gets its "lost" event
-        self._suspects: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._me = f"{socket.gethostname()}-{os.getpid()}"
-
-    def start(self) -> Reaper:
-        threading.Thread(target=self._run, name="tinkerd-reaper", daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.reap_once()
-            except redis.RedisError as e:
-                log.debug("reaper skipped a round: %s", e)
-
-    def reap_once(self) -> list[str]:
-        """One round: returns the workers it declared lost."""
-        if not self.redis.set(REAPER_LOCK, self._me, nx=True, px=int(self.interval * 900)):
-            return []
-        names = {as_text(n) for n in self.redis.smembers(WORKERS)}
-        alive = live_workers(self.redis)
-        now = time.monotonic()
-        lost = []
-        for name in sorted(names - set(alive)):
-            first_missed = self._suspects.setdefault(name, now)
-            if now - first_missed >= self.interval:
-                self.reap(name)
-                lost.append(name)
-        self._suspects = {n: t for n, t in self._suspects.items() if n in names - set(alive)}
-        return lost
-
-    def reap(self, name: str) -> None:
-        if not self.redis.srem(WORKERS, name):
-            return  # another API process got it
-        log.error("worker %s was lost: failing its requests and marking its models lost", name)
-        owned = [
-            as_text(model)
-            for model, owner in self.redis.hgetall(PLACEMENT).items()
-            if as_text(owner) == name
-        ]
-        error = ServerError(f"worker {name} was lost before this request finished")
-        held = [as_text(r) for r in self.redis.smembers(inflight_key(name))]
-        for model_id in owned:
-            reason = (
-                f"model {model_id} was lost with worker {name}; restore it from its last "
-                "checkpoint (create_training_client_from_state)"
-            )
-            self.redis.hset(LOST, model_id, reason)
-            self.redis.hdel(PLACEMENT, model_id)
-            if self.monitor is not None:
-                event = {"time": time.time(), "type": "lost", "worker": name, "error": reason}
-                self.monitor.add_event(model_id, event)
-        for request_id in held:
-            self.futures.settle_error(request_id, error, name)
-        forget_pending(self.redis, held)
-        self.redis.delete(inflight_key(name))
-        if self.monitor is not None:
-            self.monitor.flush()
-
-
-def lost_models(client: redis.Redis) -> dict[str, str]:
-    return {as_text(k): as_text(v) for k, v in client.hgetall(LOST).items()}

@@ -1,26 +1,6 @@
 """What the cluster keeps in Redis, and the objects that read and write it.
 
-Keys (all under `tinkerd:`):
-    workers                     set of registered worker names
-    worker:<name>               a worker's registration (JSON), expiring unless renewed
-    inflight:<name>             request ids queued on or running at that worker
-    placement                   hash: model id (or snapshot sampler id) -> worker name
-    lost                        hash: model id -> why it is gone
-    stopped                     hash: model id -> a clean stop saved it; the next worker to
-                                start restores it (`suspend`)
-    seq:<model_id>, next:<id>   the model's seen seq_ids ("request_id|fingerprint") and the
-                                lowest seq_id not yet submitted
-    useen:<key>                 the same for unordered requests (sampling), by sampler key
-    req:<request_id>            the worker a request went to (so a poll can tell "unknown")
-    result:<request_id>         {body, type}: a settled future, expiring
-    pending:<tenant>            sorted set: the tenant's unsettled request ids, by submit time
-                                (Unix); an entry older than the future TTL no longer counts;
-                                none for "" (no keys, no limits)
-    records:<kind>              the registry: sessions, models, runs, samplers (JSON by id)
-    epoch                       "<unix time> <token>": when this Redis's state began; set by the
-                                first process that finds it missing, so a Redis that comes back
-                                empty (restarted without persistence, or flushed) gets a new one
-    channel `tinkerd:settled`   a notice per settled request id
+The keys are named in `keys`.
 
 Redis is rebuildable from the owners of the state: a worker that sees a new epoch writes back
 the models it holds (records, placement, next seq_id) and the requests it holds; the registry
@@ -40,23 +20,29 @@ from typing import Any
 import redis
 from redis.exceptions import RedisError
 
-from tinkerd.tasks import SKIPPED, Result
+from tinkerd.cluster.keys import (
+    EPOCH,
+    LOST,
+    PENDING,
+    REQUEST,
+    RESULT,
+    SETTLED,
+    WORKERS,
+    inflight_key,
+    next_key,
+    pending_key,
+    records_key,
+    request_key,
+    result_key,
+    seen_key,
+    worker_key,
+)
+from tinkerd.sequencing import LUA, RETRY_WINDOW, SKIPPED_FINGERPRINT, Status, parse_record, record
+from tinkerd.tasks import Result
 from tinkerd.types import NotFound, TinkerdError
 
 log = logging.getLogger(__name__)
 
-PREFIX = "tinkerd:"
-WORKERS = PREFIX + "workers"
-PLACEMENT = PREFIX + "placement"
-LOST = PREFIX + "lost"
-# model id -> why it is not on any worker now: a clean stop saved it (`suspend`), and the next
-# worker to start restores it
-STOPPED = PREFIX + "stopped"
-SETTLED = PREFIX + "settled"
-PENDING = PREFIX + "pending:"
-REAPER_LOCK = PREFIX + "reaper"
-SWEEPER_LOCK = PREFIX + "sweeper"
-EPOCH = PREFIX + "epoch"
 # A request record outlives its result, so a late poll learns "expired", not "unknown".
 REQUEST_TTL = 7 * 86400
 # After Redis comes back empty, how long the workers may take to write back what they hold
@@ -70,55 +56,60 @@ RECENT_BYTES = 32 << 20
 
 # Writes back a model's sequence that Redis lost: the seq_ids its worker holds, and the model's
 # next seq_id: the worker's next one, moved past those held (as a submit moves it).
-# KEYS: seen hash, next key; ARGV: the worker's next seq_id, then (seq_id, "request_id|fp") pairs
-RESTORE_SEQUENCE = """
-for i = 2, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+# KEYS: seen hash, next key; ARGV: the worker's next seq_id, retry window, then (seq_id, record)
+# pairs (`sequencing.record`)
+RESTORE_SEQUENCE = (
+    LUA
+    + """
+for i = 3, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
 local nxt = math.max(tonumber(redis.call('GET', KEYS[2]) or '0'), tonumber(ARGV[1]))
-while redis.call('HEXISTS', KEYS[1], tostring(nxt)) == 1 do nxt = nxt + 1 end
-redis.call('SET', KEYS[2], nxt)
-return nxt
+return advance(KEYS[1], KEYS[2], nxt, tonumber(ARGV[2]))
 """
+)
+
+# Takes a model's seq_id that never came as skipped, unless it was recorded meanwhile (then its
+# record is answered: the worker asks again later). The model's next seq_id moves on past it and
+# the seq_ids recorded after it, as a submit's does.
+# KEYS: seen hash, next key, request key, inflight set of the worker
+# ARGV: seq_id, new request id, worker, retry window, request ttl
+SKIP_SEQ = (
+    LUA
+    + """
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if v then return {RECORDED, v} end
+redis.call('HSET', KEYS[1], ARGV[1], record(ARGV[2], '@SKIPPED@'))
+local nxt = tonumber(redis.call('GET', KEYS[2]) or '0')
+if tonumber(ARGV[1]) == nxt then advance(KEYS[1], KEYS[2], nxt, tonumber(ARGV[4])) end
+redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[5])
+redis.call('SADD', KEYS[4], ARGV[2])
+return {SKIPPED, ARGV[2]}
+""".replace("@SKIPPED@", SKIPPED_FINGERPRINT)
+)
 
 # Writes back the requests a worker holds (queued or running) that Redis lost, unless settled:
 # their record (so a poll finds them), the worker's in-flight set, each tenant's pending count.
 # KEYS: the worker's in-flight set; ARGV: worker, request ttl, now, pending ttl, then
 # (request id, tenant) pairs
-RESTORE_REQUESTS = """
+RESTORE_REQUESTS = (
+    """
 local n = 0
 for i = 5, #ARGV, 2 do
   local rid, tenant = ARGV[i], ARGV[i + 1]
-  if redis.call('EXISTS', '@PREFIX@result:' .. rid) == 0 then
-    redis.call('SET', '@PREFIX@req:' .. rid, ARGV[1], 'EX', ARGV[2], 'NX')
+  if redis.call('EXISTS', '@RESULT@' .. rid) == 0 then
+    redis.call('SET', '@REQUEST@' .. rid, ARGV[1], 'EX', ARGV[2], 'NX')
     redis.call('SADD', KEYS[1], rid)
     if tenant ~= '' then
-      redis.call('ZADD', '@PREFIX@pending:' .. tenant, ARGV[3], rid)
-      redis.call('EXPIRE', '@PREFIX@pending:' .. tenant, ARGV[4])
+      redis.call('ZADD', '@PENDING@' .. tenant, ARGV[3], rid)
+      redis.call('EXPIRE', '@PENDING@' .. tenant, ARGV[4])
     end
     n = n + 1
   end
 end
 return n
-""".replace("@PREFIX@", PREFIX)
-
-
-def worker_key(name: str) -> str:
-    return f"{PREFIX}worker:{name}"
-
-
-def inflight_key(name: str) -> str:
-    return f"{PREFIX}inflight:{name}"
-
-
-def request_key(request_id: str) -> str:
-    return f"{PREFIX}req:{request_id}"
-
-
-def result_key(request_id: str) -> str:
-    return f"{PREFIX}result:{request_id}"
-
-
-def pending_key(tenant: str) -> str:
-    return PENDING + tenant
+""".replace("@RESULT@", RESULT)
+    .replace("@REQUEST@", REQUEST)
+    .replace("@PENDING@", PENDING)
+)
 
 
 def forget_pending(client: redis.Redis, request_ids: list[str]) -> None:
@@ -173,12 +164,35 @@ def restore_sequence(
     """Write back `model_id`'s sequence after Redis lost it: its worker's `next_seq` and the
     seq_ids it `held` (seq_id -> request id), so that later submits continue it. Their
     fingerprints were lost: a retry of a held request is answered its request id, as a skipped
-    seq_id's is (`tasks.SKIPPED`), never run twice. Returns the model's next seq_id."""
-    args: list[Any] = [next_seq]
+    seq_id's is (`sequencing.SKIPPED_FINGERPRINT`), never run twice. Returns the model's next
+    seq_id."""
+    args: list[Any] = [next_seq, RETRY_WINDOW]
     for seq_id, request_id in sorted(held.items()):
-        args += [seq_id, f"{request_id}|{SKIPPED}"]
-    keys = [f"{PREFIX}seq:{model_id}", f"{PREFIX}next:{model_id}"]
+        args += [seq_id, record(request_id, SKIPPED_FINGERPRINT)]
+    keys = [seen_key(model_id), next_key(model_id)]
     return int(client.eval(RESTORE_SEQUENCE, len(keys), *keys, *args))
+
+
+def skip_seq(client: redis.Redis, model_id: str, seq_id: int, worker: str) -> str | None:
+    """Record `model_id`'s `seq_id`, which never came although later ones wait at `worker`, as
+    skipped: a new request id that the worker settles with the skip's error, and that the
+    request gets should it come after all. None if it was recorded meanwhile (on its way)."""
+    request_id = uuid.uuid4().hex
+    keys = [seen_key(model_id), next_key(model_id), request_key(request_id), inflight_key(worker)]
+    args = [seq_id, request_id, worker, RETRY_WINDOW, REQUEST_TTL]
+    status, _ = client.eval(SKIP_SEQ, len(keys), *keys, *args)
+    return request_id if Status(status) is Status.SKIPPED else None
+
+
+def recorded_request(client: redis.Redis, model_id: str, seq_id: int) -> str | None:
+    """The request id recorded for `model_id`'s `seq_id`, None if none is."""
+    raw = client.hget(seen_key(model_id), str(seq_id))
+    return None if raw is None else parse_record(as_text(raw))[0]
+
+
+def next_seq_id(client: redis.Redis, model_id: str, default: int) -> int:
+    """`model_id`'s lowest seq_id not yet submitted; `default` if Redis has none."""
+    return int(client.get(next_key(model_id)) or default)
 
 
 def restore_requests(
@@ -448,26 +462,22 @@ class RedisRecords:
         back the models they hold."""
         return self.rebuild.seconds_left() > 0
 
-    @staticmethod
-    def _key(kind: str) -> str:
-        return f"{PREFIX}records:{kind}"
-
     def get(self, kind: str, key: str) -> dict[str, Any] | None:
-        raw = self.redis.hget(self._key(kind), key)
+        raw = self.redis.hget(records_key(kind), key)
         return None if raw is None else json.loads(raw)
 
     def put(self, kind: str, key: str, value: dict[str, Any]) -> None:
-        self.redis.hset(self._key(kind), key, json.dumps(value))
+        self.redis.hset(records_key(kind), key, json.dumps(value))
 
     def add(self, kind: str, key: str, value: dict[str, Any]) -> dict[str, Any]:
-        self.redis.hsetnx(self._key(kind), key, json.dumps(value))
+        self.redis.hsetnx(records_key(kind), key, json.dumps(value))
         return self.get(kind, key) or value
 
     def values(self, kind: str) -> list[dict[str, Any]]:
-        return [json.loads(raw) for raw in self.redis.hvals(self._key(kind))]
+        return [json.loads(raw) for raw in self.redis.hvals(records_key(kind))]
 
     def delete(self, kind: str, key: str) -> None:
-        self.redis.hdel(self._key(kind), key)
+        self.redis.hdel(records_key(kind), key)
 
 
 def live_workers(client: redis.Redis) -> dict[str, dict[str, Any]]:
@@ -477,3 +487,8 @@ def live_workers(client: redis.Redis) -> dict[str, dict[str, Any]]:
         return {}
     found = client.mget([worker_key(n) for n in names])
     return {n: json.loads(raw) for n, raw in zip(names, found, strict=True) if raw is not None}
+
+
+def lost_models(client: redis.Redis) -> dict[str, str]:
+    """model id -> why it is gone, of every model lost with its worker."""
+    return {as_text(k): as_text(v) for k, v in client.hgetall(LOST).items()}

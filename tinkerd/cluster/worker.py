@@ -20,31 +20,26 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from tinkerd.audit import RedisAudit
-from tinkerd.cluster.celery_app import (
-    bind_scheduler,
-    make_celery,
-    queue_task,
-    take_undelivered,
-    worker_queue,
-)
+from tinkerd.cluster.celery_app import bind_scheduler, make_celery, queue_task, take_undelivered
 from tinkerd.cluster.handoff import HandOff, arrived, keep, leave, restore_kept
-from tinkerd.cluster.scheduler import Reaper, skip_seq
+from tinkerd.cluster.keys import PLACEMENT, WORKERS, worker_key, worker_queue
+from tinkerd.cluster.reaper import Reaper
 from tinkerd.cluster.state import (
-    PLACEMENT,
-    WORKERS,
     RedisFutures,
     RedisRecords,
     connect,
     epoch,
+    recorded_request,
     restore_requests,
     restore_sequence,
-    worker_key,
+    skip_seq,
 )
 from tinkerd.config import Settings
 from tinkerd.metrics import RedisMonitor
 from tinkerd.registry import Registry
+from tinkerd.sequencing import Gap, skipped_message
 from tinkerd.storage import CheckpointStore
-from tinkerd.tasks import Gap, Scheduler, Task, skipped_message
+from tinkerd.tasks import Scheduler, Task
 from tinkerd.types import (
     NotFound,
     Rejected,
@@ -201,16 +196,15 @@ class WorkerProcess:
         filled, now, seen_before = [], time.monotonic(), self._gaps_seen
         self._gaps_seen = {}  # kept only for the gaps still open, and only if Redis answers
         for gap in self.scheduler.gaps(0.0):
-            seen = self.redis.hget(f"tinkerd:seq:{gap.model_id}", str(gap.seq_id))
+            request_id = recorded_request(self.redis, gap.model_id, gap.seq_id)
             key = (gap.model_id, gap.seq_id)
             since = self._gaps_seen[key] = seen_before.get(key, now)
-            if seen is None:
+            if request_id is None:
                 if now - since >= self.settings.seq_gap_seconds:
                     filled += self._skip(gap, now - since)
                 continue
             if now - since < GAP_SECONDS:
                 continue
-            request_id = seen.decode().partition("|")[0]
             error = ServerError(
                 f"request {request_id} (seq_id {gap.seq_id}) never reached worker {self.name}: "
                 "the API process that took it stopped first; send it again"
