@@ -176,7 +176,7 @@ def _adam_params(body: dict[str, Any]) -> AdamParams:
         what = "DimuonParams (the Dimuon optimizer)" if name == "dimuon" else f"{name!r} params"
         raise UserError(
             f"optimizer_params: {what} are not supported; tinkerd trains with AdamW: "
-            "step with AdamParams"
+            "step with AdamParams (adam_params)"
         )
     return adam_params(body.get("adam_params"))
 
