@@ -67,6 +67,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory):
         SamplerWeights(model, model_path=path),
     ]
     yield SimpleNamespace(ours=ours, theirs=theirs, weights=weights, model=model)
+    theirs.close()
 
 
 def vllm_on_gpu() -> bool:

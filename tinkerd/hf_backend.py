@@ -792,6 +792,15 @@ class HFBackend:
         else:
             self._delete_sampler_adapter(base, name)
 
+    def close(self) -> None:
+        """Release what outlives the process: vLLM's engine processes (`--sampler vllm`) and
+        the snapshots written for them."""
+        for base in self._bases.values():
+            close = getattr(base.engine, "close", None)
+            if close is not None:
+                close()
+        shutil.rmtree(ram_dir(), ignore_errors=True)
+
     def hold_sampler(
         self, key: str, base_model: str, config: PeftLoraConfig, state: dict[str, torch.Tensor]
     ) -> None:

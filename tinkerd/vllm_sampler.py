@@ -121,6 +121,12 @@ class VLLMEngine:
         if lora is not None:
             self.engine.remove_lora(lora.lora_int_id)
 
+    def close(self) -> None:
+        """Stop vLLM's engine processes (as the worker ends)."""
+        core = getattr(self.engine, "engine_core", None)
+        if core is not None:
+            core.shutdown()
+
     def add(self, sample: Sample, adapter: str | None, done: Done) -> None:
         """Queue a checked request: each of its samples as a vLLM request of its own."""
         from vllm import SamplingParams
