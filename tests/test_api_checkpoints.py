@@ -253,6 +253,13 @@ def test_external_weights_download_through_signed_urls(keyed: Keyed, alice: Trai
     assert (
         keyed.call("GET", f"{one(alice.external)}/external_weights_urls", "bob").status_code == 404
     )
+    # published, bob gets URLs too; they stop working when it is unpublished, URLs or not
+    keyed.rest("alice").publish_checkpoint_from_tinker_path(alice.external).result()
+    bobs = keyed.rest("bob").get_external_weights_urls(alice.external).result().urls
+    assert httpx.get(bobs["adapter_config.json"], timeout=30).status_code == 200
+    keyed.rest("alice").unpublish_checkpoint_from_tinker_path(alice.external).result()
+    assert httpx.get(bobs["adapter_config.json"], timeout=30).status_code == 404
+    assert httpx.get(url, timeout=30).status_code == 200  # alice's own still work
     r = keyed.call("GET", f"{one(alice.state)}/external_weights_urls", "alice")
     assert r.status_code == 400 and "external_weights" in r.json()["error"]
 

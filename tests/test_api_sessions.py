@@ -192,6 +192,12 @@ def test_the_audit_log_is_per_key_and_whole_for_an_admin(keyed: Keyed, sessions)
     assert {e["event_details"]["key"] for e in events("ops")} >= {"alice", "bob"}
     via_sdk = keyed.rest("alice").get_audit_log().result().entries
     assert [e.event for e in via_sdk] == kinds
+    # the simple JSON API's adapters are training runs too
+    simple = {"X-API-Key": keyed.secrets["bob"]}
+    httpx.post(f"{keyed.url}/add_lora", json={"model_id": "tiny", "rank": 4}, headers=simple)
+    httpx.post(f"{keyed.url}/remove_lora", json={"model_id": "tiny"}, headers=simple)
+    adapters = [e for e in events("bob") if e["event_details"].get("adapter") == "tiny"]
+    assert [e["event"] for e in adapters] == ["training_run_create", "training_run_unload"]
     yesterday = (datetime.now(UTC) - timedelta(days=1)).date().isoformat()
     assert events("alice", day=yesterday) == []
     assert keyed.get("audit?day=tuesday", "alice").status_code == 400

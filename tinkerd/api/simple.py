@@ -26,6 +26,7 @@ from flask import Blueprint, jsonify
 
 from tinkerd.api import (
     adam_params,
+    audit,
     check_model_room,
     get_bool,
     get_int,
@@ -139,6 +140,7 @@ def _create(name: str, base_model: str, lora: LoraConfig) -> Adapter:
     if entry.model_id != model_id:
         _remove(model_id)
         return _adapter(name)
+    audit("training_run_create", model_id=model_id, base_model=source.name, adapter=name)
     return Adapter(entry, record)
 
 
@@ -245,6 +247,7 @@ def _delete(name: str):
     adapter = _adapter(name)
     registry().remove_name(name)
     request_id = _remove(adapter.model_id)
+    audit("training_run_unload", model_id=adapter.model_id, adapter=name)
     freed = request_id is None
     if request_id is not None:
         freed = wait(request_id, svc.settings.long_poll_seconds) is not None
