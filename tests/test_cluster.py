@@ -679,6 +679,14 @@ def test_published_checkpoints_audit_and_sessions_on_the_cluster(cluster: Cluste
             assert {e["event_details"]["key"] for e in entries} == {name}
             return [(e["event"], e["tinker_path"]) for e in entries]
 
+        # a signed URL one API process made, any other serves (the key is in the data directory)
+        external = tc.save_weights_external("shared").result(timeout=60).path
+        run = external.removeprefix("tinker://").split("/")[0]
+        urls = call("GET", f"training_runs/{run}/checkpoints/external_weights/shared/"
+                    "external_weights_urls", "pub-a").json()["urls"]  # fmt: skip
+        for _ in range(4):
+            assert httpx.get(urls["adapter_config.json"], timeout=30).json()["r"] == 4
+
         assert {("checkpoint_save", path), ("checkpoint_publish", path)} <= set(events("pub-a"))
         assert ("checkpoint_read", path) in events("pub-b")
         session = tc.model_id.split(":")[0]
