@@ -309,6 +309,7 @@ def test_copies_are_runs_of_the_copying_key(keyed: Keyed, alice: Trained) -> Non
     copy = keyed.rest("alice").copy_weights(alice.state, "archive").result()
     run, kind, name = copy.removeprefix("tinker://").split("/")
     assert run.startswith("copy:") and (kind, name) == ("weights", "state")
+    assert "copy" not in keyed.rest("alice").list_sessions().result().sessions  # no session
     source_dir = keyed.server.store.directory(_parsed(alice.state))
     copy_dir = keyed.server.store.directory(_parsed(copy))
     weights = "adapter_model.safetensors"

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 SESSION_ID = re.compile(r"^[0-9a-f]{16}$")
 # The session of the simple JSON API's models (api/simple.py), which have no SDK session.
 SIMPLE_SESSION = "simple"
+# The session of copies made without one (api/checkpoints.py copy_weights): runs no worker holds.
+COPY_SESSION = "copy"
 
 
 @dataclass

@@ -33,9 +33,10 @@ from tinkerd.api import (
     registry,
     service,
 )
+from tinkerd.api.sessions import session_trace
 from tinkerd.api.weights import checkpoint_meta
 from tinkerd.base_models import resolve_base_model
-from tinkerd.registry import ModelRecord
+from tinkerd.registry import COPY_SESSION, ModelRecord
 from tinkerd.storage import META_FILE, CheckpointMeta, CheckpointPath, iso_time
 from tinkerd.types import LoraConfig, NotFound, UserError
 
@@ -91,7 +92,8 @@ def set_ttl(run_id: str, kind: str, name: str):
     expires_at = None if ttl is None else time.time() + ttl
     service().store.update(path, expires_at=expires_at)
     audit("checkpoint_ttl_set", tinker_path=str(path), model_id=run_id, ttl_seconds=ttl)
-    return jsonify({"tinker_path": str(path), "expires_at": iso_time(expires_at) if ttl else None})
+    expires = None if expires_at is None else iso_time(expires_at)
+    return jsonify({"tinker_path": str(path), "expires_at": expires})
 
 
 # -- copies ----------------------------------------------------------------------------------------
@@ -114,7 +116,7 @@ def copy_weights():
     elif isinstance(project, str) and project:
         token = request.headers.get("X-Idempotency-Key") or uuid.uuid4().hex
         digest = hashlib.sha256(f"{caller().name}/{token}".encode()).hexdigest()
-        run_id, session_id = f"copy:{digest[:16]}", "copy"
+        run_id, session_id = f"{COPY_SESSION}:{digest[:16]}", COPY_SESSION
     else:
         raise UserError("give destination_project_id, or session_id and model_seq_id")
     path = CheckpointPath(run_id, source.kind, source.name)
@@ -211,8 +213,6 @@ def download(token: str, file_name: str):
     grant = downloads.verify(svc.settings.data_dir, token)
     reg = svc.registry.seen_by(grant.key, grant.admin)
     if grant.kind == "trace":
-        from tinkerd.api.sessions import session_trace
-
         response = jsonify(session_trace(reg, grant.target))
         response.headers["Content-Disposition"] = f'attachment; filename="{file_name}"'
         return response

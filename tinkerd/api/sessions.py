@@ -19,7 +19,7 @@ from flask import Blueprint, jsonify, request
 from tinkerd import audit as audit_log
 from tinkerd import downloads
 from tinkerd.api import audit, caller, get_str, json_body, page, registry, service
-from tinkerd.registry import SIMPLE_SESSION, ModelRecord, Registry, Session
+from tinkerd.registry import COPY_SESSION, SIMPLE_SESSION, ModelRecord, Registry, Session
 from tinkerd.storage import iso_time, sort_time
 from tinkerd.types import NotFound, UserError
 
@@ -37,7 +37,7 @@ def _sessions(reg: Registry) -> dict[str, Session]:
     that the records no longer hold (from before a restart of `tinkerd serve`)."""
     found = {s.session_id: s for s in reg.sessions()}
     for run in reg.runs():
-        if run.session_id not in found and run.session_id != SIMPLE_SESSION:
+        if run.session_id not in found and run.session_id not in (SIMPLE_SESSION, COPY_SESSION):
             found[run.session_id] = Session(
                 run.session_id, [], {}, created_at=run.created_at, last_heartbeat=0.0,
                 owner=run.owner,
