@@ -285,3 +285,24 @@ def test_the_vllm_sampler_is_refused_clearly_without_vllm(tmp_path: Path, tiny_m
         assert "--sampler vllm needs vLLM" in str(error) and "tinkerd[vllm]" in str(error)
     else:
         pytest.skip("vLLM is installed here: tests/test_vllm.py runs it")
+
+
+def test_a_prompt_over_the_steps_budget_joins_beside_decoding_rows(
+    lab, steps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = lab.backend._engine(lab.backend._load_base(lab.model))
+    monkeypatch.setattr(engine, "max_step_tokens", 16)
+    done: list[str] = []
+    lab.backend.sample_start(
+        request(lab.base, 9, max_tokens=30, seed=1), lambda r: done.append("long")
+    )
+    lab.backend.sample_step()
+    for name, n in (("over", 40), ("next", 10)):
+        lab.backend.sample_start(
+            request(lab.snapshots[0], n, max_tokens=4, seed=2), lambda r, n=name: done.append(n)
+        )
+    while lab.backend.sample_step():
+        pass
+    joined = [(s.decoding, s.prompts) for s in steps if s.prompts]
+    assert joined == [(0, [9]), (1, [40]), (2, [10])]  # each beside the rows decoding
+    assert done == ["over", "next", "long"]

@@ -215,12 +215,6 @@ class Engine:
             for request in involved.values():
                 self._fail(request, error)
 
-    def fail_all(self, error: TinkerdError) -> None:
-        for request in list(self.waiting) + list(
-            {id(r.request): r.request for r in self.running}.values()
-        ):
-            self._fail(request, error)
-
     def _lora_layers(self, model: nn.Module) -> list:
         """The model's LoRA layers, found again only when its adapters change (a new adapter
         may wrap more layers)."""
@@ -233,16 +227,16 @@ class Engine:
 
     def _admit(self) -> list[_Request]:
         """Waiting requests, in order, while rows, cache blocks and the step's prompt budget
-        allow (the first always when nothing runs: a long prompt is not starved)."""
+        allow; the first of a step always fits the budget, and fits the rows when none decode, so
+        that neither a long prompt nor many samples wait for ever."""
         joining: list[_Request] = []
         rows = len(self.running)
         budget = self.max_step_tokens
         while self.waiting:
             request = self.waiting[0]
             n, k = len(request.sample.prompt), len(request.rows)
-            alone = rows == 0
-            if not alone and (rows + k > self.max_rows or n > budget):
-                break
+            if (rows and rows + k > self.max_rows) or (joining and n > budget):
+                break  # a longer prompt joins first at a next step, beside the decoding rows
             shared = n // BLOCK  # the prompt's full blocks, shared by its rows
             own = blocks_for(n + request.rows[0].max_new - 1) - shared
             need = shared + k * own
