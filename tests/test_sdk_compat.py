@@ -4,9 +4,9 @@ RestClient) called against a live tinkerd with live ids and well-formed inputs.
 The walk records each HTTP request the server answers (a WSGI wrapper on the live app) and fails
 on any 404 (a route tinkerd lacks), on any method that is not in `CALLS` (a newer SDK's: classify
 it), and on any call that raises. Only what needs JWT auth or billing, which a self-hosted
-server has no use for, is skipped, each with its reason. README.md's protocol coverage table is
-made from the walk: the test fails when the README's differs (`TINKERD_WRITE_COVERAGE=1`
-rewrites it).
+server has no use for, is skipped, each with its reason. The protocol coverage table in
+docs/sdk.md is made from the walk: the test fails when the page's differs
+(`TINKERD_WRITE_COVERAGE=1` rewrites it).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from werkzeug.exceptions import HTTPException
 
 pytestmark = pytest.mark.timeout(300)
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+COVERAGE_PAGE = Path(__file__).resolve().parent.parent / "docs" / "sdk.md"
 START, END = "<!-- sdk-coverage:start -->", "<!-- sdk-coverage:end -->"
 CLASSES = (tinker.ServiceClient, tinker.TrainingClient, tinker.SamplingClient, tinker.RestClient)
 # Requests the SDK sends by itself, around any call: not what a method is for.
@@ -50,7 +50,7 @@ TOKENS = [5, 17, 42, 99, 300, 7, 8]
 @dataclass
 class Call:
     """One SDK method: how to call it (`run(ctx, method)`: `method` is the bound method, the
-    sync one or its `_async` twin), and what tinkerd does for it (the README's words)."""
+    sync one or its `_async` twin), and what tinkerd does for it (the docs' words)."""
 
     name: str  # Class.method
     does: str
@@ -402,11 +402,11 @@ def test_every_public_sdk_method_answers(server, tiny_model_dir, monkeypatch) ->
                     routes.append(route)
         rows.append((call.name, ", ".join(routes) or "none", call.does))
     assert not recorder.not_found, f"routes tinkerd does not serve: {recorder.not_found}"
-    check_readme(rows, methods)
+    check_coverage_page(rows, methods)
 
 
 def coverage_table(rows: list[tuple[str, str, str]], methods: list[str]) -> str:
-    """The README's table: one row per method (its `_async` twin marked), the routes it
+    """docs/sdk.md's table: one row per method (its `_async` twin marked), the routes it
     reached, what tinkerd does."""
     lines = [
         START,
@@ -425,18 +425,18 @@ def coverage_table(rows: list[tuple[str, str, str]], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
-def check_readme(rows: list[tuple[str, str, str]], methods: list[str]) -> None:
+def check_coverage_page(rows: list[tuple[str, str, str]], methods: list[str]) -> None:
     # an `_async` row of its own is folded into its sync method's when both say the same
     folded = [r for r in rows if not (r[0].endswith("_async") and r[2] == "as the sync method")]
     table = coverage_table(folded, methods)
-    text = README.read_text()
+    text = COVERAGE_PAGE.read_text()
     block = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
     if os.environ.get("TINKERD_WRITE_COVERAGE") == "1":
-        README.write_text(block.sub(lambda _: table, text))
+        COVERAGE_PAGE.write_text(block.sub(lambda _: table, text))
         return
     found = block.search(text)
-    assert found is not None, f"README.md has no {START} ... {END} block"
+    assert found is not None, f"docs/sdk.md has no {START} ... {END} block"
     assert found.group(0) == table, (
-        "README.md's protocol coverage table is stale: run "
+        "docs/sdk.md's protocol coverage table is stale: run "
         "TINKERD_WRITE_COVERAGE=1 .venv/bin/python -m pytest tests/test_sdk_compat.py"
     )
