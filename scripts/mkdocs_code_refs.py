@@ -11,6 +11,9 @@ misleading a reader. Checked inside inline code and fenced blocks:
 - a relative module path such as `api/tinker.py` or `cluster/scheduler.py`: a file under the
   repository root or under `tinkerd/`;
 - a bare `name.py` or `name.sh`: a file of that name somewhere in the repository's code.
+
+README.md is not a page of the site but points into it: its code references are checked the
+same way, and each of its relative links must name a file.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ EDGE = r"(?<![\w./:<>@$~-])"
 REPO_PATH = re.compile(EDGE + r"((?:" + "|".join(map(re.escape, TOP_DIRS)) + r")/[\w./-]*)(::\w+)?")
 MODULE_PATH = re.compile(EDGE + r"((?:[\w-]+/)+[\w-]+\.py)\b")
 BARE_FILE = re.compile(EDGE + r"([\w-]+\.(?:py|sh))(?![\w/.-])")
+# A relative link target in Markdown: `](docs/serving.md)`, `](docs/sdk.md#losses)`.
+LINK = re.compile(r"\]\((?![a-z]+:|#)([^)#\s]+)")
 
 
 @cache
@@ -91,3 +96,15 @@ def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Fil
     for problem in broken_refs(markdown, root):
         log.warning(f"{page.file.src_uri}: {problem}")
     return markdown
+
+
+def on_post_build(config: MkDocsConfig) -> None:
+    """README.md: its code references and its links into docs/ (a warning each, as for pages)."""
+    root = Path(config.config_file_path).resolve().parent
+    readme = (root / "README.md").read_text()
+    problems = broken_refs(readme, root)
+    for target in LINK.findall(readme):
+        if not (root / target).exists():
+            problems.append(f"link to {target}: no such file")
+    for problem in problems:
+        log.warning(f"README.md: {problem}")
