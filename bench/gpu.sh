@@ -5,7 +5,7 @@
 #
 # Runs bench/train_step.py on CUDA: memory vs the fp32 logits, mixed lengths vs the padded PEFT
 # loop, 1..16 adapters at once vs one after another, and the 8B-shaped model's tokens/s and MFU
-# (README "How it is built"); then the 8B model again on a longer batch with activation
+# (docs/architecture.md, MFU); then the 8B model again on a longer batch with activation
 # checkpointing. Writes RESULTS_DIR/gpu.log (everything printed) and one JSON file per run.
 # The other bench scripts are not run: they take no device, and their in-process baselines
 # would run on the CPU against a server on the GPU.

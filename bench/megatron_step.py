@@ -8,7 +8,7 @@ cross-entropy batch, timed on rank 0 after warm-up steps. The HF backend's step 
 process with one thread. On the CPU the model is bench/train_step.py's small Llama (hidden 256,
 4 layers, vocab 4096) with 8 x 256 tokens; on a GPU, --model 8b builds a Qwen3-8B-shaped model with
 random bf16 weights made on the device (nothing downloaded or written) and prints its MFU as
-README.md's "How it is built" defines it.
+docs/architecture.md ("Training FLOPs and MFU") defines it.
 
     .venv/bin/python bench/megatron_step.py                                  # CPU: 1x1, 2x1, 1x2
     python3 bench/megatron_step.py --device cuda --model 8b --configs 1x1   # one GPU

@@ -22,7 +22,7 @@ process or, for memory, in fresh subprocesses of the same script:
    once >= 1.5x.
 4. throughput: real (unpadded) tokens/s of a training step; on CUDA, also the step of an
    8B-shaped random model (the Qwen3-8B config, bf16 base, adapters as the engine makes them)
-   and its MFU, as README.md's "How it is built" defines it. On the CPU the 8B model is skipped.
+   and its MFU, as docs/architecture.md defines it. On the CPU the 8B model is skipped.
 
 Timed parts alternate rounds of tinkerd and the baseline and report each side's best round, to
 discount other processes on the machine (their CPU use during the timed runs is printed as "other
@@ -590,7 +590,7 @@ def matmul_params(config: Any, rank: int = RANK) -> tuple[int, int]:
 
 
 def flops_per_token(config: Any, mean_context: float, rank: int = RANK) -> float:
-    """Useful training FLOPs per token (README "How it is built", MFU): 2N forward and 2N
+    """Useful training FLOPs per token (docs/architecture.md, MFU): 2N forward and 2N
     backward through the activations for the frozen matmul weights N; 2 + 2 + 2 (the weight
     gradient too) for each LoRA weight; causal attention, 4 x heads x head_dim per attended
     position forward and twice that backward, in every layer. Recomputation is not counted."""

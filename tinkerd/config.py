@@ -51,7 +51,7 @@ class Settings:
             samples every rollout concurrently, each with a long-poll), and many clients wait
             at once: the default holds 10,000 waiting long-polls even if one API process takes
             them all. Each is a file descriptor: `tinkerd serve` raises its soft open-file limit
-            to the hard one at start (see README, "Deployment limits").
+            to the hard one at start (see docs/serving.md, "Deployment limits").
         future_ttl_seconds: how long a settled result stays retrievable.
         checkpoint_sweep_seconds: how often checkpoints past their TTL are removed (they are
             refused as soon as they expire, swept or not), and killed saves' temporary files.
