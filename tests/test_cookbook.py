@@ -1,7 +1,7 @@
 """tinker-cookbook's recipes, unmodified, against a live tinkerd.
 
 Each recipe runs as its own command line (`python -m tinker_cookbook.recipes.<name>.train
-key=value ...`, exactly as the README shows) against the `server` fixture, with the tiny local
+key=value ...`, exactly as docs/sdk.md shows) against the `server` fixture, with the tiny local
 model as `model_name` and `renderer_name=role_colon`. The tests read what the recipe itself
 writes (`metrics.jsonl` and `checkpoints.jsonl` in its `log_path`, and its log output) and check
 that it learns, and that a second run on the same `log_path` resumes from the first one's
