@@ -22,8 +22,7 @@ from tinker import types
 from tinkerd.api import openai as openai_api
 from tinkerd.api.openai import token_pieces
 from tinkerd.text import text_codec
-from tinkerd.types import SampledSequence, SampleResult, UserError
-from tinkerd.wire import decode_sample_response, encode_sample_response
+from tinkerd.types import UserError
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -470,22 +469,6 @@ def test_an_internal_error_in_openai_shape(server, client, monkeypatch) -> None:
 
 
 # -- plumbing ----------------------------------------------------------------------------------
-
-
-def test_sample_response_round_trip() -> None:
-    result = SampleResult(
-        [
-            SampledSequence(np.array([3, 1, 4]), np.array([-0.5, -1.0, -2.0], np.float32), "stop"),
-            SampledSequence(np.array([], np.int32), np.array([], np.float32), "length"),
-        ],
-        prompt_logprobs=np.array([np.nan, -1.5], np.float32),
-    )
-    back = decode_sample_response(encode_sample_response(result))
-    assert [s.tokens.tolist() for s in back.sequences] == [[3, 1, 4], []]
-    assert [s.stop_reason for s in back.sequences] == ["stop", "length"]
-    np.testing.assert_array_equal(back.sequences[0].logprobs, result.sequences[0].logprobs)
-    np.testing.assert_array_equal(back.prompt_logprobs, result.prompt_logprobs)
-    assert back.topk_prompt_logprobs is None
 
 
 def test_the_api_never_imports_torch(tmp_path) -> None:

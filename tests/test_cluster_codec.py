@@ -1,11 +1,12 @@
-"""Unit tests of tinkerd.cluster.codec: payloads as JSON for Celery, built back exactly, and
-nothing but the listed payload types built from a message."""
+"""Unit tests of tinkerd.cluster.codec: payloads as JSON for Celery and settled results as JSON
+for Redis, built back exactly, and nothing but the listed types built from a message."""
 
 from __future__ import annotations
 
 import base64
 import dataclasses
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 
 from tinkerd.cluster import codec
 from tinkerd.registry import Session
+from tinkerd.results import Kind, Result
 from tinkerd.types import (
     AdamParams,
     CreateModel,
@@ -21,6 +23,7 @@ from tinkerd.types import (
     ForwardBackwardResult,
     LoadWeights,
     LoraConfig,
+    NotFound,
     OptimStep,
     Rejected,
     RemoveModel,
@@ -30,6 +33,8 @@ from tinkerd.types import (
     SamplerWeights,
     SamplingParams,
     SaveWeights,
+    ServerError,
+    UserError,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -272,3 +277,71 @@ def test_user_dicts_with_reserved_keys_round_trip() -> None:
             f"BUG codec: user_metadata {metadata!r} decodes as {got!r}: plain dicts whose keys "
             "collide with the codec's markers (__type__/__tuple__/__ndarray__) are not escaped"
         )
+
+
+# -- settled results, as stored in Redis ------------------------------------------------------
+
+RESULTS = [
+    Result(
+        Kind.FORWARD_BACKWARD,
+        ForwardBackwardResult(
+            [
+                {"logprobs": np.array([-0.5, np.nan], np.float32), "x": np.zeros((2, 3))},
+                {"logprobs": np.array([], np.float32)},
+            ],
+            {"loss:sum": 1.25, "num_tokens:sum": 2.0},
+        ),
+    ),
+    Result(
+        Kind.SAMPLE,
+        SampleResult(
+            [
+                SampledSequence(
+                    np.array([3, 1], np.int32), np.array([-1.0, -2.0], np.float32), "stop"
+                )
+            ],
+            prompt_logprobs=np.array([np.nan, -0.75], np.float32),
+            topk_prompt_logprobs=(np.array([[0], [4]], np.int64), np.zeros((2, 1), np.float32)),
+        ),
+    ),
+    Result(Kind.SAMPLE, SampleResult([])),
+    Result(Kind.OPTIM_STEP, {"learning_rate:mean": 1e-4, "grad_norm:mean": 0.1 + 0.2}),
+    Result(Kind.CREATE_MODEL, {"model_id": "s:train:0", "trainable_params": 1024}),
+    Result(Kind.SAVE_WEIGHTS, {"path": "tinker://m/weights/x", "__tuple__": [1]}),
+    Result.failed(UserError("bad input")),
+    Result.failed(ServerError("boom")),
+]
+
+
+@pytest.mark.parametrize("result", RESULTS, ids=lambda r: r.kind)
+def test_every_result_round_trips_exactly(result: Result) -> None:
+    data = codec.dump_result(result)
+    json.loads(data)  # plain JSON
+    got = codec.load_result(data)
+    assert got.kind is result.kind
+    assert_same(got.value, result.value)
+
+
+def test_a_metric_that_is_not_a_number_round_trips() -> None:
+    got = codec.load_result(codec.dump_result(Result(Kind.OPTIM_STEP, {"loss": float("nan")})))
+    assert math.isnan(got.info()["loss"])
+
+
+def test_a_failed_result_keeps_what_its_client_is_told() -> None:
+    got = codec.load_result(codec.dump_result(Result.failed(NotFound("no such model"))))
+    assert got.value == {"error": "no such model", "category": "user"}
+    error = got.error
+    assert isinstance(error, UserError) and error.message == "no such model"
+
+
+def test_results_build_only_result_types() -> None:
+    """A result from Redis builds results, never payloads or anything else; a payload's codec
+    still refuses results (test_non_payload_dataclasses_are_refused)."""
+    for name in ["OptimStep", "Datum", "Session", "TinkerdError", "object"]:
+        data = json.dumps({"kind": "sample", "value": {"__type__": name}}).encode()
+        with pytest.raises(KeyError):
+            codec.load_result(data)
+    with pytest.raises(ValueError):  # an unknown kind
+        codec.load_result(json.dumps({"kind": "exec", "value": {}}).encode())
+    with pytest.raises(TypeError):
+        codec.dump_result(Result(Kind.SAMPLE, PAYLOADS["Sample"]))  # type: ignore[arg-type]

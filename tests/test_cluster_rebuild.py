@@ -26,7 +26,7 @@ from test_cluster import post, rdb, train
 from tinkerd.cluster.keys import PLACEMENT
 from tinkerd.cluster.state import RedisFutures, connect
 from tinkerd.local_cluster import Cluster, RedisServer, wait_until
-from tinkerd.tasks import Result
+from tinkerd.results import Kind, Result
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -211,10 +211,10 @@ def test_a_worker_stores_again_the_results_redis_lost(redis_url: str) -> None:
     worker when it writes back what it holds."""
     client = connect(redis_url)
     worker = RedisFutures(client, 60, worker="w1")
-    worker.settle("r1", Result(b'{"ok": 1}'))
+    worker.settle("r1", Result(Kind.SAVE_WEIGHTS, {"ok": 1}))
     client.flushall()
     assert worker.get("r1") is None
     assert worker.rewrite_recent() == 1
-    assert worker.get("r1") == Result(b'{"ok": 1}')
+    assert worker.get("r1") == Result(Kind.SAVE_WEIGHTS, {"ok": 1})
     assert worker.rewrite_recent() == 0  # already there: left alone
     client.close()

@@ -33,8 +33,9 @@ from tinkerd.cluster.reaper import Reaper
 from tinkerd.cluster.scheduler import RedisScheduler, Unavailable
 from tinkerd.cluster.state import RedisFutures, connect, lost_models, skip_seq
 from tinkerd.local_cluster import RedisServer, wait_until
+from tinkerd.results import Kind, Result
 from tinkerd.sequencing import MAX_SEQ_AHEAD
-from tinkerd.tasks import Result, Scheduler
+from tinkerd.tasks import Scheduler
 from tinkerd.types import (
     AdamParams,
     CreateModel,
@@ -43,11 +44,13 @@ from tinkerd.types import (
     OptimStep,
     Rejected,
     Sample,
+    SampleResult,
     SamplerWeights,
     SamplingParams,
     SaveWeights,
     ServerError,
     UserError,
+    error_body,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -140,7 +143,8 @@ def open_and_create(sched: RedisScheduler, model_id: str = MODEL) -> str:
 
 def error_of(result: Result | None) -> dict[str, str]:
     assert result is not None, "the future should be settled"
-    return json.loads(result.body)
+    assert result.kind is Kind.ERROR, result
+    return result.value
 
 
 # -- placement -------------------------------------------------------------------------------
@@ -193,7 +197,7 @@ def test_open_model_with_no_live_worker_is_unavailable(
     with pytest.raises(Unavailable, match="no tinkerd worker") as info:
         scheduler.open_model(MODEL)
     assert info.value.status == 503
-    assert info.value.to_json()["category"] == "server"
+    assert error_body(info.value)["category"] == "server"
     register(client, "w1", ttl_ms=100)
     time.sleep(0.25)
     with pytest.raises(Unavailable):
@@ -375,8 +379,8 @@ def test_a_result_settled_by_the_worker_reaches_any_api_process(
     worker = RedisFutures(connect(redis_url), 60, worker="w1")
     ((_, rid, _, _, payload),) = delivered(client, "w1")[1:]
     assert rid == request_id and payload == Rejected({"error": "bad", "category": "user"})
-    worker.settle(rid, Result(b'{"error": "bad", "category": "user"}'))
-    assert two.wait(request_id, 5.0) == Result(b'{"error": "bad", "category": "user"}')
+    worker.settle(rid, Result.failed({"error": "bad", "category": "user"}))
+    assert two.wait(request_id, 5.0) == Result.failed({"error": "bad", "category": "user"})
     assert one.queue_depth() == 1
     with pytest.raises(NotFound):
         one.wait("no-such-request", 0.1)
@@ -474,7 +478,7 @@ def test_queue_depth_counts_requests_in_flight_at_registered_workers(
     sampled = scheduler.submit_unordered("s:sample:0", 0, sample(SamplerWeights(BASE)), "a")
     assert scheduler.queue_depth() == 3
     w1 = RedisFutures(connect(redis_url), 60, worker="w1")
-    w1.settle(sampled, Result(b"{}"))
+    w1.settle(sampled, Result(Kind.SAMPLE, SampleResult([])))
     assert scheduler.queue_depth() == 2
 
 
@@ -496,11 +500,11 @@ def test_pending_is_shared_by_api_processes_until_a_worker_settles(
     assert (one.pending("b"), one.pending("c"), one.pending("")) == (1, 0, 0)
 
     worker = RedisFutures(connect(redis_url), 60, worker="w1")
-    worker.settle(create, Result(b"{}"), tenant="a")
+    worker.settle(create, Result(Kind.CREATE_MODEL, {}), tenant="a")
     worker.settle_error(step, ServerError("failed"), None, tenant="a")
     assert two.pending("a") == 1
-    worker.settle(sampled, Result(b"{}"), tenant="a")
-    worker.settle(other, Result(b"{}"), tenant="b")
+    worker.settle(sampled, Result(Kind.SAMPLE, SampleResult([])), tenant="a")
+    worker.settle(other, Result(Kind.SAMPLE, SampleResult([])), tenant="b")
     assert one.pending("a") == one.pending("b") == 0
 
 
@@ -773,7 +777,8 @@ def test_reaped_worker_fails_its_requests_and_loses_its_models(
     waiting = scheduler.submit("m1", 3, optim(3), "fp3")
     snapshot = "s:sample:0"
     scheduler.submit("m1", 2, SaveWeights(None, "sampler_weights", snapshot_id=snapshot), "fp2")
-    scheduler.futures.settle(create, Result(b'{"created": true}'), "w1")  # done before the loss
+    created = Result(Kind.CREATE_MODEL, {"created": True})
+    scheduler.futures.settle(create, created, "w1")  # done before the loss
 
     reap(reaper, client, "w1")
 
@@ -781,7 +786,7 @@ def test_reaped_worker_fails_its_requests_and_loses_its_models(
         body = error_of(scheduler.wait(request_id, 1.0))
         assert body["category"] == "server"
         assert "w1" in body["error"] and "lost" in body["error"]
-    assert scheduler.wait(create, 1.0) == Result(b'{"created": true}')  # not overwritten
+    assert scheduler.wait(create, 1.0) == created  # not overwritten
     assert client.scard(inflight_key("w1")) == 0
     lost = lost_models(client)
     assert set(lost) == {"m1", snapshot}

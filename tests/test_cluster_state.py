@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
 
@@ -16,12 +17,19 @@ from tinkerd.cluster.keys import WORKERS, inflight_key, request_key, result_key,
 from tinkerd.cluster.state import RedisFutures, RedisRecords, connect, live_workers
 from tinkerd.local_cluster import RedisServer, wait_until
 from tinkerd.registry import ModelRecord, Registry, SamplerRecord
-from tinkerd.tasks import Result
-from tinkerd.types import LoraConfig, NotFound, SamplerWeights, ServerError
+from tinkerd.results import Kind, Result
+from tinkerd.types import (
+    ForwardBackwardResult,
+    LoraConfig,
+    NotFound,
+    SamplerWeights,
+    ServerError,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
 MakeFutures = Callable[..., RedisFutures]
+DONE = Result(Kind.REMOVE_MODEL, {})
 
 
 @pytest.fixture
@@ -67,12 +75,20 @@ def test_settle_then_get_and_wait(client: redis.Redis, make_futures: MakeFutures
     futures = make_futures()
     rid = submitted(client, "r1")
     assert futures.get(rid) is None
-    result = Result(b"\x00\x01binary", "application/x-protobuf")
+    logprobs = np.array([-0.5, np.nan, -2.25], np.float32)
+    result = Result(Kind.FORWARD_BACKWARD, ForwardBackwardResult([{"logprobs": logprobs}], {}))
     futures.settle(rid, result)
-    assert futures.get(rid) == result
+
+    def check(got: Result | None) -> None:
+        assert got is not None and got.kind is Kind.FORWARD_BACKWARD
+        [outputs] = got.forward_backward().loss_fn_outputs
+        assert outputs["logprobs"].dtype == np.float32
+        np.testing.assert_array_equal(outputs["logprobs"], logprobs)
+
+    check(futures.get(rid))
     start = time.monotonic()
-    assert futures.wait(rid, 10.0) == result
-    assert futures.wait(rid, 10.0) == result  # the SDK may poll again
+    check(futures.wait(rid, 10.0))
+    check(futures.wait(rid, 10.0))  # the SDK may poll again
     assert time.monotonic() - start < 1.0
     assert futures.waiting() == 0
 
@@ -88,10 +104,10 @@ def test_wait_wakes_when_another_process_settles(
         t.start()
     wait_until(lambda: api.waiting() == 3, 5, "the waiters")
     start = time.monotonic()
-    worker.settle(rid, Result(b'{"ok": 1}'))
+    worker.settle(rid, Result(Kind.SAVE_WEIGHTS, {"ok": 1}))
     for t in waiters:
         t.join(15)
-    assert got == [Result(b'{"ok": 1}')] * 3
+    assert got == [Result(Kind.SAVE_WEIGHTS, {"ok": 1})] * 3
     assert time.monotonic() - start < 5.0
     assert api.waiting() == 0
 
@@ -101,13 +117,13 @@ def test_waiter_is_not_woken_by_another_request(
 ) -> None:
     api, worker = make_futures(), make_futures(worker="w1")
     mine, other = submitted(client, "mine"), submitted(client, "other")
-    timer = threading.Timer(0.1, worker.settle, (other, Result(b"{}")))
+    timer = threading.Timer(0.1, worker.settle, (other, DONE))
     timer.start()
     try:
         assert api.wait(mine, 0.8) is None
     finally:
         timer.join()
-    assert api.get(other) == Result(b"{}")
+    assert api.get(other) == DONE
 
 
 def test_wait_times_out_with_none(client: redis.Redis, make_futures: MakeFutures) -> None:
@@ -131,22 +147,22 @@ def test_settle_removes_the_request_from_its_workers_inflight(
     worker = make_futures(worker="w1")
     a, b = submitted(client, "a"), submitted(client, "b")
     c = submitted(client, "c", worker="w2")
-    worker.settle(a, Result(b"{}"))
+    worker.settle(a, DONE)
     assert client.smembers(inflight_key("w1")) == {b.encode()}
-    worker.settle(c, Result(b"{}"), worker="w2")  # the reaper settles for another worker
+    worker.settle(c, DONE, worker="w2")  # the reaper settles for another worker
     assert client.smembers(inflight_key("w2")) == set()
     worker.settle_error(b, ServerError("boom"), "w1")
     assert client.smembers(inflight_key("w1")) == set()
     body = worker.get(b)
-    assert body is not None and json.loads(body.body) == {"error": "boom", "category": "server"}
-    assert body.content_type == "application/json"
+    assert body is not None and body.value == {"error": "boom", "category": "server"}
+    assert body.kind is Kind.ERROR
 
 
 def test_results_expire_after_their_ttl(client: redis.Redis, make_futures: MakeFutures) -> None:
     futures = make_futures(ttl=1)
     rid = submitted(client, "r1")
-    futures.settle(rid, Result(b"{}"))
-    assert futures.get(rid) == Result(b"{}")
+    futures.settle(rid, DONE)
+    assert futures.get(rid) == DONE
     assert 0 < client.pttl(result_key(rid)) <= 1000
     wait_until(lambda: futures.get(rid) is None, 5, "the result to expire")
     assert client.exists(request_key(rid))  # the request record outlives its result
@@ -159,7 +175,7 @@ def test_late_poll_after_expiry_is_not_found(
     "still pending" until the 7-day request record expires."""
     futures = make_futures(ttl=1, worker="w1")
     rid = submitted(client, "r1")
-    futures.settle(rid, Result(b"{}"))
+    futures.settle(rid, DONE)
     wait_until(lambda: futures.get(rid) is None, 5, "the result to expire")
     try:
         got: object = futures.wait(rid, 0.2)
@@ -201,7 +217,7 @@ def test_result_settled_while_redis_is_down_is_flushed_after_restart(
     rid = submitted(client, "r1")
     client.close()
     own_redis.stop()
-    result = Result(b'{"loss": 1.5}')
+    result = Result(Kind.OPTIM_STEP, {"loss": 1.5})
     worker.settle(rid, result)  # kept, not raised
     assert worker.flush() == 1  # still down
     own_redis.start_again()
@@ -231,19 +247,20 @@ def test_waiter_gets_its_result_across_a_redis_restart(
     own_redis.start_again()
     assert api.get(rid) is None  # the request record came back from the append-only file
     start = time.monotonic()
-    make_futures(worker="w1", url=own_redis.url).settle(rid, Result(b'{"after": "restart"}'))
+    after = Result(Kind.SAVE_WEIGHTS, {"after": "restart"})
+    make_futures(worker="w1", url=own_redis.url).settle(rid, after)
     waiter.join(20)
-    assert got == [Result(b'{"after": "restart"}')]
+    assert got == [after]
     assert time.monotonic() - start < 10.0
     # and the listener is back on the channel for the next request too
     client = connect(own_redis.url)
     rid2 = submitted(client, "r2")
     client.close()
-    timer = threading.Timer(0.2, api.settle, (rid2, Result(b"{}"), "w1"))
+    timer = threading.Timer(0.2, api.settle, (rid2, DONE, "w1"))
     timer.start()
     try:
         start = time.monotonic()
-        assert api.wait(rid2, 20.0) == Result(b"{}")
+        assert api.wait(rid2, 20.0) == DONE
         assert time.monotonic() - start < 5.0
     finally:
         timer.join()

@@ -18,6 +18,7 @@ from tinkerd.cluster.scheduler import RedisScheduler
 from tinkerd.cluster.state import RedisFutures, connect, live_workers
 from tinkerd.cluster.worker import WorkerProcess
 from tinkerd.config import Settings
+from tinkerd.results import Kind
 from tinkerd.types import CreateModel, Datum, ForwardBackward, LoraConfig
 from tinkerd.wire import make_forward_backward
 
@@ -83,9 +84,9 @@ def test_a_request_recorded_but_never_sent_fails_and_the_model_goes_on(
     monkeypatch.setattr(cluster_worker, "GAP_SECONDS", 0.0)
     assert worker.fill_gaps() == [lost]
     worker.worker.run_cycle(timeout=1)
-    error = json.loads(api.wait(lost, 1).body)
+    error = api.wait(lost, 1).value
     assert error["category"] == "server" and "never reached worker wg" in error["error"]
-    assert api.wait(after, 1).content_type == "application/x-protobuf"  # it ran
+    assert api.wait(after, 1).kind is Kind.FORWARD_BACKWARD  # it ran
     assert api.pending("a") == 0
 
     # a gap Redis does not know is a request not sent yet: it stays open
@@ -115,8 +116,8 @@ def test_a_seq_id_never_sent_is_skipped_after_seq_gap_seconds(
         [skipped] = worker.fill_gaps()
     assert f"model {MODEL}: seq_id 1 never arrived" in caplog.text
     worker.worker.run_cycle(timeout=1)
-    assert api.wait(after, 1).content_type == "application/x-protobuf"  # it ran
-    error = json.loads(api.wait(skipped, 1).body)
+    assert api.wait(after, 1).kind is Kind.FORWARD_BACKWARD  # it ran
+    error = api.wait(skipped, 1).value
     assert error["category"] == "user" and f"seq_id 1 of {MODEL} never arrived" in error["error"]
     assert api.submit(MODEL, 1, forward(), "f1") == skipped  # late: the skip's answer
     assert take_undelivered(worker.redis, worker.name) == []
@@ -131,11 +132,11 @@ def test_a_restarted_worker_reports_its_earlier_models_lost(
     again = WorkerProcess(settings)  # the same name, a new process: the old one's models are gone
     try:
         again.take_over_name()
-        error = json.loads(api.wait(created, 1).body)
+        error = api.wait(created, 1).value
         assert error["category"] == "server" and "wg was lost" in error["error"]
         assert api.model_status(MODEL)["status"] == "lost"
         assert worker.redis.llen("tinkerd.worker.wg") == 0  # nothing left for the new process
-        later = json.loads(api.wait(api.submit(MODEL, 1, forward(), "f1"), 1).body)
+        later = api.wait(api.submit(MODEL, 1, forward(), "f1"), 1).value
         assert "was lost with worker wg" in later["error"]
     finally:
         again.celery.close()
@@ -158,8 +159,8 @@ def test_a_draining_worker_runs_what_celery_had_not_delivered(
     assert worker.redis.llen("tinkerd.worker.wg") == 0
     assert api.wait(created, 1) is not None
     for step in steps:
-        assert api.wait(step, 1).content_type == "application/x-protobuf"
-    assert "shut down" in json.loads(api.wait(waiting, 1).body)["error"]
+        assert api.wait(step, 1).kind is Kind.FORWARD_BACKWARD
+    assert "shut down" in api.wait(waiting, 1).value["error"]
     assert api.pending("a") == 0
     assert "wg" not in live_workers(worker.redis)  # its registration went at the end
 

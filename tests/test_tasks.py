@@ -6,12 +6,21 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from tinkerd import tasks
+from tinkerd.results import Kind, Result
 from tinkerd.sequencing import MAX_SEQ_AHEAD
-from tinkerd.tasks import FutureStore, Result, Scheduler, Task, by_priority
-from tinkerd.types import AdamParams, NotFound, OptimStep, UserError
+from tinkerd.tasks import FutureStore, Scheduler, Task, by_priority
+from tinkerd.types import (
+    AdamParams,
+    ForwardBackwardResult,
+    NotFound,
+    OptimStep,
+    ServerError,
+    UserError,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -214,8 +223,8 @@ def test_open_model_twice_keeps_the_sequence(scheduler: Scheduler) -> None:
 def test_settle_reaches_the_request_future(scheduler: Scheduler) -> None:
     request_id = scheduler.submit(MODEL, 1, payload("one"), "fp1")
     (task,) = scheduler.take_ready(0.01)[0]
-    scheduler.settle(task.request_id, Result(b'{"ok": 1}'))
-    assert scheduler.futures.wait(request_id, 0.0) == Result(b'{"ok": 1}')
+    scheduler.settle(task.request_id, Result(Kind.SAVE_WEIGHTS, {"ok": 1}))
+    assert scheduler.futures.wait(request_id, 0.0) == Result(Kind.SAVE_WEIGHTS, {"ok": 1})
 
 
 # -- turns: one step per model, by priority --------------------------------------------------
@@ -335,10 +344,10 @@ def test_pending_counts_each_tenants_unsettled_requests(scheduler: Scheduler) ->
     taken = [t for tasks in scheduler.take_ready(0.0) for t in tasks]
     assert [t.tenant for t in taken] == ["a", "b"]
     assert scheduler.pending("a") == 2  # taken is not settled: seq 1 is running
-    scheduler.settle(ids[0], Result(b"{}"))
-    scheduler.settle(sampled, Result(b"{}"))
+    scheduler.settle(ids[0], Result(Kind.SAVE_WEIGHTS, {}))
+    scheduler.settle(sampled, Result(Kind.SAVE_WEIGHTS, {}))
     assert (scheduler.pending("a"), scheduler.pending("b")) == (1, 0)
-    assert scheduler.fail_pending(Result(b'{"error": "shut down"}')) == [ids[1]]  # waits for 2
+    assert scheduler.fail_pending(Result.failed(ServerError("shut down"))) == [ids[1]]  # for 2
     assert scheduler.pending("a") == 0
     assert scheduler.futures.pending() == scheduler.pending("") == 1  # the fixture's create
 
@@ -358,7 +367,8 @@ def test_wait_returns_none_on_timeout() -> None:
 def test_wait_returns_promptly_when_settled_from_another_thread() -> None:
     store = FutureStore()
     request_id = store.create()
-    result = Result(b"\x01\x02", "application/x-protobuf")
+    outputs = [{"logprobs": np.array([-1.0, -2.0], np.float32)}]
+    result = Result(Kind.FORWARD_BACKWARD, ForwardBackwardResult(outputs, {"loss:sum": 3.0}))
     timer = threading.Timer(0.1, store.settle, (request_id, result))
     start = time.monotonic()
     timer.start()
@@ -391,10 +401,10 @@ def test_many_waiters_all_wake() -> None:
     for t in threads:
         t.start()
     time.sleep(0.05)
-    store.settle(request_id, Result(b"{}"))
+    store.settle(request_id, Result(Kind.SAVE_WEIGHTS, {}))
     for t in threads:
         t.join(10)
-    assert got == [Result(b"{}")] * 4
+    assert got == [Result(Kind.SAVE_WEIGHTS, {})] * 4
 
 
 def test_request_ids_are_unique() -> None:

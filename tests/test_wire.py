@@ -8,13 +8,17 @@ import torch
 from tinker import types
 from tinker.proto import tinker_public_pb2 as pb
 from tinker.proto.request_conv import forward_backward_request_to_proto
-from tinker.proto.response_conv import deserialize_forward_backward_output
+from tinker.proto.response_conv import (
+    deserialize_forward_backward_output,
+    deserialize_sample_response,
+)
 from tinker.types.tensor_data import TensorData
 
-from tinkerd.types import ForwardBackwardResult, UserError
+from tinkerd.types import ForwardBackwardResult, SampledSequence, SampleResult, UserError
 from tinkerd.wire import (
     decompress_zstd,
     encode_forward_backward_output,
+    encode_sample_response,
     forward_backward_from_proto,
     model_input_tokens,
     parse_forward_backward_json,
@@ -479,3 +483,23 @@ def test_output_with_mixed_trailing_shapes_keeps_datum_order() -> None:
     assert [o["logprobs"].shape for o in decoded.loss_fn_outputs] == [[2], [3, 2], [1, 2], [1]]
     for got, want in zip(decoded.loss_fn_outputs, outputs, strict=True):
         np.testing.assert_array_equal(got["logprobs"].to_numpy(), want["logprobs"])
+
+
+def test_sample_response_round_trip_through_the_sdk_decoder() -> None:
+    result = SampleResult(
+        [
+            SampledSequence(np.array([3, 1, 4]), np.array([-0.5, -1.0, -2.0], np.float32), "stop"),
+            SampledSequence(np.array([], np.int32), np.array([], np.float32), "length"),
+        ],
+        prompt_logprobs=np.array([np.nan, -1.5], np.float32),
+        topk_prompt_logprobs=(np.array([[0, 0], [7, 2]]), np.array([[0, 0], [-0.25, -3.0]])),
+    )
+    back = deserialize_sample_response(encode_sample_response(result))
+    assert [s.tokens for s in back.sequences] == [[3, 1, 4], []]
+    assert [s.stop_reason for s in back.sequences] == ["stop", "length"]
+    np.testing.assert_array_equal(back.sequences[0].logprobs_np, result.sequences[0].logprobs)
+    np.testing.assert_array_equal(back.prompt_logprobs_np, result.prompt_logprobs)
+    assert back.prompt_logprobs == [None, -1.5]
+    assert back.topk_prompt_logprobs_np is not None
+    np.testing.assert_array_equal(back.topk_prompt_logprobs_np.token_ids, [[0, 0], [7, 2]])
+    np.testing.assert_array_equal(back.topk_prompt_logprobs_np.logprobs, [[0, 0], [-0.25, -3]])

@@ -5,7 +5,8 @@ and optimizer steps of several models."""
 
 from __future__ import annotations
 
-import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +18,8 @@ from fake_backend import FakeBackend
 
 from tinkerd import sampling, tasks
 from tinkerd.hf_backend import HFBackend
-from tinkerd.tasks import Result, Scheduler
+from tinkerd.results import Kind, Result
+from tinkerd.tasks import Scheduler
 from tinkerd.types import (
     AdamParams,
     CreateModel,
@@ -27,6 +29,7 @@ from tinkerd.types import (
     OptimStep,
     Payload,
     Rejected,
+    RemoveModel,
     Sample,
     SamplerWeights,
     SamplingParams,
@@ -66,7 +69,7 @@ class Lab:
         create = CreateModel(self.base_model, LoraConfig(rank=4, seed=0))
         created = self.submit(model_id, 0, create, tenant, priority)
         self.run()
-        assert json.loads(self.scheduler.wait(created, 0).body)["model_id"] == model_id
+        assert self.scheduler.wait(created, 0).info()["model_id"] == model_id
         self.created.append(model_id)
         self.settled.clear()
 
@@ -219,7 +222,7 @@ def test_a_sample_never_waits_for_a_training_step(
         ]
         for request_id in sampled:
             result = lab.scheduler.wait(request_id, 30)
-            assert result is not None and result.content_type == "application/x-protobuf"
+            assert result is not None and result.kind is Kind.SAMPLE
         assert lab.scheduler.wait(step, 0) is None  # the step is still held
     finally:
         release.set()
@@ -245,11 +248,11 @@ def test_pending_counts_queued_and_running_requests_until_they_settle(
     assert (lab.scheduler.pending("a"), lab.scheduler.pending("b")) == (5, 0)
     lab.run()
     assert seen_running == [5]  # the step's forward_backwards count while they run
-    assert json.loads(lab.scheduler.wait(rejected, 0).body)["error"] == "bad"
+    assert lab.scheduler.wait(rejected, 0).value["error"] == "bad"
     assert lab.scheduler.pending("a") == 1  # the one waiting for seq 5
     assert lab.worker.drain(timeout=1.0) == [waiting]
     assert lab.scheduler.pending("a") == 0
-    assert json.loads(lab.scheduler.wait(waiting, 0).body)["category"] == "server"
+    assert lab.scheduler.wait(waiting, 0).value["category"] == "server"
 
 
 def test_a_failed_request_is_no_longer_pending(lab: Lab) -> None:
@@ -264,7 +267,7 @@ def test_a_failed_request_is_no_longer_pending(lab: Lab) -> None:
     lab.run()
     assert lab.scheduler.pending("a") == 0
     for request_id in (missing, lost):
-        assert "error" in json.loads(lab.scheduler.wait(request_id, 0).body)
+        assert lab.scheduler.wait(request_id, 0).kind is Kind.ERROR
 
 
 # -- failed creations ------------------------------------------------------------------------
@@ -293,7 +296,7 @@ def test_only_a_new_models_failed_creation_is_forgotten(
     request_id = scheduler.submit("m", 0, create, "fp0")
     while worker.run_cycle(timeout=0.0):
         pass
-    assert "error" in json.loads(scheduler.wait(request_id, 0).body)
+    assert scheduler.wait(request_id, 0).kind is Kind.ERROR
     assert forgotten == ([] if with_gradients else ["m"])
 
 
@@ -367,9 +370,9 @@ def test_a_bad_request_in_the_batch_fails_alone_and_nothing_of_it_is_applied(
     fake.calls.clear()
     fake_lab.run()
     assert sorted(fake.batches()[0]) == ["a", "a", "b", "b"]  # the bad one was in the batch
-    error = json.loads(settled_body(fake_lab, bad).body)
+    error = settled_body(fake_lab, bad).value
     assert error["category"] == "user" and "outside the vocabulary" in error["error"]
-    assert settled_body(fake_lab, good).content_type == "application/x-protobuf"
+    assert settled_body(fake_lab, good).kind is Kind.FORWARD_BACKWARD
     assert fake.models["a"].weight == 1 - 4e-3  # stepped on the good pass's 4 tokens alone
     assert fake.models["b"].weight == 1 - 8e-3
 
@@ -401,7 +404,52 @@ def test_a_model_whose_creation_failed_fails_alone_in_the_batch(fake_lab: Lab) -
     fake_lab.steps("a", 1, 1, "t", priority=0)
     fake_lab.run()
     for request_id in (broken, stepped):
-        error = json.loads(settled_body(fake_lab, request_id).body)["error"]
+        error = settled_body(fake_lab, request_id).value["error"]
         assert "model broken could not be created" in error
     assert fake.batches() == [["a", "a"]] and fake.batches("optim_steps") == [["a"]]
     assert fake.models["a"].steps == 1
+
+
+# -- typed results -----------------------------------------------------------------------------
+
+
+def test_each_future_holds_its_requests_kind_and_plain_value(fake_lab: Lab) -> None:
+    """The worker settles `results.Result`s; how a client sees one is its API surface's
+    business, so the worker never loads a wire format."""
+    fake_lab.create("a", "t", priority=0)
+    requests = [forward_backward(), optim(), SaveWeights("tinker://a/weights/1"), RemoveModel()]
+    ids = [fake_lab.submit("a", seq, p, "t", 0) for seq, p in enumerate(requests, 1)]
+    fake_lab.run()
+    passed, stepped, saved, removed = (settled_body(fake_lab, i) for i in ids)
+    assert passed.kind is Kind.FORWARD_BACKWARD
+    assert passed.forward_backward().metrics["num_tokens:sum"] == 4.0
+    assert passed.forward_backward().loss_fn_outputs[0]["logprobs"].dtype == np.float32
+    assert (stepped.kind, stepped.info()) == (
+        Kind.OPTIM_STEP, {"grad_norm:mean": 4.0, "learning_rate:mean": 1e-3},
+    )  # fmt: skip
+    assert (saved.kind, saved.info()) == (Kind.SAVE_WEIGHTS, {"path": "tinker://a/weights/1"})
+    assert (removed.kind, removed.info()) == (Kind.REMOVE_MODEL, {"model_id": "a", "removed": True})
+    code = "import sys, tinkerd.worker\nassert 'tinkerd.wire' not in sys.modules\n"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_backend_answer_of_the_wrong_type_fails_its_request_alone(
+    fake_lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake: FakeBackend = fake_lab.worker.backend  # type: ignore[assignment]
+    fake_lab.create("a", "t", priority=0)
+    fake_lab.create("b", "t", priority=0)
+    answer = fake.forward_backward
+
+    def a_dict_for_a(requests: list) -> list:  # a's answer is not a ForwardBackwardResult
+        answers = zip(requests, answer(requests), strict=True)
+        return [{"loss": 1.0} if model_id == "a" else r for (model_id, _), r in answers]
+
+    monkeypatch.setattr(fake, "forward_backward", a_dict_for_a)
+    bad, good = (fake_lab.submit(m, 1, forward_backward(), "t", 0) for m in ("a", "b"))
+    fake_lab.run()
+    assert settled_body(fake_lab, bad).value == {
+        "error": "the backend answered a dict to a forward_backward",
+        "category": "server",
+    }
+    assert settled_body(fake_lab, good).kind is Kind.FORWARD_BACKWARD

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from flask import Flask, g, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from tinkerd.audit import AuditLog, audit_store
@@ -20,7 +20,14 @@ from tinkerd.metrics import LocalMonitor, MonitorStore
 from tinkerd.registry import Registry
 from tinkerd.storage import CheckpointStore
 from tinkerd.tasks import TaskQueue
-from tinkerd.types import TinkerdError, TooManyRequests, Unauthorized
+from tinkerd.types import (
+    ServerError,
+    TinkerdError,
+    TooManyRequests,
+    Unauthorized,
+    error_body,
+    status_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +35,16 @@ log = logging.getLogger(__name__)
 # description (they hold no data; the console's comes from the key-checked JSON routes), and
 # signed download URLs (their signature is their grant: `tinkerd.downloads`).
 PUBLIC_PATHS = ("/healthz", "/api/v1/healthz", "/console", "/openapi.json", DOWNLOADS)
+
+
+def error_response(error: TinkerdError) -> Response:
+    """The JSON answer to an error (`error_body`) with its status, and the Retry-After a
+    `TooManyRequests` asks for."""
+    response = jsonify(error_body(error))
+    response.status_code = error.status
+    if isinstance(error, TooManyRequests):
+        response.headers["Retry-After"] = f"{error.retry_after:g}"
+    return response
 
 
 @dataclass
@@ -124,24 +141,17 @@ def create_app(
                 f"the server takes at most {settings.max_request_bytes}"
             )
 
-    @app.errorhandler(TinkerdError)
-    def tinkerd_error(e: TinkerdError):
-        response = jsonify(e.to_json())
-        if isinstance(e, TooManyRequests):
-            response.headers["Retry-After"] = f"{e.retry_after:g}"
-        return response, e.status
+    app.register_error_handler(TinkerdError, error_response)
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):
-        category = "user" if (e.code or 500) < 500 else "server"
-        return jsonify({"error": f"{e.name}: {e.description}", "category": category}), e.code
+        error = status_error(f"{e.name}: {e.description}", e.code or 500)
+        return jsonify(error_body(error)), e.code
 
     @app.errorhandler(Exception)
     def unexpected_error(e: Exception):
         log.exception("unhandled error")
-        return jsonify(
-            {"error": f"internal error: {type(e).__name__}: {e}", "category": "server"}
-        ), 500
+        return error_response(ServerError(f"internal error: {type(e).__name__}: {e}"))
 
     blueprints = (tinker.bp, weights.bp, sampling.bp, runs.bp, checkpoints.bp, sessions.bp)
     for blueprint in (*blueprints, ops.bp, openai.bp, simple.bp):

@@ -25,15 +25,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tinkerd.types import ServerError, UserError
+from tinkerd.types import Forbidden, ServerError
 
 SECRET_FILE = "download.key"
 URL_SECONDS = 3600.0  # how long a URL stays valid
 PREFIX = "/api/v1/downloads/"
-
-
-class Forbidden(UserError):
-    status = 403
 
 
 @dataclass(frozen=True)

@@ -361,7 +361,7 @@ class Registry:
     def forget_failed(self, model_id: str, error: dict[str, Any]) -> None:
         """A model whose creation failed never came to be: no live model, run, run.json or
         adapter name is left of it (nothing lists or advertises it), and a retry of its
-        create answers `error` (`TinkerdError.to_json`) again. Called by the worker."""
+        create answers `error` (`types.error_body`) again. Called by the worker."""
         owner = (self._records.get("model", model_id) or {}).get("owner", "")
         self._records.put("failed", model_id, {"error": error, "owner": owner})
         for kind in ("model", "run", "created"):

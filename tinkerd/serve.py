@@ -26,6 +26,7 @@ from tinkerd.metrics import LocalMonitor
 from tinkerd.registry import Registry
 from tinkerd.storage import CheckpointStore
 from tinkerd.tasks import FutureStore, Scheduler
+from tinkerd.types import error_body, status_error
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,7 @@ class JsonErrorTask(ErrorTask):
 
     def execute(self) -> None:
         e = self.request.error
-        category = "user" if e.code < 500 else "server"
-        body = json.dumps({"error": f"{e.reason}: {e.body}", "category": category}).encode()
+        body = json.dumps(error_body(status_error(f"{e.reason}: {e.body}", e.code))).encode()
         self.status = f"{e.code} {e.reason}"
         self.response_headers.append(("Content-Type", "application/json"))
         self.set_close_on_finish()
@@ -109,7 +109,7 @@ class EmbeddedServer:
             self.scheduler,
             self.backend,
             monitor=self.monitor,
-            on_create_failed=lambda model_id, e: registry.forget_failed(model_id, e.to_json()),
+            on_create_failed=lambda model_id, e: registry.forget_failed(model_id, error_body(e)),
             audit=self.audit,
         )
         self.app = create_app(

@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tinkerd.types import NotFound, SaveWeights, ServerError, UserError
+from tinkerd.types import DiskFull, NotFound, SaveWeights, ServerError, UserError
 
 KINDS = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 META_FILE = "tinkerd.json"
@@ -54,15 +54,6 @@ _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
 # The times a record renders: 1970 to the end of year 9999 (what datetime and ISO 8601 hold).
 _LAST_TIME = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()
-
-
-class DiskFull(ServerError):
-    """The data directory's filesystem has no room left: nothing of the write was kept."""
-
-    status = 507
-
-    def __init__(self, where: Path | str) -> None:
-        super().__init__(f"no space left on device ({where})")
 
 
 def out_of_space(e: BaseException, where: Path) -> bool:

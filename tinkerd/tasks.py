@@ -3,7 +3,8 @@
 The API submits plain data keyed by (model_id, seq_id) and gets a request id at once. Each model's
 tasks are released to its worker strictly in seq_id order, however they arrive (the SDK sends chunk
 1 of a large batch last), and a retried (model_id, seq_id) returns the first request's id instead of
-running twice. Workers settle futures with encoded bodies; the API long-polls them.
+running twice. Workers settle futures with typed results (`results.Result`); the API long-polls
+them and encodes each for its client.
 
 `Scheduler` holds this state in process. Alone on one box (`tinkerd serve`) it is the whole queue;
 scaled out, the API's `cluster.RedisScheduler` does the sequencing and de-duplication in Redis and
@@ -27,6 +28,7 @@ from math import floor
 from typing import Protocol
 
 from tinkerd import sequencing
+from tinkerd.results import Result
 from tinkerd.sequencing import RETRY_WINDOW, SKIPPED_FINGERPRINT, Gap, Status, skipped_message
 from tinkerd.types import (
     CreateModel,
@@ -38,6 +40,7 @@ from tinkerd.types import (
     ServerError,
     TinkerdError,
     UserError,
+    error_body,
 )
 
 log = logging.getLogger(__name__)
@@ -48,14 +51,6 @@ first while the worker is contended; aging keeps a low key from starving behind 
 a ready request climbs one level per AGING_SECONDS, so it waits at most about 20 s behind a
 saturating priority-10 key. That is long against a training step (well under a second here), so
 priority still decides under ordinary contention, and short against a client's patience."""
-
-
-@dataclass(frozen=True)
-class Result:
-    """A settled future, already encoded for the wire."""
-
-    body: bytes
-    content_type: str = "application/json"
 
 
 @dataclass
@@ -386,7 +381,7 @@ class Scheduler:
                 return request_id or ""
             request_id = request_id or self.futures.create(gap.tenant)
             queue.seen.setdefault(gap.seq_id, (request_id, SKIPPED_FINGERPRINT))
-            rejected = Rejected(error.to_json())
+            rejected = Rejected(error_body(error))
             task = Task(request_id, gap.model_id, gap.seq_id, rejected, gap.tenant, gap.priority)
             self._enqueue_locked(queue, task)
             return request_id

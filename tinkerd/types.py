@@ -12,11 +12,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from tinkerd.backends import BackendInfo
 
 
 class TinkerdError(Exception):
-    """An error that is reported to the client as `{"error": ..., "category": ...}`."""
+    """An error that is reported to the client as `error_body(error)`."""
 
     category = "server"
     status = 500
@@ -27,12 +29,9 @@ class TinkerdError(Exception):
         if status is not None:
             self.status = status
 
-    def to_json(self) -> dict[str, str]:
-        return {"error": self.message, "category": self.category}
-
     @staticmethod
     def from_json(body: dict[str, Any], default: str = "the request failed") -> TinkerdError:
-        """The error a settled future carries (`to_json`'s inverse), to raise again."""
+        """The error an error body carries (`error_body`'s inverse), to raise again."""
         message = str(body.get("error", default))
         return UserError(message) if body.get("category") == "user" else ServerError(message)
 
@@ -54,6 +53,12 @@ class Unauthorized(UserError):
     status = 401
 
 
+class Forbidden(UserError):
+    """A signed download URL that is not valid, or no longer (`tinkerd.downloads`)."""
+
+    status = 403
+
+
 class TooManyRequests(UserError):
     """A key's limit is reached; nothing was queued. The SDK waits `retry_after` seconds (the
     Retry-After header) and sends the same request again."""
@@ -65,8 +70,51 @@ class TooManyRequests(UserError):
         self.retry_after = retry_after
 
 
+class OpenAIError(UserError):
+    """A request to the OpenAI routes refused, with the parameter at fault and OpenAI's error
+    code (`error_body(error, openai=True)`)."""
+
+    def __init__(
+        self, message: str, status: int = 400, param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message, status)
+        self.param, self.code = param, code
+
+
 class ServerError(TinkerdError):
     """The request was fine but the server could not carry it out."""
+
+
+class Unavailable(TinkerdError):
+    """The cluster cannot take the request now (no worker, Redis down): 503, try again."""
+
+    status = 503
+
+
+class DiskFull(ServerError):
+    """The data directory's filesystem has no room left: nothing of the write was kept."""
+
+    status = 507
+
+    def __init__(self, where: Path | str) -> None:
+        super().__init__(f"no space left on device ({where})")
+
+
+def status_error(message: str, status: int) -> TinkerdError:
+    """An error answered with `status` that tinkerd did not raise itself (Flask's, the HTTP
+    server's): the user's below 500, else the server's."""
+    return UserError(message, status) if status < 500 else ServerError(message, status)
+
+
+def error_body(error: TinkerdError, *, openai: bool = False) -> dict[str, Any]:
+    """The JSON body of every error tinkerd answers: `{"error": message, "category": "user" or
+    "server"}`, also what a settled future holds when its request failed; under /v1 (`openai`)
+    OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`."""
+    if openai:
+        kind = "invalid_request_error" if error.status < 500 else "server_error"
+        param, code = getattr(error, "param", None), getattr(error, "code", None)
+        return {"error": {"message": error.message, "type": kind, "param": param, "code": code}}
+    return {"error": error.message, "category": error.category}
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ from tinkerd.types import (
     ForwardBackward,
     ForwardBackwardResult,
     Sample,
-    SampledSequence,
     SampleResult,
     SamplerWeights,
     SamplingParams,
@@ -320,40 +319,6 @@ def encode_sample_response(result: SampleResult) -> bytes:
             )
         )
     return out.SerializeToString()
-
-
-def decode_sample_response(body: bytes) -> SampleResult:
-    """The SampleResult in a worker's SampleResponse (encode_sample_response's inverse), for the
-    API's text routes, which answer text rather than the SDK's bytes."""
-    msg = pb.SampleResponse()
-    msg.ParseFromString(body)
-    result = SampleResult(
-        [
-            SampledSequence(
-                np.frombuffer(seq.tokens, dtype="<i4").astype(np.int64),
-                np.frombuffer(seq.logprobs, dtype="<f4").astype(np.float32),
-                "stop" if seq.stop_reason == pb.STOP_REASON_STOP else "length",
-            )
-            for seq in msg.sequences
-        ]
-    )
-    if msg.HasField("prompt_logprobs"):
-        result.prompt_logprobs = np.frombuffer(msg.prompt_logprobs, dtype="<f4").copy()
-    if msg.HasField("topk_prompt_logprobs"):
-        topk = msg.topk_prompt_logprobs
-        shape = (topk.length, topk.k)
-        result.topk_prompt_logprobs = (
-            np.frombuffer(topk.token_ids, dtype="<i4").reshape(shape).copy(),
-            np.frombuffer(topk.logprobs, dtype="<f4").reshape(shape).copy(),
-        )
-    return result
-
-
-def decode_forward_backward_metrics(body: bytes) -> dict[str, float]:
-    """The metrics of a worker's ForwardBackwardOutput, for the API's JSON routes."""
-    msg = pb.ForwardBackwardOutput()
-    msg.ParseFromString(body)
-    return dict(msg.metrics)
 
 
 def make_forward_backward(

@@ -17,7 +17,6 @@ samples everything waiting in one `sample` call after the steps.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
@@ -29,7 +28,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from tinkerd.audit import AuditLog, record
 from tinkerd.metrics import LocalMonitor, MonitorStore, series
-from tinkerd.tasks import Result, Scheduler, Task, by_priority
+from tinkerd.results import Kind, Result
+from tinkerd.tasks import Scheduler, Task, by_priority
 from tinkerd.types import (
     Backend,
     CreateModel,
@@ -45,7 +45,6 @@ from tinkerd.types import (
     ServerError,
     TinkerdError,
 )
-from tinkerd.wire import encode_forward_backward_output, encode_sample_response
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +60,6 @@ class SampleStream(Protocol):
 
     def sample_step(self) -> bool:
         """One step of the batch; whether work is left."""
-
-
-def json_result(body: dict[str, Any]) -> Result:
-    return Result(json.dumps(body).encode())
-
-
-def error_result(error: TinkerdError) -> Result:
-    return json_result(error.to_json())
 
 
 class Worker:
@@ -163,8 +154,8 @@ class Worker:
         )
         for task in list(self._sampling.values()):  # cut short in the engine
             self._sampling.pop(task.request_id, None)
-            self._settle(task, lambda: error_result(error))
-        failed = self.scheduler.fail_pending(error_result(error))
+            self._settle(task, lambda: Result.failed(error))
+        failed = self.scheduler.fail_pending(Result.failed(error))
         if failed:
             log.warning("drain: %d queued request(s) failed with a server error", len(failed))
         return failed
@@ -238,7 +229,7 @@ class Worker:
             self._sampling.clear()
         self._count_samples([r for _, r in finished], time.perf_counter() - started)
         for task, result in finished:
-            self._settle(task, lambda r=result: _encoded(r, encode_sample_response))
+            self._settle(task, lambda r=result: _done(Kind.SAMPLE, r))
         return busy
 
     def _start_samples(self, tasks: list[Task]) -> None:
@@ -294,12 +285,12 @@ class Worker:
         payload = task.payload
         if isinstance(payload, Rejected):
             self._failed(task, payload.error.get("error", ""), payload.error.get("category", ""))
-            return json_result(payload.error)
+            return Result.failed(payload.error)
         if isinstance(payload, RemoveModel):  # also a model whose creation failed
             self.backend.remove_model(task.model_id)
             self.failed_models.pop(task.model_id, None)
             self._event(task, "removed")
-            return json_result({"model_id": task.model_id, "removed": True})
+            return Result.of(Kind.REMOVE_MODEL, {"model_id": task.model_id, "removed": True})
         self._check_alive(task.model_id)
         if isinstance(payload, CreateModel):
             try:
@@ -317,7 +308,7 @@ class Worker:
                 lora_rank=payload.lora.rank,
                 from_checkpoint=payload.from_checkpoint,
             )
-            return json_result(created)
+            return Result.of(Kind.CREATE_MODEL, created)
         if isinstance(payload, SaveWeights):
             saved = self.backend.save_weights(task.model_id, payload)
             path = saved.get("path") if isinstance(saved, dict) else None
@@ -332,13 +323,13 @@ class Worker:
                     tinker_path=path,
                     checkpoint_type=payload.kind,
                 )
-            return json_result(saved)
+            return Result.of(Kind.SAVE_WEIGHTS, saved)
         if isinstance(payload, LoadWeights):
             loaded = self.backend.load_weights(task.model_id, payload)
             self._event(
                 task, "load_weights", path=payload.path, with_optimizer=payload.with_optimizer
             )
-            return json_result(loaded)
+            return Result.of(Kind.LOAD_WEIGHTS, loaded)
         raise ServerError(f"unknown task type {type(payload).__name__}")
 
     def _alive(self, tasks: list[Task]) -> tuple[list[Task], dict[int, TinkerdError]]:
@@ -383,7 +374,7 @@ class Worker:
             learning_rate=task.payload.adam.learning_rate,
             metrics=_floats(result),
         )
-        return json_result({"metrics": result})
+        return Result.of(Kind.OPTIM_STEP, result)
 
     def _forward_backward(self, tasks: list[Task]) -> None:
         started = time.perf_counter()
@@ -396,7 +387,7 @@ class Worker:
         except Exception:  # noqa: BLE001 - monitoring must never fail a request
             log.exception("could not count a forward_backward")
         for task, result in zip(tasks, results, strict=True):
-            self._settle(task, lambda r=result: _encoded(r, encode_forward_backward_output))
+            self._settle(task, lambda r=result: _done(Kind.FORWARD_BACKWARD, r))
 
     def _sample(self, tasks: list[Task]) -> None:
         started = time.perf_counter()
@@ -406,7 +397,7 @@ class Worker:
             results = [_as_error(e)] * len(tasks)
         self._count_samples(results, time.perf_counter() - started)
         for task, result in zip(tasks, results, strict=True):
-            self._settle(task, lambda r=result: _encoded(r, encode_sample_response))
+            self._settle(task, lambda r=result: _done(Kind.SAMPLE, r))
 
     def _creation_failed(self, model_id: str, error: TinkerdError) -> None:
         if self.on_create_failed is None:
@@ -426,7 +417,7 @@ class Worker:
             result = run()
         except Exception as e:
             error = _as_error(e)
-            result = error_result(error)
+            result = Result.failed(error)
             self._failed(task, error.message, error.category)
         self.scheduler.settle(task.request_id, result, task.tenant)
         self.monitor.add({series("tinkerd_tasks_total", worker=self.name, type=_kind(task)): 1})
@@ -507,11 +498,14 @@ def _floats(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _encoded(result: Any, encode: Callable[[Any], bytes]) -> Result:
-    """A protobuf result, or the error the backend returned in its place."""
+def _done(kind: Kind, result: ForwardBackwardResult | SampleResult | TinkerdError) -> Result:
+    """The result of a pass or a sample, or the error the backend returned in its place."""
     if isinstance(result, TinkerdError):
         raise result
-    return Result(encode(result), "application/x-protobuf")
+    expected = ForwardBackwardResult if kind is Kind.FORWARD_BACKWARD else SampleResult
+    if not isinstance(result, expected):
+        raise ServerError(f"the backend answered a {type(result).__name__} to a {kind}")
+    return Result(kind, result)
 
 
 def _as_error(e: BaseException) -> TinkerdError:

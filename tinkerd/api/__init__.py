@@ -16,8 +16,8 @@ from tinkerd.base_models import BaseModelSource
 from tinkerd.config import InputLimits
 from tinkerd.keys import ApiKey
 from tinkerd.registry import ModelRecord, Registry, Session
+from tinkerd.results import Result
 from tinkerd.storage import MAX_TTL_SECONDS
-from tinkerd.tasks import Result
 from tinkerd.types import (
     AdamParams,
     CreateModel,
@@ -28,6 +28,7 @@ from tinkerd.types import (
     TinkerdError,
     TooManyRequests,
     UserError,
+    error_body,
 )
 
 MAX_LORA_RANK = 1024
@@ -318,7 +319,7 @@ def record_refused(model_id: str, seq_id: int, content: str, error: TinkerdError
     try:
         registry().model(model_id)  # this key's
         service().scheduler.submit(
-            model_id, seq_id, Rejected(error.to_json()), content, **_scheduling()
+            model_id, seq_id, Rejected(error_body(error)), content, **_scheduling()
         )
     except TinkerdError:
         return False

@@ -37,6 +37,7 @@ from tinkerd.api.weights import checkpoint_meta
 from tinkerd.base_models import TINY_MODEL, resolve_base_model
 from tinkerd.text import TextCodec, stop_cut, text_codec, validate_messages
 from tinkerd.types import (
+    OpenAIError,
     Sample,
     SampleResult,
     SamplerWeights,
@@ -44,8 +45,9 @@ from tinkerd.types import (
     ServerError,
     TinkerdError,
     UserError,
+    error_body,
 )
-from tinkerd.wire import MAX_NUM_SAMPLES, decode_sample_response
+from tinkerd.wire import MAX_NUM_SAMPLES
 
 log = logging.getLogger(__name__)
 
@@ -64,25 +66,9 @@ NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
 }
 
 
-class OpenAIError(UserError):
-    """A refused request, reported with the parameter at fault and OpenAI's error code."""
-
-    def __init__(
-        self, message: str, status: int = 400, param: str | None = None, code: str | None = None
-    ) -> None:
-        super().__init__(message, status)
-        self.param, self.code = param, code
-
-
-def error_body(e: TinkerdError) -> dict[str, Any]:
-    kind = "invalid_request_error" if e.status < 500 else "server_error"
-    param, code = getattr(e, "param", None), getattr(e, "code", None)
-    return {"error": {"message": e.message, "type": kind, "param": param, "code": code}}
-
-
 @bp.errorhandler(TinkerdError)
 def tinkerd_error(e: TinkerdError):
-    return jsonify(error_body(e)), e.status
+    return jsonify(error_body(e, openai=True)), e.status
 
 
 @bp.after_app_request
@@ -99,7 +85,7 @@ def openai_errors(response: Response) -> Response:
         and isinstance(body.get("error"), str)
     ):
         error = TinkerdError(body["error"], response.status_code)
-        response.set_data(json.dumps(error_body(error)))
+        response.set_data(json.dumps(error_body(error, openai=True)))
     return response
 
 
@@ -244,9 +230,7 @@ def sampled(request_id: str) -> SampleResult | None:
     result = wait(request_id, service().settings.long_poll_seconds)
     if result is None:
         return None
-    if result.content_type == "application/x-protobuf":
-        return decode_sample_response(result.body)
-    raise TinkerdError.from_json(json.loads(result.body), "sampling failed")
+    return result.sample()
 
 
 @dataclass
@@ -573,10 +557,11 @@ class Reply:
                 yield _event(self._frame(kind, []) | {"usage": usage(self.prompts, results)})
             yield "data: [DONE]\n\n"
         except TinkerdError as e:  # the status line is sent: report it in the stream
-            yield _event(error_body(e))
+            yield _event(error_body(e, openai=True))
         except Exception as e:  # noqa: BLE001
             log.exception("streaming failed")
-            yield _event(error_body(ServerError(f"internal error: {type(e).__name__}: {e}")))
+            error = ServerError(f"internal error: {type(e).__name__}: {e}")
+            yield _event(error_body(error, openai=True))
 
     def _delta(
         self,

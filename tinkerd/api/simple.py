@@ -12,7 +12,6 @@ adapter's queue, placement and run directory never meet the next one's.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import re
 import secrets
@@ -44,8 +43,8 @@ from tinkerd.api import (
 from tinkerd.base_models import resolve_base_model
 from tinkerd.loss_functions import Loss, get_loss
 from tinkerd.registry import ModelName, ModelRecord
+from tinkerd.results import Kind, Result
 from tinkerd.storage import iso_time
-from tinkerd.tasks import Result
 from tinkerd.text import TextCodec, stop_cut, text_codec, validate_messages
 from tinkerd.types import (
     CreateModel,
@@ -58,15 +57,12 @@ from tinkerd.types import (
     SamplerWeights,
     SaveWeights,
     ServerError,
-    TinkerdError,
     UserError,
 )
 from tinkerd.wire import (
     MAX_NUM_SAMPLES,
     check_datum_count,
     check_sequence_tokens,
-    decode_forward_backward_metrics,
-    decode_sample_response,
     is_token_ids,
     make_forward_backward,
     parse_sampling_params,
@@ -167,11 +163,10 @@ def _creation(adapter: Adapter) -> dict[str, Any] | None:
             return {}
         if result is None:
             return None
-        body = json.loads(result.body)
         created = (
-            {"error": body["error"]}
-            if "error" in body
-            else {"trainable_params": body.get("trainable_params")}
+            {"error": error.message}
+            if (error := result.error) is not None
+            else {"trainable_params": result.info().get("trainable_params")}
         )
         registry().set_created(adapter.model_id, created)
     return created
@@ -232,11 +227,11 @@ def add_lora():
         return jsonify({**_describe(existing), "created": False})
     adapter = _create(name, source.name, lora)
     result = wait(adapter.entry.create_request_id, svc.settings.long_poll_seconds)
-    if result is not None and "error" in (error := json.loads(result.body)):
+    if result is not None and (error := result.error) is not None:
         with contextlib.suppress(NotFound):  # the worker forgets a model that failed
             registry().remove_name(name)
         _remove(adapter.model_id)
-        raise TinkerdError.from_json(error)
+        raise error
     return jsonify({**_describe(adapter), "created": True})
 
 
@@ -384,14 +379,13 @@ def retrieve_future():
     result = wait(request_id, svc.settings.long_poll_seconds)
     if result is None:
         return jsonify({"type": "try_again", "request_id": request_id, "queue_state": "active"})
-    if result.content_type == "application/x-protobuf":
+    if (error := result.error) is not None:  # answered as the error body it settled with
+        return jsonify(result.value), 400 if error.category == "user" else 500
+    if result.kind in (Kind.FORWARD_BACKWARD, Kind.SAMPLE):
         return jsonify(_fwdbwd_result(request_id, result))
-    body = json.loads(result.body)
-    if "error" in body:
-        return jsonify(body), 400 if body.get("category") == "user" else 500
-    if isinstance(body.get("metrics"), dict):  # optim_step: names without the reduction
-        body["metrics"] = {k.split(":")[0]: v for k, v in body["metrics"].items()}
-    return jsonify(body)
+    if result.kind is Kind.OPTIM_STEP:  # names without the reduction
+        return jsonify({"metrics": {k.split(":")[0]: v for k, v in result.info().items()}})
+    return jsonify(result.info())
 
 
 # Server metric -> the simple API's name.
@@ -405,11 +399,10 @@ _RL_METRICS = {
 def _fwdbwd_result(request_id: str, result: Result) -> dict[str, Any]:
     """{loss, metrics} from the loss's metrics: cross_entropy's mean_nll (loss per weighted
     token) and perplexity; the RL losses' mean advantage, ratio and clip fraction."""
-    try:
-        metrics = decode_forward_backward_metrics(result.body)
-    except Exception:  # noqa: BLE001 - another protobuf (an SDK asample): not ours to answer
-        metrics = {}
-    if "loss:sum" not in metrics:
+    metrics: dict[str, float] = {}
+    if result.kind is Kind.FORWARD_BACKWARD:
+        metrics = {k: float(v) for k, v in result.forward_backward().metrics.items()}
+    if "loss:sum" not in metrics:  # a sample (an SDK asample's): not ours to answer
         raise UserError(f"{request_id} is not a fwdbwd request; ask /api/v1/retrieve_future")
     loss = metrics["loss:sum"]
     named: dict[str, Any] = {"num_tokens": int(metrics.get("num_tokens:sum", 0))}
@@ -469,7 +462,7 @@ def sample():
     request_id = submit_unordered(
         f"{SESSION}:{weights.key}", secrets.randbits(52), request, uuid.uuid4().hex
     )
-    sequences = decode_sample_response(_settled(request_id, deadline).body).sequences
+    sequences = _settled(request_id, deadline).sample().sequences
     samples = []
     for seq in sequences:
         text = codec.decode([int(t) for t in seq.tokens])
@@ -511,10 +504,8 @@ def _settled(request_id: str, deadline: float) -> Result:
     result = wait(request_id, max(0.0, deadline - time.monotonic()))
     if result is None:
         raise ServerError(f"the request did not finish within {SAMPLE_TIMEOUT:.0f} s", 504)
-    if result.content_type == "application/json":
-        body = json.loads(result.body)
-        if "error" in body:
-            raise TinkerdError.from_json(body)
+    if (error := result.error) is not None:
+        raise error
     return result
 
 

@@ -1,7 +1,7 @@
 """The Tinker REST protocol of SDK 0.38 under /api/v1 (see shared/reference/tinker-protocol.md).
 
 Each view validates its request, queues it as plain data keyed by (model_id, seq_id) and answers a
-future id at once; `retrieve_future` long-polls for the result.
+future id at once; `retrieve_future` long-polls for the result and encodes it as the SDK reads it.
 """
 
 from __future__ import annotations
@@ -30,9 +30,12 @@ from tinkerd.api import (
     wait,
 )
 from tinkerd.base_models import TINY_MODEL, resolve_base_model
-from tinkerd.types import AdamParams, CreateModel, OptimStep, RemoveModel, UserError
+from tinkerd.results import Kind, Result
+from tinkerd.types import AdamParams, CreateModel, OptimStep, RemoveModel, UserError, error_body
 from tinkerd.wire import (
     decompress_zstd,
+    encode_forward_backward_output,
+    encode_sample_response,
     forward_backward_from_proto,
     parse_forward_backward_json,
     parse_forward_backward_proto,
@@ -76,7 +79,7 @@ def create_session():
 def session_heartbeat():
     session = registry().heartbeat(get_str(json_body(), "session_id"))
     if session.finished:  # 410 tells the SDK to stop heartbeating
-        return jsonify({"error": "session is finished", "category": "user"}), 410
+        raise UserError("session is finished", 410)
     return jsonify({})
 
 
@@ -219,7 +222,7 @@ def take_unserved_seq_id(response: Response) -> Response:
     error = UserError(f"tinkerd does not serve POST {request.path}; nothing of it was applied")
     if record_refused(model_id, seq_id, fingerprint(body), error):
         error.message += f" (seq_id {seq_id} of {model_id} is taken, so its later requests run)"
-        response.set_data(json.dumps(error.to_json()))
+        response.set_data(json.dumps(error_body(error)))
     return response
 
 
@@ -233,4 +236,19 @@ def retrieve_future():
     result = wait(request_id, svc.settings.long_poll_seconds)
     if result is None:
         return jsonify({"type": "try_again", "request_id": request_id, "queue_state": "active"})
-    return Response(result.body, content_type=result.content_type)
+    return encoded(result)
+
+
+def encoded(result: Result) -> Response:
+    """A result as the SDK reads it: forward/backward and sample results as its protobuf
+    (the only form it takes for them), the others as JSON; an error as its error body, status
+    200 (the SDK raises it as the request's failure)."""
+    if result.kind is Kind.FORWARD_BACKWARD:
+        body = encode_forward_backward_output(result.forward_backward())
+        return Response(body, content_type="application/x-protobuf")
+    if result.kind is Kind.SAMPLE:
+        return Response(
+            encode_sample_response(result.sample()), content_type="application/x-protobuf"
+        )
+    value = {"metrics": result.value} if result.kind is Kind.OPTIM_STEP else result.value
+    return Response(json.dumps(value), content_type="application/json")

@@ -28,9 +28,9 @@ def create_cluster_app(settings: Settings) -> Flask:
     # workers patch the standard library.
     import kombu.exceptions
     import redis.exceptions
-    from flask import jsonify, request
+    from flask import request
 
-    from tinkerd.app import create_app
+    from tinkerd.app import create_app, error_response
     from tinkerd.audit import RedisAudit
     from tinkerd.cluster.celery_app import make_celery
     from tinkerd.cluster.keys import SWEEPER_LOCK
@@ -41,6 +41,7 @@ def create_cluster_app(settings: Settings) -> Flask:
     from tinkerd.registry import Registry
     from tinkerd.serve import sweep_checkpoints
     from tinkerd.storage import CheckpointStore
+    from tinkerd.types import Unavailable
 
     if not settings.redis_url:
         raise ValueError("the cluster API needs a redis_url")
@@ -75,12 +76,14 @@ def create_cluster_app(settings: Settings) -> Flask:
         log.warning("Redis unreachable: %s", e)
         if request.path.endswith("/retrieve_future"):
             time.sleep(1.0)  # the SDK re-polls a 5xx at once: keep that loop slow
-        body = {
-            "error": f"tinkerd's Redis at {_safe(settings.redis_url)} is unreachable ({e}); "
-            "the request was not taken, try again shortly",
-            "category": "server",
-        }
-        return jsonify(body), 503, {"Retry-After": "1"}
+        response = error_response(
+            Unavailable(
+                f"tinkerd's Redis at {_safe(settings.redis_url)} is unreachable ({e}); "
+                "the request was not taken, try again shortly"
+            )
+        )
+        response.headers["Retry-After"] = "1"
+        return response
 
     app.register_error_handler(redis.exceptions.ConnectionError, redis_down)
     app.register_error_handler(redis.exceptions.TimeoutError, redis_down)

@@ -10,10 +10,12 @@ import socket
 from gunicorn import util
 from gunicorn.workers.ggevent import GeventWorker
 
+from tinkerd.types import error_body, status_error
+
 
 def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
-    category = "user" if status_int < 500 else "server"
-    body = json.dumps({"error": f"{reason}: {mesg}" if mesg else reason, "category": category})
+    error = status_error(f"{reason}: {mesg}" if mesg else reason, status_int)
+    body = json.dumps(error_body(error))
     head = (
         f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body.encode())}\r\n\r\n"

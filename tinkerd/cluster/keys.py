@@ -12,7 +12,7 @@
                                 lowest seq_id not yet submitted (`sequencing`)
     useen:<key>                 the same for unordered requests (sampling), by sampler key
     req:<request_id>            the worker a request went to (so a poll can tell "unknown")
-    result:<request_id>         {body, type}: a settled future, expiring
+    result:<request_id>         {result}: a settled future (`codec.dump_result`), expiring
     pending:<tenant>            sorted set: the tenant's unsettled request ids, by submit time
                                 (Unix); an entry older than the future TTL no longer counts;
                                 none for "" (no keys, no limits)

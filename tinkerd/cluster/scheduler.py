@@ -44,8 +44,9 @@ from tinkerd.cluster.state import (
     live_workers,
     next_seq_id,
 )
+from tinkerd.results import Result
 from tinkerd.sequencing import LUA, MAX_SEQ_AHEAD, RETRY_WINDOW, TAKEN, Status
-from tinkerd.tasks import Result, Task
+from tinkerd.tasks import Task
 from tinkerd.types import (
     NotFound,
     Payload,
@@ -54,7 +55,8 @@ from tinkerd.types import (
     Sample,
     SaveWeights,
     ServerError,
-    TinkerdError,
+    Unavailable,
+    error_body,
 )
 
 log = logging.getLogger(__name__)
@@ -221,16 +223,10 @@ class Outbox:
         )
         log.error("%s", error.message)
         if kind == "ordered":
-            rejected = Rejected(error.to_json())
+            rejected = Rejected(error_body(error))
             return Task(task.request_id, task.model_id, task.seq_id, rejected, task.tenant)
         self.futures.settle_error(task.request_id, error, worker, tenant=task.tenant)
         return None
-
-
-class Unavailable(TinkerdError):
-    """The cluster cannot take the request now (no worker, Redis down): 503, try again."""
-
-    status = 503
 
 
 class RedisScheduler:

@@ -20,6 +20,7 @@ from typing import Any
 import redis
 from redis.exceptions import RedisError
 
+from tinkerd.cluster.codec import dump_result, load_result
 from tinkerd.cluster.keys import (
     EPOCH,
     LOST,
@@ -37,9 +38,9 @@ from tinkerd.cluster.keys import (
     seen_key,
     worker_key,
 )
+from tinkerd.results import Result
 from tinkerd.sequencing import LUA, RETRY_WINDOW, SKIPPED_FINGERPRINT, Status, parse_record, record
-from tinkerd.tasks import Result
-from tinkerd.types import NotFound, TinkerdError
+from tinkerd.types import NotFound, ServerError, TinkerdError
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +240,8 @@ class RedisFutures:
 
     One listener per API process follows the `settled` channel and wakes the local waiters of
     each settled id, so a waiting poll holds no Redis connection of its own. A worker whose
-    settle fails (Redis restarting) keeps the result and sends it again on `flush`.
+    settle fails (Redis restarting) keeps the result and sends it again on `flush`. A result is
+    stored as `codec.dump_result`'s JSON, and read back only into the types it lists.
     """
 
     def __init__(
@@ -255,10 +257,10 @@ class RedisFutures:
         self.rebuild = Rebuild(client, rebuild_seconds)
         self._lock = threading.Lock()
         self._waiters: dict[str, set[threading.Event]] = {}
-        self._unsent: deque[tuple[str, Result, str | None, str]] = deque()
+        self._unsent: deque[tuple[str, bytes, str | None, str]] = deque()
         # a worker's results of the last RECENT_SECONDS: written again if Redis comes back empty
         # before their clients fetched them
-        self._recent: deque[tuple[float, str, Result]] = deque()
+        self._recent: deque[tuple[float, str, bytes]] = deque()
         self._recent_bytes = 0
         self._listener: threading.Thread | None = None
         self._closed = threading.Event()
@@ -271,21 +273,25 @@ class RedisFutures:
         """Store the result, take it off `worker`'s in-flight set and `tenant`'s pending count,
         and wake its waiters."""
         try:
-            self._write(request_id, result, worker or self.worker, tenant)
+            data = dump_result(result)
+        except (TypeError, ValueError) as e:  # a value the codec cannot hold: a backend's bug
+            log.error("cannot store the result of %s: %s", request_id, e)
+            data = dump_result(Result.failed(ServerError(f"the result cannot be stored: {e}")))
+        try:
+            self._write(request_id, data, worker or self.worker, tenant)
         except RedisError as e:
             log.warning("cannot store the result of %s yet (%s); will retry", request_id, e)
-            self._unsent.append((request_id, result, worker or self.worker, tenant))
+            self._unsent.append((request_id, data, worker or self.worker, tenant))
 
     def settle_error(
         self, request_id: str, error: TinkerdError, worker: str | None, *, tenant: str = ""
     ) -> None:
-        body = Result(json.dumps(error.to_json()).encode())
-        self.settle(request_id, body, worker, tenant=tenant)
+        self.settle(request_id, Result.failed(error), worker, tenant=tenant)
 
-    def _write(self, request_id: str, result: Result, worker: str | None, tenant: str) -> None:
+    def _write(self, request_id: str, data: bytes, worker: str | None, tenant: str) -> None:
         pipe = self.redis.pipeline(transaction=True)
         key = result_key(request_id)
-        pipe.hset(key, mapping={"body": result.body, "type": result.content_type})
+        pipe.hset(key, "result", data)
         pipe.expire(key, self.ttl)
         if worker is not None:
             pipe.srem(inflight_key(worker), request_id)
@@ -294,17 +300,17 @@ class RedisFutures:
         pipe.publish(SETTLED, request_id)
         pipe.execute()
         if self.worker is not None:
-            self._keep_recent(request_id, result)
+            self._keep_recent(request_id, data)
 
-    def _keep_recent(self, request_id: str, result: Result) -> None:
+    def _keep_recent(self, request_id: str, data: bytes) -> None:
         with self._lock:
-            self._recent.append((time.monotonic(), request_id, result))
-            self._recent_bytes += len(result.body)
+            self._recent.append((time.monotonic(), request_id, data))
+            self._recent_bytes += len(data)
             horizon = time.monotonic() - RECENT_SECONDS
             while self._recent and (
                 self._recent_bytes > RECENT_BYTES or self._recent[0][0] < horizon
             ):
-                self._recent_bytes -= len(self._recent.popleft()[2].body)
+                self._recent_bytes -= len(self._recent.popleft()[2])
 
     def rewrite_recent(self) -> int:
         """Store again the results settled here in the last RECENT_SECONDS that Redis lost (it
@@ -312,14 +318,13 @@ class RedisFutures:
         many were written."""
         horizon = time.monotonic() - RECENT_SECONDS
         with self._lock:
-            recent = [(rid, result) for t, rid, result in self._recent if t >= horizon]
+            recent = [(rid, data) for t, rid, data in self._recent if t >= horizon]
         pipe = self.redis.pipeline(transaction=False)
-        for request_id, result in recent:
+        for request_id, data in recent:
             key = result_key(request_id)
-            pipe.hsetnx(key, "body", result.body)
-            pipe.hsetnx(key, "type", result.content_type)
+            pipe.hsetnx(key, "result", data)
             pipe.expire(key, self.ttl)
-        written = pipe.execute()[::3] if recent else []
+        written = pipe.execute()[::2] if recent else []
         for request_id, _ in recent:
             self.redis.publish(SETTLED, request_id)
         return sum(bool(w) for w in written)
@@ -330,9 +335,9 @@ class RedisFutures:
     def flush(self) -> int:
         """Send the results that could not be stored earlier; returns how many are left."""
         while self._unsent:
-            request_id, result, worker, tenant = self._unsent[0]
+            request_id, data, worker, tenant = self._unsent[0]
             try:
-                self._write(request_id, result, worker, tenant)
+                self._write(request_id, data, worker, tenant)
             except RedisError:
                 break
             self._unsent.popleft()
@@ -341,10 +346,8 @@ class RedisFutures:
     # -- waiting (API processes) ----------------------------------------------------------------
 
     def get(self, request_id: str) -> Result | None:
-        raw = self.redis.hgetall(result_key(request_id))
-        if not raw:
-            return None
-        return Result(raw[b"body"], as_text(raw[b"type"]))
+        data = self.redis.hget(result_key(request_id), "result")
+        return None if data is None else load_result(data)
 
     def wait(self, request_id: str, timeout: float) -> Result | None:
         """The result, or None if it is still pending after `timeout` seconds."""

@@ -47,6 +47,7 @@ from tinkerd.types import (
     Sample,
     ServerError,
     UserError,
+    error_body,
 )
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,9 @@ class WorkerProcess:
             self.backend,
             monitor=self.monitor,
             name=self.name,
-            on_create_failed=lambda model_id, e: self.registry.forget_failed(model_id, e.to_json()),
+            on_create_failed=lambda model_id, e: self.registry.forget_failed(
+                model_id, error_body(e)
+            ),
             audit=RedisAudit(self.redis),  # checkpoint saves, as the API processes read them
         )
         self.celery = make_celery(settings.redis_url)
@@ -210,7 +213,7 @@ class WorkerProcess:
                 "the API process that took it stopped first; send it again"
             )
             log.error("%s", error.message)
-            rejected = Rejected(error.to_json())
+            rejected = Rejected(error_body(error))
             self.scheduler.enqueue(
                 Task(request_id, gap.model_id, gap.seq_id, rejected, gap.tenant, gap.priority)
             )
