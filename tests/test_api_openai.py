@@ -116,7 +116,7 @@ def test_seeds_are_reproducible(client) -> None:
 
 
 def test_n_samples_and_several_prompts(client, codec) -> None:
-    out = client.completions.create(model=TINY, prompt="A dog", max_tokens=6, n=3, seed=3)
+    out = client.completions.create(model=TINY, prompt="A dog", max_tokens=6, n=3, seed=4)
     assert [c.index for c in out.choices] == [0, 1, 2]
     assert len({c.text for c in out.choices}) == 3  # one seed, three different samples
     assert out.usage.prompt_tokens == len(codec.tokenizer.encode("A dog").ids)
@@ -124,8 +124,8 @@ def test_n_samples_and_several_prompts(client, codec) -> None:
 
     # Two prompts (one as token ids) x n=2: prompt-major indices, each prompt counted once.
     ids = codec.tokenizer.encode("The sun").ids
-    both = client.completions.create(model=TINY, prompt=[ids, "A dog"], max_tokens=6, n=2, seed=3)
-    alone = client.completions.create(model=TINY, prompt="A dog", max_tokens=6, n=2, seed=3)
+    both = client.completions.create(model=TINY, prompt=[ids, "A dog"], max_tokens=6, n=2, seed=4)
+    alone = client.completions.create(model=TINY, prompt="A dog", max_tokens=6, n=2, seed=4)
     assert [c.index for c in both.choices] == [0, 1, 2, 3]
     assert [c.text for c in both.choices[2:]] == [c.text for c in alone.choices]
     assert both.usage.prompt_tokens == len(ids) + out.usage.prompt_tokens

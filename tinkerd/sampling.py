@@ -17,6 +17,7 @@ strings are matched through `decode`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import secrets
@@ -102,9 +103,11 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def row_seed(seed: int, j: int) -> int:
-    """The 64-bit seed of sample j of a request seeded `seed`."""
-    return _mix64(_mix64(seed & MASK64) ^ _mix64(j))
+def row_seed(seed: int, j: int, prompt: np.ndarray) -> int:
+    """The 64-bit seed of sample j of a request seeded `seed` on `prompt`. The prompt takes part
+    so that requests given one seed (an RL batch often is) draw independently of each other."""
+    digest = hashlib.blake2b(np.ascontiguousarray(prompt, dtype=np.int64).tobytes(), digest_size=8)
+    return _mix64(_mix64(seed & MASK64) ^ _mix64(j) ^ int.from_bytes(digest.digest(), "little"))
 
 
 def _uniforms(seeds: Sequence[int], positions: Sequence[int]) -> np.ndarray:
@@ -183,7 +186,7 @@ class Engine:
         if seed is None:
             seed = secrets.randbits(64)
         for j in range(sample.num_samples):
-            request.rows.append(_Row(request, row_seed(seed, j), max_new, stops))
+            request.rows.append(_Row(request, row_seed(seed, j, sample.prompt), max_new, stops))
         request.left = len(request.rows)
         if adapter is not None:
             self._adapters[adapter] = self._adapters.get(adapter, 0) + 1

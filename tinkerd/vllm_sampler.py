@@ -150,7 +150,9 @@ class VLLMEngine:
                     temperature=max(params.temperature, 0.0),
                     top_k=params.top_k if params.top_k > 0 else -1,
                     top_p=params.top_p,
-                    seed=None if params.seed is None else row_seed(params.seed, j) >> 1,
+                    seed=None
+                    if params.seed is None
+                    else row_seed(params.seed, j, sample.prompt) >> 1,
                     max_tokens=min(params.max_tokens, limit) if params.max_tokens else limit,
                     stop=list(params.stop_strings) or None,
                     stop_token_ids=list(params.stop_tokens or ()) or None,
