@@ -275,3 +275,35 @@ def test_a_handoff_checkpoint_carries_the_model_mid_step(tmp_path, tiny_model_di
     for model_id in ("a", "b"):
         backend.optim_step(model_id, step)
     assert_states_close(backend.adapter_state("b"), backend.adapter_state("a"))
+
+
+def test_sampling_goes_on_after_the_sampler_trees_adapters_are_deleted(
+    tmp_path, tiny_model_dir
+) -> None:
+    """Removing a model deletes its snapshots from the sampler tree, the active one included;
+    the next samples (another model's snapshot, the base) still run (PEFT's get_base_model()
+    would raise KeyError on the deleted active adapter)."""
+    from tinkerd.hf_backend import HFBackend
+    from tinkerd.types import CreateModel, LoraConfig, Sample, SamplerWeights, SamplingParams
+    from tinkerd.types import SaveWeights as Save
+
+    backend = HFBackend(tmp_path, "cpu")
+    base = str(tiny_model_dir)
+    params = SamplingParams(max_tokens=3, seed=0)
+    prompt = np.array([5, 17, 42])
+
+    def sample(snapshot: str | None):
+        [result] = backend.sample(
+            [Sample(SamplerWeights(base, snapshot_id=snapshot), prompt, 1, params)]
+        )
+        assert not isinstance(result, Exception), result
+        return result
+
+    backend.create_model("a", CreateModel(base, LoraConfig(rank=4, seed=1)))
+    backend.save_weights("a", Save(None, "sampler_weights", snapshot_id="s-a"))
+    sample("s-a")
+    backend.remove_model("a")  # the sampler tree's active adapter goes with it
+    backend.create_model("b", CreateModel(base, LoraConfig(rank=4, seed=2, train_mlp=False)))
+    backend.save_weights("b", Save(None, "sampler_weights", snapshot_id="s-b"))
+    sample("s-b")
+    sample(None)

@@ -154,6 +154,15 @@ class _ScaledHead(nn.Module):
         return logits
 
 
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (LoRA layers injected), or `model` itself.
+    Not PeftModel.get_base_model(): it reads the active adapter's config, which raises once
+    that adapter has been deleted (a sampler tree whose snapshots were all dropped)."""
+    tuner = getattr(model, "base_model", None)
+    inner = getattr(tuner, "model", None)
+    return inner if hasattr(model, "peft_config") and isinstance(inner, nn.Module) else model
+
+
 def split_causal_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(body, unembed) of a transformers causal LM, bare or PEFT-wrapped.
 
@@ -162,7 +171,7 @@ def split_causal_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     that does something else between its final norm and its logits is refused, never silently
     given other numbers.
     """
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = causal_lm(model)
     body = getattr(lm, lm.base_model_prefix)
     config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     scale = float(getattr(lm, "logit_scale", None) or 1.0)  # Cohere keeps it on the model
@@ -180,7 +189,7 @@ def _check_split(model: nn.Module, body: nn.Module, unembed: nn.Module) -> None:
     device = next(model.parameters()).device
     probe = torch.zeros(1, 2, dtype=torch.long, device=device)
     with torch.no_grad():
-        want = model(input_ids=probe).logits.float()
+        want = causal_lm(model)(input_ids=probe).logits.float()
         got = unembed(body(input_ids=probe).last_hidden_state).float()
     if not torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()) + 1e-6):
         raise ValueError(

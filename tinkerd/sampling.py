@@ -31,7 +31,7 @@ from torch import nn
 
 from tinkerd import kv_cache, packing
 from tinkerd.kv_cache import BLOCK, BlockPool, Plan, blocks_for
-from tinkerd.logprobs import prompt_logprobs, split_causal_lm, vocab_size
+from tinkerd.logprobs import causal_lm, prompt_logprobs, split_causal_lm, vocab_size
 from tinkerd.types import (
     Sample,
     SampledSequence,
@@ -330,7 +330,7 @@ class Engine:
     ) -> None:
         plan, input_ids, position_ids, picks = self._plan(decoding, joining)
         body, unembed = split_causal_lm(model)
-        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        lm = causal_lm(model)
         # The body's tokens, then the picked last positions, each through its adapter.
         token_owners = [r.request for r in decoding] + [
             q for q in joining for _ in range(len(q.sample.prompt))
