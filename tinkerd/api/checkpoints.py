@@ -23,17 +23,9 @@ from flask import Blueprint, Response, jsonify, request, send_file
 
 from tinkerd import audit as audit_log
 from tinkerd import downloads
-from tinkerd.api import (
-    audit,
-    caller,
-    get_int,
-    get_str,
-    get_ttl_seconds,
-    json_body,
-    registry,
-    service,
-)
+from tinkerd.api import audit, caller, registry, service
 from tinkerd.api.sessions import session_trace
+from tinkerd.api.validation import get_int, get_str, get_ttl_seconds, json_body
 from tinkerd.api.weights import checkpoint_meta
 from tinkerd.base_models import resolve_base_model
 from tinkerd.registry import COPY_SESSION, ModelRecord

@@ -22,17 +22,9 @@ from typing import Any
 import numpy as np
 from flask import Blueprint, Response, jsonify, request, stream_with_context
 
-from tinkerd.api import (
-    get_bool,
-    get_float,
-    get_int,
-    json_body,
-    limits,
-    registry,
-    service,
-    submit_unordered,
-    wait,
-)
+from tinkerd.api import limits, registry, service
+from tinkerd.api.queueing import submit_unordered, wait
+from tinkerd.api.validation import get_bool, get_float, get_int, json_body
 from tinkerd.api.weights import checkpoint_meta
 from tinkerd.base_models import TINY_MODEL, resolve_base_model
 from tinkerd.text import TextCodec, stop_cut, text_codec, validate_messages

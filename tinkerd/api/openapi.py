@@ -1,10 +1,10 @@
 """`GET /openapi.json`: an OpenAPI 3.1 description of tinkerd's JSON API, written by hand.
 
-The views check their bodies with plain functions (`tinkerd.api.get_int`, `wire.parse_*`), not
-with models a framework could read, so the description is plain data built by the small helpers
-below; each request schema states what its view accepts. `tests/test_openapi.py` fails when a
-route of the app is not described, and fuzzes a live server against this document with
-schemathesis. Public (no API key): it holds no user data.
+The views check their bodies with plain functions (`tinkerd.api.validation.get_int`,
+`wire.parse_*`), not with models a framework could read, so the description is plain data built
+by the small helpers below; each request schema states what its view accepts.
+`tests/test_openapi.py` fails when a route of the app is not described, and fuzzes a live server
+against this document with schemathesis. Public (no API key): it holds no user data.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 from flask import Blueprint, jsonify
 
 import tinkerd
-from tinkerd.api import MAX_LORA_RANK
 from tinkerd.api.sampling import UNSUPPORTED
 from tinkerd.api.simple import NAME
+from tinkerd.api.validation import MAX_LORA_RANK
 from tinkerd.loss_functions import LOSSES
 from tinkerd.storage import KINDS, MAX_TTL_SECONDS
 from tinkerd.text import ROLES
@@ -57,7 +57,7 @@ def integer(minimum: int | None = 0, maximum: int | None = None) -> Schema:
 
 
 def number(minimum: float = 0.0, below: float | None = None) -> Schema:
-    """A finite number in [minimum, below) (`tinkerd.api.get_float`)."""
+    """A finite number in [minimum, below) (`tinkerd.api.validation.get_float`)."""
     out: Schema = {"type": "number", "minimum": minimum}
     return out | ({"exclusiveMaximum": below} if below is not None else {})
 
@@ -74,7 +74,7 @@ def obj(required: tuple[str, ...] = (), **properties: Schema) -> Schema:
 
 BOOL: Schema = {"type": "boolean"}
 INT: Schema = {"type": "integer"}
-# A checkpoint's ttl_seconds (`tinkerd.api.get_ttl_seconds`): none, or (0, 10 years].
+# A checkpoint's ttl_seconds (`tinkerd.api.validation.get_ttl_seconds`): none, or (0, 10 years].
 TTL: Schema = null_or(number(1e-9) | {"maximum": MAX_TTL_SECONDS})
 NUMBER: Schema = {"type": "number"}
 ANY_OBJECT: Schema = {"type": "object"}

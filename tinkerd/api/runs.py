@@ -7,18 +7,10 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request
 
-from tinkerd.api import (
-    audit,
-    get_bool,
-    get_str,
-    get_ttl_seconds,
-    json_body,
-    page,
-    registry,
-    service,
-    submit_next,
-)
+from tinkerd.api import audit, registry, service
 from tinkerd.api.checkpoints import checkpoint_files, file_name_of, tar_response
+from tinkerd.api.queueing import submit_next
+from tinkerd.api.validation import get_bool, get_str, get_ttl_seconds, json_body, page
 from tinkerd.api.weights import checkpoint_meta
 from tinkerd.registry import ModelRecord
 from tinkerd.storage import KINDS, CheckpointPath, check_name, iso_time, sort_time, timestamp

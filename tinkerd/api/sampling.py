@@ -9,16 +9,9 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify
 
-from tinkerd.api import (
-    fingerprint,
-    get_int,
-    get_str,
-    json_body,
-    limits,
-    registry,
-    service,
-    submit_unordered,
-)
+from tinkerd.api import limits, registry, service
+from tinkerd.api.queueing import submit_unordered
+from tinkerd.api.validation import fingerprint, get_int, get_str, json_body
 from tinkerd.api.weights import checkpoint_meta
 from tinkerd.base_models import resolve_base_model
 from tinkerd.registry import SamplerRecord

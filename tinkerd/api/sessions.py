@@ -18,7 +18,8 @@ from flask import Blueprint, jsonify, request
 
 from tinkerd import audit as audit_log
 from tinkerd import downloads
-from tinkerd.api import audit, caller, get_str, json_body, page, registry, service
+from tinkerd.api import audit, caller, registry, service
+from tinkerd.api.validation import get_str, json_body, page
 from tinkerd.registry import COPY_SESSION, SIMPLE_SESSION, ModelRecord, Registry, Session
 from tinkerd.storage import iso_time, sort_time
 from tinkerd.types import NotFound, UserError

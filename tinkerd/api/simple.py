@@ -23,23 +23,9 @@ from typing import Any
 import numpy as np
 from flask import Blueprint, jsonify
 
-from tinkerd.api import (
-    adam_params,
-    audit,
-    check_model_room,
-    get_bool,
-    get_int,
-    get_str,
-    json_body,
-    limits,
-    lora_config,
-    registry,
-    service,
-    submit_next,
-    submit_unordered,
-    tinker,
-    wait,
-)
+from tinkerd.api import audit, limits, registry, service, tinker
+from tinkerd.api.queueing import check_model_room, submit_next, submit_unordered, wait
+from tinkerd.api.validation import adam_params, get_bool, get_int, get_str, json_body, lora_config
 from tinkerd.base_models import resolve_base_model
 from tinkerd.loss_functions import Loss, get_loss
 from tinkerd.registry import ModelName, ModelRecord

@@ -11,23 +11,16 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
-from tinkerd.api import (
+from tinkerd.api import audit, limits, registry, service
+from tinkerd.api.queueing import record_refused, start_model, submit_next, submit_ordered, wait
+from tinkerd.api.validation import (
     adam_params,
-    audit,
     check_optimizer_config,
     fingerprint,
     get_int,
     get_str,
     json_body,
-    limits,
     lora_config,
-    record_refused,
-    registry,
-    service,
-    start_model,
-    submit_next,
-    submit_ordered,
-    wait,
 )
 from tinkerd.base_models import TINY_MODEL, resolve_base_model
 from tinkerd.results import Kind, Result

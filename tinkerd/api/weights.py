@@ -12,8 +12,9 @@ from typing import Any
 
 from flask import Blueprint
 
-from tinkerd.api import (
-    audit,
+from tinkerd.api import audit, registry, service
+from tinkerd.api.queueing import start_model, submit_ordered
+from tinkerd.api.validation import (
     check_optimizer_config,
     fingerprint,
     get_bool,
@@ -21,10 +22,6 @@ from tinkerd.api import (
     get_str,
     get_ttl_seconds,
     json_body,
-    registry,
-    service,
-    start_model,
-    submit_ordered,
 )
 from tinkerd.base_models import resolve_base_model
 from tinkerd.registry import ModelRecord, SamplerRecord
