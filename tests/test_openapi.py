@@ -75,7 +75,7 @@ def test_every_route_is_described_and_nothing_else(live: Live) -> None:
         for method in (rule.methods or set()) - {"HEAD", "OPTIONS"}:
             routes.add((method.lower(), openapi_path(rule.rule)))
     described = {(m, path) for path, item in describe()["paths"].items() for m in item}
-    assert routes - described == set(), "routes missing from tinkerd/api/openapi.py"
+    assert routes - described == set(), "routes missing from tinkerd/api/openapi_paths.py"
     assert described - routes == set(), "described operations the app does not have"
 
 
