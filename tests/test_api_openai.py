@@ -19,8 +19,8 @@ import pytest
 import tinker
 from tinker import types
 
-from tinkerd.api import openai as openai_api
-from tinkerd.api.openai import token_pieces
+from tinkerd.api import openai_request
+from tinkerd.api.openai_response import token_pieces
 from tinkerd.text import text_codec
 from tinkerd.types import UserError
 
@@ -457,7 +457,7 @@ def test_an_internal_error_in_openai_shape(server, client, monkeypatch) -> None:
     def broken(*args):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(openai_api, "text_codec", broken)
+    monkeypatch.setattr(openai_request, "text_codec", broken)
     with pytest.raises(openai.InternalServerError) as info:
         client.completions.create(model=TINY, prompt="x", max_tokens=2)
     assert info.value.body == {
