@@ -214,7 +214,7 @@ def make_request(datums: list[Datum]) -> ForwardBackward:
     """A cross_entropy forward_backward, checked as the API checks a decoded one."""
     try:  # the API's own check; it loads the tinker SDK's schema, absent from a bare GPU box
         from tinkerd.config import InputLimits
-        from tinkerd.wire import make_forward_backward
+        from tinkerd.wire.decode import make_forward_backward
     except ImportError:
         loss = get_loss("cross_entropy")
         return ForwardBackward(datums, loss.name, resolve_config(loss, {}), False)

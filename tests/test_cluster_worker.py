@@ -20,7 +20,7 @@ from tinkerd.cluster.worker import WorkerProcess
 from tinkerd.config import Settings
 from tinkerd.results import Kind
 from tinkerd.types import CreateModel, Datum, ForwardBackward, LoraConfig
-from tinkerd.wire import make_forward_backward
+from tinkerd.wire.decode import make_forward_backward
 
 MODEL = "s:train:0"
 pytestmark = pytest.mark.timeout(120)

@@ -252,7 +252,7 @@ def test_a_handoff_checkpoint_carries_the_model_mid_step(tmp_path, tiny_model_di
     from tinkerd.hf_backend import HFBackend
     from tinkerd.storage import CheckpointPath, CheckpointStore
     from tinkerd.types import AdamParams, CreateModel, Datum, LoraConfig, OptimStep, SaveWeights
-    from tinkerd.wire import make_forward_backward
+    from tinkerd.wire.decode import make_forward_backward
 
     backend = HFBackend(tmp_path, "cpu", store=CheckpointStore(tmp_path / "runs"))
     tokens = np.array([5, 17, 42, 99, 7], dtype=np.int64)

@@ -10,7 +10,7 @@ import torch
 
 from tinkerd.hf_backend import HFBackend
 from tinkerd.types import AdamParams, CreateModel, Datum, LoraConfig, OptimStep
-from tinkerd.wire import make_forward_backward
+from tinkerd.wire.decode import make_forward_backward
 
 MODELS = {  # different ranks and target layers
     "a": LoraConfig(rank=2, seed=1),

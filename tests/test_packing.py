@@ -10,7 +10,7 @@ from reference import lora_params, reference_logprobs, reference_model
 
 from tinkerd.hf_backend import HFBackend
 from tinkerd.types import CreateModel, Datum, LoraConfig
-from tinkerd.wire import make_forward_backward
+from tinkerd.wire.decode import make_forward_backward
 
 RANK, SEED = 4, 5
 LENGTHS = [1, 7, 33, 2, 64, 19]

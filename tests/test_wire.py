@@ -15,15 +15,14 @@ from tinker.proto.response_conv import (
 from tinker.types.tensor_data import TensorData
 
 from tinkerd.types import ForwardBackwardResult, SampledSequence, SampleResult, UserError
-from tinkerd.wire import (
+from tinkerd.wire.decode import (
     decompress_zstd,
-    encode_forward_backward_output,
-    encode_sample_response,
     forward_backward_from_proto,
     model_input_tokens,
     parse_forward_backward_json,
     parse_forward_backward_proto,
 )
+from tinkerd.wire.encode import encode_forward_backward_output, encode_sample_response
 
 pytestmark = pytest.mark.timeout(60)
 

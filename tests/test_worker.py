@@ -35,7 +35,7 @@ from tinkerd.types import (
     SamplingParams,
     SaveWeights,
 )
-from tinkerd.wire import make_forward_backward
+from tinkerd.wire.decode import make_forward_backward
 from tinkerd.worker import Worker
 
 pytestmark = pytest.mark.timeout(120)

@@ -33,7 +33,7 @@ from tinkerd.api.weights import checkpoint_meta
 from tinkerd.base_models import TINY_MODEL
 from tinkerd.text import validate_messages
 from tinkerd.types import OpenAIError, TinkerdError, UserError, error_body
-from tinkerd.wire import MAX_NUM_SAMPLES
+from tinkerd.wire.limits import MAX_NUM_SAMPLES
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 

@@ -18,7 +18,7 @@ from tinkerd.api.weights import checkpoint_meta
 from tinkerd.base_models import resolve_base_model
 from tinkerd.text import TextCodec, text_codec
 from tinkerd.types import OpenAIError, SamplerWeights, SamplingParams, UserError
-from tinkerd.wire import MAX_NUM_SAMPLES
+from tinkerd.wire.limits import MAX_NUM_SAMPLES
 
 # Options refused unless absent or at a value that changes nothing, rather than silently ignored.
 NO_OP_VALUES: dict[str, tuple[Any, ...]] = {

@@ -1,7 +1,7 @@
 """`GET /openapi.json`: an OpenAPI 3.1 description of tinkerd's JSON API, written by hand.
 
 The views check their bodies with plain functions (`tinkerd.api.validation.get_int`,
-`wire.parse_*`), not with models a framework could read, so the description is plain data:
+`wire.decode.parse_*`), not with models a framework could read, so the description is plain data:
 `openapi_schema.py` holds its builders and shared shapes, `openapi_paths.py` its route table;
 each request schema states what its view accepts.
 `tests/test_openapi.py` fails when a route of the app is not described, and fuzzes a live server

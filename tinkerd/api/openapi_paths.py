@@ -38,7 +38,7 @@ from tinkerd.api.simple import NAME
 from tinkerd.loss_functions import LOSSES
 from tinkerd.storage import KINDS
 from tinkerd.text import ROLES
-from tinkerd.wire import MAX_NUM_SAMPLES, MAX_TOPK
+from tinkerd.wire.limits import MAX_NUM_SAMPLES, MAX_TOPK
 
 # storage.check_name's pattern (it also refuses '..'); tests/test_openapi.py compares the two.
 CHECKPOINT_NAME = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$"

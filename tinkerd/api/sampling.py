@@ -16,7 +16,7 @@ from tinkerd.api.weights import checkpoint_meta
 from tinkerd.base_models import resolve_base_model
 from tinkerd.registry import SamplerRecord
 from tinkerd.types import SamplerWeights, UserError
-from tinkerd.wire import parse_sample
+from tinkerd.wire.decode import parse_sample
 
 bp = Blueprint("sampling", __name__, url_prefix="/api/v1")
 

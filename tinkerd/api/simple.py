@@ -45,15 +45,9 @@ from tinkerd.types import (
     ServerError,
     UserError,
 )
-from tinkerd.wire import (
-    MAX_NUM_SAMPLES,
-    check_datum_count,
-    check_sequence_tokens,
-    is_token_ids,
-    make_forward_backward,
-    parse_sampling_params,
-    tensor_from_json,
-)
+from tinkerd.wire.decode import make_forward_backward, parse_sampling_params
+from tinkerd.wire.limits import MAX_NUM_SAMPLES, check_datum_count, check_sequence_tokens
+from tinkerd.wire.tensors import is_token_ids, tensor_from_json
 
 bp = Blueprint("simple", __name__)
 

@@ -25,14 +25,13 @@ from tinkerd.api.validation import (
 from tinkerd.base_models import TINY_MODEL, resolve_base_model
 from tinkerd.results import Kind, Result
 from tinkerd.types import AdamParams, CreateModel, OptimStep, RemoveModel, UserError, error_body
-from tinkerd.wire import (
+from tinkerd.wire.decode import (
     decompress_zstd,
-    encode_forward_backward_output,
-    encode_sample_response,
     forward_backward_from_proto,
     parse_forward_backward_json,
     parse_forward_backward_proto,
 )
+from tinkerd.wire.encode import encode_forward_backward_output, encode_sample_response
 
 bp = Blueprint("tinker", __name__, url_prefix="/api/v1")
 
@@ -147,7 +146,7 @@ def forward_backward():
 
 def _body_bytes() -> bytes:
     """The request body, decompressed if it came `Content-Encoding: zstd` (the size limit then
-    holds for the decompressed bytes, checked as they come: `wire.decompress_zstd`)."""
+    holds for the decompressed bytes, checked as they come: `wire.decode.decompress_zstd`)."""
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding in ("", "identity"):
         return request.get_data()

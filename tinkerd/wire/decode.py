@@ -1,17 +1,11 @@
-"""The SDK's wire formats <-> tinkerd's plain data.
-
-Uses the protobuf schema that ships inside the official SDK (`tinker.proto.tinker_public_pb2`),
-so the two can never drift. Decoding validates shapes and values: what comes out is safe to queue.
+"""Requests in the SDK's protobuf or JSON -> checked plain data (ForwardBackward, Sample,
+SamplingParams): what comes out is safe to queue.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import math
-import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -19,55 +13,16 @@ from google.protobuf.message import DecodeError
 
 from tinkerd.config import InputLimits
 from tinkerd.loss_functions import get_loss, resolve_config
-from tinkerd.types import (
-    Datum,
-    ForwardBackward,
-    ForwardBackwardResult,
-    Sample,
-    SampleResult,
-    SamplerWeights,
-    SamplingParams,
-    UserError,
+from tinkerd.types import Datum, ForwardBackward, Sample, SamplerWeights, SamplingParams, UserError
+from tinkerd.wire import pb
+from tinkerd.wire.limits import (
+    DEFAULT_LIMITS,
+    MAX_NUM_SAMPLES,
+    MAX_TOPK,
+    check_datum_count,
+    check_sequence_tokens,
 )
-
-
-def _sdk_schema() -> ModuleType:
-    """The SDK's tinker_public_pb2, loaded without running `tinker/__init__.py`, which imports
-    the whole SDK and with it torch where torch is installed: the API must not import torch.
-    Registered under its own name, so a later `import tinker` reuses it."""
-    name = "tinker.proto.tinker_public_pb2"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec("tinker")  # finds the package without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the tinker SDK is not installed")
-    path = Path(next(iter(spec.submodule_search_locations))) / "proto" / "tinker_public_pb2.py"
-    module_spec = importlib.util.spec_from_file_location(name, path)
-    assert module_spec is not None and module_spec.loader is not None
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[name] = module
-    module_spec.loader.exec_module(module)
-    return module
-
-
-pb: Any = _sdk_schema()
-
-_PB_DTYPES: dict[int, np.dtype] = {
-    pb.DTYPE_FLOAT32: np.dtype("<f4"),
-    pb.DTYPE_INT64: np.dtype("<i8"),
-    pb.DTYPE_INT32: np.dtype("<i4"),
-}
-_JSON_DTYPES = {"float32": np.dtype("<f4"), "int64": np.dtype("<i8")}
-# Inputs holding token ids; every other loss input is a real number per position.
-_INT_INPUTS = {"target_tokens"}
-# The most cells a sparse (CSR) input may expand to: CSR lets a tiny body claim a huge shape.
-MAX_CSR_CELLS = 1 << 26
-MAX_NUM_SAMPLES = 1024
-DEFAULT_LIMITS = InputLimits()
-MAX_TOPK = 1024
-# Token ids are decoded into int64 arrays: a larger JSON integer is refused, not overflowed.
-TOKEN_ID_LIMIT = 2**63
-
+from tinkerd.wire.tensors import int_list, tensor_from_json, tensor_from_proto
 
 # ModelInput chunk kinds the SDK can send and tinkerd cannot use yet, by their SDK type names.
 _UNSUPPORTED_CHUNKS = {
@@ -143,9 +98,7 @@ def forward_backward_from_proto(
                 raise UserError(f"datum {i}: encoded_text tokens must be int32 bytes ({len(raw)})")
             tokens.append(np.frombuffer(raw, dtype="<i4"))
             check_sequence_tokens(sum(len(t) for t in tokens), limits, f"datum {i}")
-        inputs = {
-            k: _tensor_from_proto(t, k, f"datum {i} {k}") for k, t in d.loss_fn_inputs.items()
-        }
+        inputs = {k: tensor_from_proto(t, k, f"datum {i} {k}") for k, t in d.loss_fn_inputs.items()}
         datums.append(_datum(np.concatenate(tokens) if tokens else np.zeros(0, np.int64), inputs))
     return make_forward_backward(datums, msg.loss_fn, config, msg.forward_only, limits)
 
@@ -174,24 +127,6 @@ def parse_forward_backward_json(
     return make_forward_backward(datums, loss_fn, config, bool(body.get("forward_only")), limits)
 
 
-def check_datum_count(n: int, limits: InputLimits) -> None:
-    if n > limits.max_datums:
-        raise UserError(
-            f"{n} datums in one request; the server takes at most {limits.max_datums} "
-            "(split the batch)",
-            status=413,
-        )
-
-
-def check_sequence_tokens(n: int, limits: InputLimits, where: str) -> None:
-    if n > limits.max_sequence_tokens:
-        raise UserError(
-            f"{where} has {n} tokens; the server takes at most {limits.max_sequence_tokens} "
-            "per sequence",
-            status=413,
-        )
-
-
 def model_input_tokens(
     model_input: Any, where: str, limits: InputLimits = DEFAULT_LIMITS
 ) -> np.ndarray:
@@ -205,7 +140,7 @@ def model_input_tokens(
             raise UserError(f"{where}: each model_input chunk must be an object")
         if chunk.get("type", "encoded_text") != "encoded_text":
             raise unsupported_chunk(chunk.get("type"), where)
-        tokens.extend(_int_list(chunk.get("tokens"), f"{where} tokens"))
+        tokens.extend(int_list(chunk.get("tokens"), f"{where} tokens"))
         check_sequence_tokens(len(tokens), limits, where)
     arr = np.asarray(tokens, np.int64)
     if arr.size and arr.min() < 0:
@@ -297,30 +232,6 @@ def parse_sampling_params(raw: Any, where: str = "sampling_params.") -> Sampling
     )
 
 
-def encode_sample_response(result: SampleResult) -> bytes:
-    """A protobuf SampleResponse; prompt logprobs carry NaN for the first token."""
-    out = pb.SampleResponse()
-    for seq in result.sequences:
-        out.sequences.add(
-            stop_reason=pb.STOP_REASON_STOP if seq.stop_reason == "stop" else pb.STOP_REASON_LENGTH,
-            tokens=seq.tokens.astype("<i4").tobytes(),
-            logprobs=seq.logprobs.astype("<f4").tobytes(),
-        )
-    if result.prompt_logprobs is not None:
-        out.prompt_logprobs = result.prompt_logprobs.astype("<f4").tobytes()
-    if result.topk_prompt_logprobs is not None:
-        ids, lps = result.topk_prompt_logprobs
-        out.topk_prompt_logprobs.CopyFrom(
-            pb.TopkLogprobs(
-                token_ids=ids.astype("<i4").tobytes(),
-                logprobs=lps.astype("<f4").tobytes(),
-                k=ids.shape[1],
-                length=ids.shape[0],
-            )
-        )
-    return out.SerializeToString()
-
-
 def make_forward_backward(
     datums: list[Datum],
     loss_fn: str,
@@ -376,140 +287,3 @@ def _datum(tokens: np.ndarray, inputs: dict[str, np.ndarray]) -> Datum:
     if tokens.size and tokens.min() < 0:
         raise UserError(f"negative token id {int(tokens.min())}")
     return Datum(tokens.astype(np.int64), inputs)
-
-
-def _check_values(name: str, arr: np.ndarray, where: str) -> np.ndarray:
-    if arr.ndim not in (1, 2):
-        raise UserError(f"{where}: expected 1 or 2 dimensions, got shape {list(arr.shape)}")
-    if name in _INT_INPUTS:
-        if arr.dtype.kind == "f":
-            if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
-                raise UserError(f"{where}: token ids must be integers")
-        arr = arr.astype(np.int64)
-        if arr.size and arr.min() < 0:
-            raise UserError(f"{where}: negative token id {int(arr.min())}")
-        return arr
-    arr = arr.astype(np.float32)
-    if not np.all(np.isfinite(arr)):
-        raise UserError(f"{where}: values must be finite (found NaN or inf)")
-    return arr
-
-
-def _tensor_from_proto(t: pb.Tensor, name: str, where: str) -> np.ndarray:
-    dtype = _PB_DTYPES.get(t.dtype)
-    if dtype is None:
-        raise UserError(f"{where}: unsupported dtype {t.dtype}")
-    shape = [int(s) for s in t.shape]
-    try:
-        if t.WhichOneof("encoding") == "sparse_csr":
-            csr = t.sparse_csr
-            arr = _densify_csr(
-                np.frombuffer(csr.values, dtype=dtype),
-                np.frombuffer(csr.crow_indices, dtype="<i8"),
-                np.frombuffer(csr.col_indices, dtype="<i8"),
-                shape,
-            )
-        else:
-            arr = np.frombuffer(t.dense, dtype=dtype)
-            arr = arr.reshape(shape) if shape else arr
-    except ValueError as e:
-        raise UserError(f"{where}: bad tensor encoding: {e}") from None
-    return _check_values(name, arr, where)
-
-
-def tensor_from_json(value: Any, name: str, where: str) -> np.ndarray:
-    """A loss input from JSON: a plain list (token ids for target_tokens, else numbers) or
-    TensorData; checked (finite values, non-negative integer token ids)."""
-    if isinstance(value, list):  # plain list, coerced by key as the SDK does
-        dtype = _JSON_DTYPES["int64" if name in _INT_INPUTS else "float32"]
-        return _check_values(name, _array(value, dtype, where), where)
-    if not isinstance(value, dict) or not isinstance(value.get("data"), list):
-        raise UserError(f"{where}: expected TensorData {{data, dtype, shape}}")
-    dtype = _JSON_DTYPES.get(value.get("dtype", "float32"))
-    if dtype is None:
-        raise UserError(f"{where}: dtype must be float32 or int64")
-    data = _array(value["data"], dtype, where)
-    shape = value.get("shape")
-    try:
-        if value.get("sparse_crow_indices") is not None:
-            crow = _array(value["sparse_crow_indices"], np.dtype("<i8"), where)
-            col = _array(value.get("sparse_col_indices") or [], np.dtype("<i8"), where)
-            data = _densify_csr(data, crow, col, shape or [])
-        elif shape:
-            data = data.reshape(shape)
-    except (ValueError, TypeError) as e:
-        raise UserError(f"{where}: bad tensor shape: {e}") from None
-    return _check_values(name, data, where)
-
-
-def _array(values: Any, dtype: np.dtype, where: str) -> np.ndarray:
-    try:
-        return np.asarray(values, dtype=dtype)
-    except (ValueError, TypeError, OverflowError):
-        raise UserError(f"{where}: expected a list of numbers") from None
-
-
-def is_token_ids(values: Any) -> bool:
-    """A non-empty list of token ids: integers in [0, 2**63)."""
-    return (
-        isinstance(values, list)
-        and bool(values)
-        and all(
-            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < TOKEN_ID_LIMIT
-            for v in values
-        )
-    )
-
-
-def _int_list(values: Any, where: str) -> list[int]:
-    if not isinstance(values, list) or not all(
-        isinstance(v, int) and not isinstance(v, bool) for v in values
-    ):
-        raise UserError(f"{where}: expected a list of integers")
-    if any(not -TOKEN_ID_LIMIT <= v < TOKEN_ID_LIMIT for v in values):
-        raise UserError(f"{where}: integers must be below 2**63 in magnitude")
-    return values
-
-
-def _densify_csr(
-    values: np.ndarray, crow: np.ndarray, col: np.ndarray, shape: list[int]
-) -> np.ndarray:
-    """A dense 2-D array from CSR parts; absent cells are 0."""
-    if len(shape) != 2 or len(crow) != shape[0] + 1 or len(col) != len(values):
-        raise ValueError(f"CSR parts do not fit shape {shape}")
-    if min(shape) < 0 or shape[0] * shape[1] > MAX_CSR_CELLS:
-        raise ValueError(f"CSR shape {shape} is out of range (at most {MAX_CSR_CELLS} cells)")
-    if len(values) and (col.min() < 0 or col.max() >= shape[1]):
-        raise ValueError("CSR column index out of range")
-    if crow[0] != 0 or crow[-1] != len(values) or np.any(np.diff(crow) < 0):
-        raise ValueError("CSR row pointers are not monotone")
-    dense = np.zeros(shape, dtype=values.dtype)
-    rows = np.repeat(np.arange(shape[0]), np.diff(crow))
-    dense[rows, col] = values
-    return dense
-
-
-def encode_forward_backward_output(result: ForwardBackwardResult) -> bytes:
-    """A protobuf ForwardBackwardOutput: one ArrayRecord per run of datums with equal trailing
-    shape."""
-    out = pb.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord")
-    for key, value in result.metrics.items():
-        out.metrics[key] = float(value)
-    groups: list[list[dict[str, np.ndarray]]] = []
-    for outputs in result.loss_fn_outputs:
-        shapes = {k: v.shape[1:] for k, v in outputs.items()}
-        if groups and {k: v.shape[1:] for k, v in groups[-1][0].items()} == shapes:
-            groups[-1].append(outputs)
-        else:
-            groups.append([outputs])
-    for group in groups:
-        record = out.loss_fn_outputs.add(type_tag="ArrayRecord", num_datums=len(group))
-        for name, first in group[0].items():
-            arrays = [np.ascontiguousarray(g[name], dtype="<f4") for g in group]
-            offsets = np.cumsum([0] + [a.nbytes for a in arrays], dtype=np.int64)
-            field = record.fields[name]
-            field.data = b"".join(a.tobytes() for a in arrays)
-            field.offsets = offsets.astype("<i8").tobytes()
-            field.dtype = pb.DTYPE_FLOAT32
-            field.trailing_shape.extend(first.shape[1:])
-    return out.SerializeToString()
