@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from tinkerd import tasks
+from tinkerd.futures import FutureStore
 from tinkerd.results import Kind, Result
 from tinkerd.sequencing import MAX_SEQ_AHEAD
-from tinkerd.tasks import FutureStore, Scheduler, Task, by_priority
+from tinkerd.tasks import Scheduler, Task, by_priority
 from tinkerd.types import (
     AdamParams,
     ForwardBackwardResult,
