@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -22,6 +22,9 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from tinkerd.types import UserError
+
+if TYPE_CHECKING:
+    from torch.nn.modules.module import _IncompatibleKeys
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Recorded in adapter_config.json so that AutoPeftModelForCausalLM can load it (it refuses none);
@@ -99,7 +102,8 @@ def load_adapter(peft: PeftModel, adapter_name: str, directory: Path) -> None:
             f"trained layers differ: unexpected {sorted(state.keys() - current.keys())[:3]}, "
             f"missing {sorted(current.keys() - state.keys())[:3]}, shapes {shapes[:3]})"
         )
-    result = set_peft_model_state_dict(peft, state, adapter_name=adapter_name)
+    # torch's load_state_dict result (peft annotates it as a bare `namedtuple`, without fields)
+    result: _IncompatibleKeys = set_peft_model_state_dict(peft, state, adapter_name=adapter_name)
     unexpected = [k for k in result.unexpected_keys if "lora_" in k]
     missing = [k for k in result.missing_keys if f".{adapter_name}." in k and "lora_" in k]
     if unexpected or missing:

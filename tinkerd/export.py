@@ -179,7 +179,9 @@ def merge_adapter(
         if isinstance(targets, str):  # a regular expression
             targets = ["lm_head"] if "lm_head" in targets else []
         if any(t == "lm_head" or str(t).endswith(".lm_head") for t in targets):
-            output.weight = torch.nn.Parameter(output.weight.detach().clone())
+            tied = output.weight  # a Parameter; Module.__getattr__ is typed to return a Module too
+            assert isinstance(tied, torch.Tensor)
+            output.weight = torch.nn.Parameter(tied.detach().clone())
             base.config.tie_word_embeddings = False
             text_config = base.config.get_text_config()
             text_config.tie_word_embeddings = False

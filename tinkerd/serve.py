@@ -131,7 +131,7 @@ class EmbeddedServer:
             # so both draw the line at max_request_bytes.
             max_request_body_size=settings.max_request_bytes + 1,
         )
-        self._http.channel_class = JsonErrorChannel  # type: ignore[union-attr]
+        self._http.channel_class = JsonErrorChannel
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._drain_lock = threading.Lock()
@@ -139,7 +139,7 @@ class EmbeddedServer:
 
     @property
     def port(self) -> int:
-        return int(self._http.effective_port)  # type: ignore[union-attr]
+        return int(self._http.effective_port)
 
     @property
     def url(self) -> str:

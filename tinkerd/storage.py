@@ -20,6 +20,7 @@ lists and resolves checkpoints; the worker writes their contents through `write`
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import fcntl
@@ -502,7 +503,7 @@ class CheckpointStore:
             tmp.unlink(missing_ok=True)
         return meta
 
-    def expire(self) -> list[str]:
+    def expire(self) -> builtins.list[str]:  # `list` here is the method above
         """Remove every checkpoint past its TTL; returns their paths."""
         removed = []
         for meta_file in self.root.glob(f"*/*/*/{META_FILE}"):

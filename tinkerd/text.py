@@ -188,14 +188,15 @@ def _load(location: str) -> TextCodec:
     template = config.get("chat_template") or _saved_template(directory)
     if isinstance(template, list):  # named templates: the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    eos_ids = set()
+    eos_ids: set[int] = set()
     eos = model_config.get("eos_token_id")
     eos_ids.update([eos] if isinstance(eos, int) else (eos or []))
     eos_token = config.get("eos_token")
     if isinstance(eos_token, dict):
         eos_token = eos_token.get("content")
-    if isinstance(eos_token, str) and tokenizer.token_to_id(eos_token) is not None:
-        eos_ids.add(tokenizer.token_to_id(eos_token))
+    eos_token_id = tokenizer.token_to_id(eos_token) if isinstance(eos_token, str) else None
+    if eos_token_id is not None:
+        eos_ids.add(eos_token_id)
     return TextCodec(
         tokenizer,
         template or PLAIN_TEMPLATE,

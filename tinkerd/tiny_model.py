@@ -115,7 +115,7 @@ def build_tiny_model(
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             tie_word_embeddings=False,
-            torch_dtype="float32",
+            dtype="float32",
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -43,13 +43,14 @@ def create_cluster_app(settings: Settings) -> Flask:
     from tinkerd.storage import CheckpointStore
     from tinkerd.types import Unavailable
 
-    if not settings.redis_url:
+    redis_url = settings.redis_url
+    if not redis_url:
         raise ValueError("the cluster API needs a redis_url")
-    client = connect(settings.redis_url)
+    client = connect(redis_url)
     # after Redis comes back empty, the workers write back what they hold within a heartbeat
     rebuild = settings.worker_ttl_seconds
     futures = RedisFutures(client, settings.future_ttl_seconds, rebuild_seconds=rebuild)
-    celery = make_celery(settings.redis_url)
+    celery = make_celery(redis_url)
     scheduler = RedisScheduler(client, celery, futures, settings.send_retry_seconds)
     scheduler.outbox.start()  # also stores the results this process could not store
     store = CheckpointStore(
@@ -78,7 +79,7 @@ def create_cluster_app(settings: Settings) -> Flask:
             time.sleep(1.0)  # the SDK re-polls a 5xx at once: keep that loop slow
         response = error_response(
             Unavailable(
-                f"tinkerd's Redis at {_safe(settings.redis_url)} is unreachable ({e}); "
+                f"tinkerd's Redis at {_safe(redis_url)} is unreachable ({e}); "
                 "the request was not taken, try again shortly"
             )
         )

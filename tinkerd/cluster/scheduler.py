@@ -192,10 +192,11 @@ class Outbox:
                 worker, kind, task, since = self._held[0]
             age = time.monotonic() - since
             if age > self.max_age and not isinstance(task.payload, Rejected):
-                task = self._expired(worker, kind, task, age)
-                if task is None:  # a sample: failed outright
+                renewed = self._expired(worker, kind, task, age)
+                if renewed is None:  # a sample: failed outright
                     self._pop()
                     continue
+                task = renewed
                 with self._lock:
                     self._held[0] = (worker, kind, task, since)
             try:
@@ -257,7 +258,7 @@ class RedisScheduler:
         placed: dict[str, int] = {}
         for held, owner in self.redis.hgetall(PLACEMENT).items():
             if b":sample:" not in held:  # a snapshot rides on its model's adapter
-                placed[owner.decode()] = placed.get(owner.decode(), 0) + 1
+                placed[as_text(owner)] = placed.get(as_text(owner), 0) + 1
         free = {n: registered_info(w).memory_free for n, w in workers.items()}
         name = min(workers, key=lambda n: (placed.get(n, 0), -free[n], n))
         self.redis.hsetnx(PLACEMENT, model_id, name)
@@ -288,7 +289,7 @@ class RedisScheduler:
 
     def worker_of(self, model_id: str) -> str | None:
         owner = self.redis.hget(PLACEMENT, model_id)
-        return owner.decode() if owner is not None else None
+        return as_text(owner) if owner is not None else None
 
     def _sampling_worker(self, sample: Sample) -> str:
         """A snapshot lives on its model's worker; anything else may run on any worker, best one

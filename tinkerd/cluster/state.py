@@ -180,7 +180,7 @@ def skip_seq(client: redis.Redis, model_id: str, seq_id: int, worker: str) -> st
     request gets should it come after all. None if it was recorded meanwhile (on its way)."""
     request_id = uuid.uuid4().hex
     keys = [seen_key(model_id), next_key(model_id), request_key(request_id), inflight_key(worker)]
-    args = [seq_id, request_id, worker, RETRY_WINDOW, REQUEST_TTL]
+    args: list[str | int] = [seq_id, request_id, worker, RETRY_WINDOW, REQUEST_TTL]
     status, _ = client.eval(SKIP_SEQ, len(keys), *keys, *args)
     return request_id if Status(status) is Status.SKIPPED else None
 
