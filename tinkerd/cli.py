@@ -1,7 +1,7 @@
 """The `tinkerd` command line: `serve` and `worker` run a server, `keys` manages its API keys;
 the client commands
 (create, list, sample, save, delete, checkpoints, status, loss-functions, export) talk to one
-(see client_cli.py)."""
+(see client/)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from tinkerd.client_cli import add_client_commands
+from tinkerd.client.commands import add_client_commands
 from tinkerd.config import Settings
 from tinkerd.keys_cli import add_key_commands
 
