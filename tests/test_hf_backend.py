@@ -229,7 +229,7 @@ def test_seed_decides_the_initial_adapter(server, service_client, tiny_model_dir
 
 def test_lora_targets_are_the_same_on_a_wrapped_model(tiny_model_dir):
     """A second adapter on a base that already has one targets the same layers."""
-    from tinkerd.hf_backend import lora_target_modules, peft_lora_config
+    from tinkerd.hf_models import lora_target_modules, peft_lora_config
     from tinkerd.types import LoraConfig, UserError
 
     model = reference_model(tiny_model_dir).base_model.model  # wrapped in place by PEFT

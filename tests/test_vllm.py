@@ -144,7 +144,7 @@ def test_a_seed_gives_the_same_tokens_again_and_each_sample_its_own(lab) -> None
 
 
 def test_a_dropped_snapshot_leaves_vllm_and_the_ram_directory(lab) -> None:
-    from tinkerd.hf_backend import ram_dir
+    from tinkerd.hf_sampling import ram_dir
 
     lab.theirs.save_weights("m", SaveWeights(None, snapshot_id="brief"))
     lab.theirs.sample([sample(SamplerWeights(lab.model, snapshot_id="brief"), 5, max_tokens=3)])

@@ -8,13 +8,8 @@ added to `.grad` only once the whole request has succeeded: a failed request cha
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
-import os
-import re
-import shutil
-import tempfile
 import threading
 import warnings
 from collections import OrderedDict
@@ -25,18 +20,27 @@ from typing import Any
 import numpy as np
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft import get_peft_model, get_peft_model_state_dict
 from torch import nn
 
 from tinkerd import checkpoint_io, packing, passes
 from tinkerd.backends import BackendInfo
 from tinkerd.base_models import BaseModelSource, hub_reachable, resolve_base_model
+from tinkerd.hf_models import (
+    LoadedBase,
+    autodetect_device,
+    base_dtype,
+    checkpoint_layers,
+    clip_gradients,
+    device_memory,
+    new_optimizer,
+    peft_lora_config,
+    sharing_weights,
+)
+from tinkerd.hf_sampling import SAMPLERS, Sampling
 from tinkerd.logprobs import split_causal_lm
 from tinkerd.logprobs import target_logprobs as chunked_target_logprobs
 from tinkerd.loss_functions import Loss, get_loss
-from tinkerd.sampling import Done as SampleDone
-from tinkerd.sampling import Engine, check_sample
 from tinkerd.storage import CheckpointMeta, CheckpointPath, CheckpointStore
 from tinkerd.types import (
     CreateModel,
@@ -46,9 +50,6 @@ from tinkerd.types import (
     LoraConfig,
     NotFound,
     OptimStep,
-    Sample,
-    SampleResult,
-    SamplerWeights,
     SaveWeights,
     ServerError,
     TinkerdError,
@@ -58,46 +59,9 @@ from tinkerd.types import (
 log = logging.getLogger(__name__)
 
 
-def autodetect_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@dataclass
-class _Base:
-    source: BaseModelSource
-    model: nn.Module  # the HF model; wrapped in place by PEFT once it has an adapter
-    vocab_size: int
-    peft: PeftModel | None = None
-    tokenizer: Any = None  # loaded on first need (stop strings)
-    # The sampler's own module tree over the same weight tensors (`sharing_weights`), where
-    # sampler adapters live: sampling never touches the training tree, so it can run beside it.
-    sampler: nn.Module | None = None
-    sampler_peft: PeftModel | None = None
-    engine: Engine | None = None  # its sampling engine and KV cache, made on first sample
-    retired: set[str] = field(default_factory=set)  # sampler adapters to delete once unused
-
-    @property
-    def context_length(self) -> int:
-        return int(getattr(self.model.config, "max_position_embeddings", None) or 2048)
-
-    def eos_token_ids(self) -> set[int]:
-        ids: set[int] = set()
-        for source in (self.model.config, getattr(self.model, "generation_config", None)):
-            eos = getattr(source, "eos_token_id", None)
-            ids.update([eos] if isinstance(eos, int) else (eos or []))
-        return ids
-
-    def decode(self, tokens: list[int]) -> str:
-        if self.tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(self.source.location)
-        return self.tokenizer.decode(tokens)
-
-
 @dataclass
 class _Adapter:
-    base: _Base
+    base: LoadedBase
     name: str  # the PEFT adapter name
     lora: LoraConfig
     params: list[nn.Parameter]
@@ -135,44 +99,7 @@ def _token_groups(jobs: list[_Job], budget: int) -> list[list[_Job]]:
     return groups
 
 
-def lora_target_modules(model: nn.Module, lora: LoraConfig) -> list[str]:
-    """Full names of the Linear layers that train_attn / train_mlp / train_unembed select.
-
-    The model may already carry adapters: a layer PEFT wrapped counts as the Linear it wraps, and
-    the Linear layers inside the wrapper (base_layer, lora_A, lora_B) are never targets.
-    """
-    targets = []
-    wrapper = None
-    for name, module in model.named_modules():
-        if wrapper is not None and name.startswith(wrapper + "."):
-            continue
-        if isinstance(module, BaseTunerLayer):
-            wrapper, module = name, module.get_base_layer()
-        if not isinstance(module, nn.Linear):
-            continue
-        if name.rsplit(".", 1)[-1] == "lm_head":
-            wanted = lora.train_unembed
-        elif re.search(r"attn|attention", name):
-            wanted = lora.train_attn
-        elif re.search(r"mlp|feed_forward|ffn|experts", name):
-            wanted = lora.train_mlp
-        else:
-            wanted = False
-        if wanted:
-            targets.append(name)
-    return targets
-
-
-def peft_lora_config(model: nn.Module, lora: LoraConfig) -> PeftLoraConfig:
-    targets = lora_target_modules(model, lora)
-    if not targets:
-        raise UserError("this LoRA config trains no layer of the model (train_attn/mlp/unembed)")
-    return PeftLoraConfig(
-        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=targets, bias="none"
-    )
-
-
-class HFBackend:
+class HFBackend(Sampling):
     """Implements tinkerd.types.Backend with transformers + PEFT on one device."""
 
     def __init__(
@@ -196,10 +123,10 @@ class HFBackend:
         # The base models' dtype: bf16 on GPUs, fp32 on the CPU, unless `dtype` names one.
         self.dtype = base_dtype(self.device, dtype)
         self.store = store or CheckpointStore(self.data_dir / "runs")
-        self._bases: dict[str, _Base] = {}
+        self._bases: dict[str, LoadedBase] = {}
         self._adapters: dict[str, _Adapter] = {}
         # Sampler weights held as extra adapters, least recently used first: key -> (base, name).
-        self._samplers: OrderedDict[str, tuple[_Base, str]] = OrderedDict()
+        self._samplers: OrderedDict[str, tuple[LoadedBase, str]] = OrderedDict()
         self._max_samplers = max_sampler_adapters
         # Held by the sampler's steps and by whatever changes its adapters (a snapshot, a drop),
         # so that the trainer's thread never changes them under a running step.
@@ -221,7 +148,7 @@ class HFBackend:
 
     # -- models ------------------------------------------------------------------------------
 
-    def _load_base(self, name: str) -> _Base:
+    def _load_base(self, name: str) -> LoadedBase:
         source = resolve_base_model(name, self.data_dir)
         with self._bases_lock:  # the trainer's thread and the sampler's both load bases
             if source.location in self._bases:
@@ -240,7 +167,7 @@ class HFBackend:
                 model.get_input_embeddings().num_embeddings,
                 model.get_output_embeddings().out_features,
             )
-            base = _Base(source, model, vocab, sampler=sampler)
+            base = LoadedBase(source, model, vocab, sampler=sampler)
             self._bases[source.location] = base
             return base
 
@@ -270,7 +197,7 @@ class HFBackend:
             raise UserError(f"{failed}: {reason}") from None
 
     def _add_adapter(
-        self, base: _Base, config: PeftLoraConfig, seed: int | None, trainable: bool
+        self, base: LoadedBase, config: PeftLoraConfig, seed: int | None, trainable: bool
     ) -> tuple[str, list[nn.Parameter]]:
         """A new adapter on `base`, initialised from `seed` (fresh randomness when None)."""
         name = next(self._names)
@@ -289,7 +216,7 @@ class HFBackend:
             p.requires_grad_(trainable)
         return name, params
 
-    def _delete_adapter(self, base: _Base, name: str) -> None:
+    def _delete_adapter(self, base: LoadedBase, name: str) -> None:
         if base.peft is not None and name in base.peft.peft_config:
             with warnings.catch_warnings():  # "Adapter m1 was active which is now deleted"
                 warnings.simplefilter("ignore", UserWarning)
@@ -525,7 +452,7 @@ class HFBackend:
                 continue
             stepped.add(model_id)
             adam = request.adam
-            grad_norm = _clip_gradients(adapter.params, adam.grad_clip_norm)
+            grad_norm = clip_gradients(adapter.params, adam.grad_clip_norm)
             for group in adapter.optimizer.param_groups:  # kept in its checkpoints
                 group.update(
                     lr=adam.learning_rate,
@@ -589,7 +516,7 @@ class HFBackend:
         self._load_into(adapter, CheckpointPath.parse(request.path), request.with_optimizer)
         return {"path": request.path, "model_id": model_id}
 
-    def _checkpoint_dir(self, base: _Base, path: CheckpointPath) -> Path:
+    def _checkpoint_dir(self, base: LoadedBase, path: CheckpointPath) -> Path:
         """The checkpoint's directory, after checking it exists and was made on `base`."""
         meta = self.store.meta(path)
         location = resolve_base_model(meta.base_model, self.data_dir).location
@@ -628,286 +555,3 @@ class HFBackend:
         adapter.steps = optimizer_state[1] if optimizer_state else 0
         for i, p in enumerate(adapter.params):
             p.grad = grads[i].to(p.dtype) if grads is not None and grads[i] is not None else None
-
-    # -- sampling ----------------------------------------------------------------------------
-
-    def sample(self, requests: list[Sample]) -> list[SampleResult | TinkerdError]:
-        """Sample every request and wait for all: those of one base model in one continuous
-        batch, whatever their weights (the base, a snapshot, a sampler checkpoint), each
-        request's tokens through its own adapter. A request that cannot run fails alone."""
-        results: list[SampleResult | TinkerdError | None] = [None] * len(requests)
-        for i, request in enumerate(requests):
-            self.sample_start(request, lambda outcome, i=i: results.__setitem__(i, outcome))
-        while any(r is None for r in results) and self.sample_step():
-            pass
-        return [r or ServerError("the sampler lost this request") for r in results]
-
-    def sample_start(self, request: Sample, done: SampleDone) -> None:
-        """Queue a request on its base model's engine; `done` gets its result or its error, from
-        the thread that runs `sample_step` (or from this call, if it cannot run)."""
-        try:
-            base = self._load_base(request.weights.base_model)
-            check_sample(request, base.context_length, base.vocab_size)
-            with self._sampler_lock:
-                adapter = self._sampler_adapter(base, request.weights)
-                self._engine(base).add(request, adapter, done)
-        except TinkerdError as e:
-            done(e)
-        except torch.OutOfMemoryError:
-            done(UserError("out of memory: sample fewer tokens"))
-
-    def sample_step(self) -> bool:
-        """One step of each base model's engine that has work (finished requests leave, waiting
-        ones join); whether any work is left."""
-        busy = False
-        with self._sampler_lock:
-            for base in list(self._bases.values()):
-                engine = base.engine
-                if engine is None or not engine.busy:
-                    continue
-                engine.step(base.sampler_peft or base.sampler)
-                for name in [n for n in base.retired if not engine.uses(n)]:
-                    base.retired.discard(name)
-                    self._delete_sampler_adapter(base, name)
-                busy |= engine.busy
-        return busy
-
-    def _engine(self, base: _Base) -> Engine:
-        """The base's sampling engine. tinkerd's: its KV cache grows as needed up to
-        `sampler_cache_bytes` or a quarter of the device's free memory, at least one whole
-        context. vLLM's (`--sampler vllm`): beside it on the device, of the trainer's dtype."""
-        if base.engine is None and self.sampler == "vllm":
-            from tinkerd.vllm_sampler import VLLMEngine
-
-            base.engine = VLLMEngine(  # type: ignore[assignment]
-                base.source.location,
-                dtype=str(self.dtype).removeprefix("torch."),
-                context_length=base.context_length,
-                eos_token_ids=base.eos_token_ids(),
-                adapter_dir=lambda name: self._adapter_dir(base, name),
-                engine_args=self.vllm_engine_args,
-                gpu=self.device.type == "cuda",
-            )
-        if base.engine is None:
-            config = base.model.config.get_text_config()
-            heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-            head_dim = (
-                getattr(config, "head_dim", None)
-                or config.hidden_size // config.num_attention_heads
-            )
-            itemsize = torch.finfo(self.dtype).bits // 8
-            per_token = 2 * config.num_hidden_layers * heads * head_dim * itemsize
-            budget = min(self.sampler_cache_bytes, device_memory(self.device)[1] // 4)
-            base.engine = Engine(
-                context_length=base.context_length,
-                eos_token_ids=base.eos_token_ids(),
-                decode=base.decode,
-                device=self.device,
-                cache_tokens=max(budget // per_token, base.context_length),
-            )
-        return base.engine
-
-    def _sampler_adapter(self, base: _Base, weights: SamplerWeights) -> str | None:
-        """The adapter a sampler's requests go through (None: the base alone), read from its
-        checkpoint on first use."""
-        if weights.snapshot_id is None and weights.model_path is None:
-            return None
-        cached = self._samplers.get(weights.key)
-        if cached is None:
-            if weights.snapshot_id is not None:
-                raise NotFound(
-                    f"sampler weights {weights.snapshot_id} are no longer in memory; save again"
-                )
-            cached = self._load_sampler(base, CheckpointPath.parse(weights.model_path))
-        self._samplers.move_to_end(weights.key)
-        return cached[1]
-
-    def _add_sampler_adapter(self, base: _Base, config: PeftLoraConfig) -> str:
-        """A new, frozen adapter in the base's sampler tree."""
-        name = next(self._names)
-        if base.sampler_peft is None:
-            base.sampler_peft = get_peft_model(base.sampler, config, adapter_name=name)
-        else:
-            base.sampler_peft.add_adapter(name, config)
-        base.sampler_peft.eval().requires_grad_(False)
-        return name
-
-    def _delete_sampler_adapter(self, base: _Base, name: str) -> None:
-        if base.sampler_peft is not None and name in base.sampler_peft.peft_config:
-            with warnings.catch_warnings():  # "Adapter m1 was active which is now deleted"
-                warnings.simplefilter("ignore", UserWarning)
-                base.sampler_peft.delete_adapter(name)
-        forget = getattr(base.engine, "forget", None)
-        if forget is not None:  # vLLM's copy
-            forget(name)
-        directory = self._adapter_dirs.pop(name, None)
-        if directory is not None and directory.parent == ram_dir():  # a snapshot's, ours
-            shutil.rmtree(directory, ignore_errors=True)
-
-    def _adapter_dir(self, base: _Base, name: str) -> Path:
-        """A sampler adapter as a PEFT directory (for vLLM): a checkpoint's own, or a
-        snapshot written to a RAM-backed directory on first need."""
-        directory = self._adapter_dirs.get(name)
-        if directory is None:
-            directory = ram_dir() / name
-            directory.mkdir(parents=True, exist_ok=True)
-            assert base.sampler_peft is not None
-            checkpoint_io.write_adapter(base.sampler_peft, name, base.source.location, directory)
-            self._adapter_dirs[name] = directory
-        return directory
-
-    def _load_sampler(self, base: _Base, path: CheckpointPath) -> tuple[_Base, str]:
-        """Read a checkpoint's adapter once; later samples reuse it from memory."""
-        directory = self._checkpoint_dir(base, path)
-        name = self._add_sampler_adapter(base, checkpoint_io.read_adapter_config(directory))
-        try:
-            checkpoint_io.load_adapter(base.sampler_peft, name, directory)
-        except BaseException:
-            self._delete_sampler_adapter(base, name)
-            raise
-        self._adapter_dirs[name] = directory
-        self._cache_sampler(str(path), base, name)
-        return base, name
-
-    def _cache_sampler(self, key: str, base: _Base, name: str) -> None:
-        """Keep a sampler's adapter, evicting the least recently used beyond the limit (none that
-        a queued or running request goes through)."""
-        self._drop_sampler(key)
-        self._samplers[key] = (base, name)
-        for old in list(self._samplers):
-            if len(self._samplers) <= self._max_samplers:
-                break
-            old_base, old_name = self._samplers[old]
-            if old != key and not (old_base.engine and old_base.engine.uses(old_name)):
-                self._drop_sampler(old)
-
-    def _drop_sampler(self, key: str) -> None:
-        """Forget `key`; its adapter goes at once, or once the requests that use it are done."""
-        cached = self._samplers.pop(key, None)
-        if cached is None:
-            return
-        base, name = cached
-        if base.engine is not None and base.engine.uses(name):
-            base.retired.add(name)
-        else:
-            self._delete_sampler_adapter(base, name)
-
-    def close(self) -> None:
-        """Release what outlives the process: vLLM's engine processes (`--sampler vllm`) and
-        the snapshots written for them."""
-        for base in self._bases.values():
-            close = getattr(base.engine, "close", None)
-            if close is not None:
-                close()
-        shutil.rmtree(ram_dir(), ignore_errors=True)
-
-    def hold_sampler(
-        self, key: str, base_model: str, config: PeftLoraConfig, state: dict[str, torch.Tensor]
-    ) -> None:
-        """Hold sampler weights given as a PEFT state dict under `key` (a snapshot id): an
-        unnamed sampler save, of a model trained here or elsewhere (the Megatron backend's
-        rank 0). The weights are copied."""
-        base = self._load_base(base_model)
-        with self._sampler_lock:
-            name = self._add_sampler_adapter(base, config)
-            assert base.sampler_peft is not None
-            set_peft_model_state_dict(base.sampler_peft, state, adapter_name=name)
-            self._cache_sampler(key, base, name)
-
-    def drop_sampler(self, key: str) -> None:
-        """Forget sampler weights held under `key` (a snapshot id or a checkpoint path)."""
-        with self._sampler_lock:
-            self._drop_sampler(key)
-
-
-SAMPLERS = ("tinkerd", "vllm")
-
-
-def ram_dir() -> Path:
-    """Where snapshots are written for vLLM to read: RAM-backed where the system has one."""
-    shm = Path("/dev/shm")
-    root = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
-    return root / f"tinkerd-vllm-{os.getpid()}"
-
-
-def sharing_weights(model: nn.Module) -> nn.Module:
-    """A copy of `model`'s modules and config over the same parameter and buffer tensors: a
-    second tree that costs no weight memory, whose adapters, attention setting and patched
-    forwards are its own."""
-    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    return copy.deepcopy(model, shared)
-
-
-def base_dtype(device: torch.device, name: str | None = None) -> torch.dtype:
-    """ "float32", "bfloat16" or "float16" if named (a UserError otherwise), else bfloat16 on a GPU
-    and float32 on the CPU."""
-    if name is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"dtype {name!r}: float32, bfloat16 or float16")
-    return getattr(torch, name)
-
-
-def device_memory(device: torch.device) -> tuple[int, int]:
-    """(total, free) bytes of the device's memory: the GPU's, or the host's RAM for the CPU."""
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        return int(total), int(free)
-    try:
-        lines = Path("/proc/meminfo").read_text().splitlines()
-    except OSError:
-        return 0, 0
-    info = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in lines)}
-    return info.get("MemTotal", 0), info.get("MemAvailable", 0)
-
-
-def _clip_gradients(params: list[nn.Parameter], max_norm: float) -> float:
-    """Scale a model's gradients to at most `max_norm` in total (0: no clipping); the norm
-    before clipping."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    total_norm = torch.nn.utils.get_total_norm(grads)
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
-    return float(total_norm)
-
-
-def checkpoint_layers(model: nn.Module) -> int:
-    """Recompute each decoder layer's activations in backward rather than keep them
-    (non-reentrant `torch.utils.checkpoint`), in eval mode too: transformers' own gradient
-    checkpointing acts only in training mode, and tinkerd runs its models in eval mode (no
-    dropout). A layer's cache is left out under it, as transformers does: the recompute must
-    not append to it a second time. Returns how many layers were wrapped."""
-    from torch.utils.checkpoint import checkpoint
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    wrapped: list[str] = []
-    for name, layer in model.named_modules():
-        if not isinstance(layer, GradientCheckpointingLayer):
-            continue
-        if any(name.startswith(outer + ".") for outer in wrapped):
-            continue  # inside a layer that is recomputed whole
-        forward = layer.forward
-
-        def checkpointed(*args: Any, _forward: Any = forward, **kwargs: Any) -> Any:
-            if not torch.is_grad_enabled():
-                return _forward(*args, **kwargs)
-            if kwargs.get("use_cache"):
-                kwargs["use_cache"] = False
-            for key in ("cache", "past_key_values", "past_key_value", "layer_past"):
-                if key in kwargs:
-                    kwargs[key] = None
-            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-
-        layer.forward = checkpointed  # type: ignore[method-assign]
-        wrapped.append(name)
-    if not wrapped:
-        log.warning("activation checkpointing: %s has no decoder layer to checkpoint", model)
-    return len(wrapped)
-
-
-def new_optimizer(params: list[nn.Parameter]) -> torch.optim.AdamW:
-    """AdamW with one fused kernel for all of an adapter's tensors (about 5x faster on CPU);
-    the hyper-parameters are set from each optim_step's AdamParams."""
-    return torch.optim.AdamW(params, lr=0.0, fused=True)

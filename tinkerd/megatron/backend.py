@@ -90,7 +90,7 @@ def start_rank(options: BackendOptions) -> Engine:
         cpu.seed_cuda(0)
     else:
         cpu.use_cpu()
-    from tinkerd.hf_backend import base_dtype
+    from tinkerd.hf_models import base_dtype
 
     return Engine(device, base_dtype(device, options.dtype))
 
@@ -244,7 +244,7 @@ class MegatronBackend:
         }
 
     def info(self) -> BackendInfo:
-        from tinkerd.hf_backend import device_memory
+        from tinkerd.hf_models import device_memory
 
         total, free = device_memory(self.device)
         return BackendInfo(

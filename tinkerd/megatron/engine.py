@@ -486,6 +486,6 @@ def vocab_parallel_logprobs(
 
 
 def new_optimizer(params: list[nn.Parameter]) -> torch.optim.AdamW:
-    """As the HF backend's (`hf_backend.new_optimizer`): one fused kernel for a model's
+    """As the HF backend's (`hf_models.new_optimizer`): one fused kernel for a model's
     tensors, hyper-parameters set by each step."""
     return torch.optim.AdamW(params or [nn.Parameter(torch.empty(0))], lr=0.0, fused=True)
