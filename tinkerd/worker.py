@@ -24,7 +24,8 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from functools import partial
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from tinkerd.audit import AuditLog, record
 from tinkerd.metrics import LocalMonitor, MonitorStore, series
@@ -47,6 +48,7 @@ from tinkerd.types import (
 )
 
 log = logging.getLogger(__name__)
+P = TypeVar("P")  # a payload type (types.Payload's members)
 
 
 @runtime_checkable
@@ -229,16 +231,18 @@ class Worker:
             self._sampling.clear()
         self._count_samples([r for _, r in finished], time.perf_counter() - started)
         for task, result in finished:
-            self._settle(task, lambda r=result: _done(Kind.SAMPLE, r))
+            self._settle(task, partial(_done, Kind.SAMPLE, result))
         return busy
 
     def _start_samples(self, tasks: list[Task]) -> None:
         assert self.stream is not None
         for task in by_priority(tasks):
             self._sampling[task.request_id] = task
-            self.stream.sample_start(
-                task.payload, lambda result, t=task: self._finished.append((t, result))
-            )
+            self.stream.sample_start(_payload(task, Sample), partial(self._sample_done, task))
+
+    def _sample_done(self, task: Task, result: SampleResult | TinkerdError) -> None:
+        """The engine's answer for `task`, settled by the sampling thread's next round."""
+        self._finished.append((task, result))
 
     def _gather_samples(self) -> list[Task]:
         more: list[Task] = []
@@ -278,7 +282,7 @@ class Worker:
                 self._optim_steps(tasks[i:j])
                 i = j
             else:
-                self._settle(tasks[i], lambda t=tasks[i]: self._run_one(t))
+                self._settle(tasks[i], partial(self._run_one, tasks[i]))
                 i += 1
 
     def _run_one(self, task: Task) -> Result:
@@ -359,10 +363,13 @@ class Worker:
     def _optim_steps(self, tasks: list[Task]) -> None:
         """Several models' optimizer steps (one each), in one backend call."""
         results = self._batch(
-            tasks, lambda live: self.backend.optim_steps([(t.model_id, t.payload) for t in live])
+            tasks,
+            lambda live: self.backend.optim_steps(
+                [(t.model_id, _payload(t, OptimStep)) for t in live]
+            ),
         )
         for task, result in zip(tasks, results, strict=True):
-            self._settle(task, lambda t=task, r=result: self._stepped(t, r))
+            self._settle(task, partial(self._stepped, task, result))
 
     def _stepped(self, task: Task, result: dict[str, float] | TinkerdError) -> Result:
         if isinstance(result, TinkerdError):
@@ -371,7 +378,7 @@ class Worker:
         self._event(
             task,
             "optim_step",
-            learning_rate=task.payload.adam.learning_rate,
+            learning_rate=_payload(task, OptimStep).adam.learning_rate,
             metrics=_floats(result),
         )
         return Result.of(Kind.OPTIM_STEP, result)
@@ -380,24 +387,26 @@ class Worker:
         started = time.perf_counter()
         results = self._batch(
             tasks,
-            lambda live: self.backend.forward_backward([(t.model_id, t.payload) for t in live]),
+            lambda live: self.backend.forward_backward(
+                [(t.model_id, _payload(t, ForwardBackward)) for t in live]
+            ),
         )
         try:
             self._count_forward_backward(tasks, results, time.perf_counter() - started)
         except Exception:  # noqa: BLE001 - monitoring must never fail a request
             log.exception("could not count a forward_backward")
         for task, result in zip(tasks, results, strict=True):
-            self._settle(task, lambda r=result: _done(Kind.FORWARD_BACKWARD, r))
+            self._settle(task, partial(_done, Kind.FORWARD_BACKWARD, result))
 
     def _sample(self, tasks: list[Task]) -> None:
         started = time.perf_counter()
         try:
-            results = self.backend.sample([t.payload for t in tasks])
+            results = self.backend.sample([_payload(t, Sample) for t in tasks])
         except Exception as e:
             results = [_as_error(e)] * len(tasks)
         self._count_samples(results, time.perf_counter() - started)
         for task, result in zip(tasks, results, strict=True):
-            self._settle(task, lambda r=result: _done(Kind.SAMPLE, r))
+            self._settle(task, partial(_done, Kind.SAMPLE, result))
 
     def _creation_failed(self, model_id: str, error: TinkerdError) -> None:
         if self.on_create_failed is None:
@@ -461,7 +470,8 @@ class Worker:
         for task, result in zip(tasks, results, strict=True):
             if not isinstance(result, ForwardBackwardResult):
                 continue  # failed: counted and logged when it settles
-            tokens = sum(int(d.tokens.size) for d in task.payload.datums)
+            datums = _payload(task, ForwardBackward).datums
+            tokens = sum(int(d.tokens.size) for d in datums)
             total += tokens
             metrics = _floats(result.metrics)
             self._event(
@@ -469,7 +479,7 @@ class Worker:
                 _kind(task),
                 loss=metrics.get("loss:sum"),
                 tokens=tokens,
-                datums=len(task.payload.datums),
+                datums=len(datums),
                 metrics=metrics,
             )
         self.monitor.add(
@@ -496,6 +506,13 @@ def _floats(metrics: dict[str, Any]) -> dict[str, float]:
         except (TypeError, ValueError):
             continue
     return out
+
+
+def _payload(task: Task, kind: type[P]) -> P:
+    """`task`'s payload as the `kind` the dispatch that sent it here checked: else a bug."""
+    if not isinstance(task.payload, kind):
+        raise ServerError(f"expected a {kind.__name__}, got a {type(task.payload).__name__}")
+    return task.payload
 
 
 def _done(kind: Kind, result: ForwardBackwardResult | SampleResult | TinkerdError) -> Result:
