@@ -10,9 +10,19 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from typing import Protocol
 
 from tinkerd.results import Result
 from tinkerd.types import NotFound
+
+
+class Futures(Protocol):
+    """What a `tasks.Scheduler` settles into and waits on: a `FutureStore`, or in a cluster
+    worker `cluster.state.RedisFutures` (whose futures the API processes create and count)."""
+
+    def settle(self, request_id: str, result: Result, *, tenant: str = "") -> None: ...
+
+    def wait(self, request_id: str, timeout: float) -> Result | None: ...
 
 
 class FutureStore:

@@ -28,7 +28,7 @@ from math import floor
 from typing import Protocol
 
 from tinkerd import sequencing
-from tinkerd.futures import FutureStore
+from tinkerd.futures import Futures, FutureStore
 from tinkerd.results import Result
 from tinkerd.sequencing import RETRY_WINDOW, SKIPPED_FINGERPRINT, Gap, Status, skipped_message
 from tinkerd.types import (
@@ -146,10 +146,8 @@ class Scheduler:
     refused before recording it, or a client that died mid-send, must not stall the model for
     good. A worker process fed by Celery leaves it None: Redis decides its gaps (`fill_gaps`)."""
 
-    def __init__(
-        self, futures: FutureStore | None = None, gap_seconds: float | None = None
-    ) -> None:
-        self.futures = futures or FutureStore()
+    def __init__(self, futures: Futures | None = None, gap_seconds: float | None = None) -> None:
+        self.futures: Futures = futures or FutureStore()
         self.gap_seconds = gap_seconds
         self._next_gap_check = 0.0
         self._cond = threading.Condition()
@@ -158,6 +156,13 @@ class Scheduler:
         self._unordered: list[Task] = []
         self._unordered_seen: OrderedDict[tuple[str, int], tuple[str, str]] = OrderedDict()
         self._closed: str | None = None
+
+    def _store(self) -> FutureStore:
+        """The store submissions create futures in and count them by: only a whole queue's
+        (a cluster worker's Scheduler orders tasks that Redis took, and never submits)."""
+        if not isinstance(self.futures, FutureStore):
+            raise ServerError("this scheduler only orders tasks submitted through Redis")
+        return self.futures
 
     def close(self, reason: str) -> None:
         """Refuse new work from now on (503 with `reason`): the server is draining."""
@@ -222,7 +227,7 @@ class Scheduler:
             status, value = sequencing.ordered(seen, fingerprint, seq_id, queue.next_seq)
             if status is not Status.NEW:
                 return sequencing.answer(status, value, model_id, seq_id)
-            request_id = self.futures.create(tenant)
+            request_id = self._store().create(tenant)
             queue.seen[seq_id] = (request_id, fingerprint)
             if isinstance(payload, RemoveModel):
                 queue.removed = True
@@ -320,7 +325,7 @@ class Scheduler:
             queue = self._queues.get(gap.model_id)
             if queue is None or gap.seq_id < queue.next_seq or gap.seq_id in queue.pending:
                 return request_id or ""
-            request_id = request_id or self.futures.create(gap.tenant)
+            request_id = request_id or self._store().create(gap.tenant)
             queue.seen.setdefault(gap.seq_id, (request_id, SKIPPED_FINGERPRINT))
             rejected = Rejected(error_body(error))
             task = Task(request_id, gap.model_id, gap.seq_id, rejected, gap.tenant, gap.priority)
@@ -351,7 +356,7 @@ class Scheduler:
             status, value = sequencing.unordered(seen, fingerprint)
             if status is not Status.NEW:
                 return sequencing.answer(status, value, key, seq_id)
-            request_id = self.futures.create(tenant)
+            request_id = self._store().create(tenant)
             self._unordered_seen[(key, seq_id)] = (request_id, fingerprint)
             while len(self._unordered_seen) > RETRY_WINDOW:
                 self._unordered_seen.popitem(last=False)
@@ -439,7 +444,7 @@ class Scheduler:
         self.futures.settle(request_id, result, tenant=tenant)
 
     def pending(self, tenant: str) -> int:
-        return self.futures.pending(tenant)
+        return self._store().pending(tenant)
 
     def wait(self, request_id: str, timeout: float) -> Result | None:
         return self.futures.wait(request_id, timeout)
