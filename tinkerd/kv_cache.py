@@ -20,10 +20,14 @@ import math
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 BLOCK = 16  # tokens per block
 CACHED_ATTENTION = "tinkerd_cached"
@@ -198,7 +202,7 @@ def cached_attention(
     q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)
     n, heads, dim = q.shape  # (N, H, D); k and v: (N, Hkv, D)
     kv_heads = k.shape[1]
-    pool_k, pool_v = plan.pool.layer(module.layer_idx, key)
+    pool_k, pool_v = plan.pool.layer(cast(int, module.layer_idx), key)
     if plan.write_slots.numel():
         pool_k.index_copy_(0, plan.write_slots, k.index_select(0, plan.write_tokens))
         pool_v.index_copy_(0, plan.write_slots, v.index_select(0, plan.write_tokens))
@@ -236,7 +240,7 @@ _register()
 
 
 @contextlib.contextmanager
-def sampling_pass(model: nn.Module, plan: Plan) -> Iterator[None]:
+def sampling_pass(model: PreTrainedModel, plan: Plan) -> Iterator[None]:
     """Run `model`'s attention through the cache as `plan` says."""
     config = model.config
     before = config._attn_implementation

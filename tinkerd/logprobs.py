@@ -17,9 +17,13 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 CHUNK_BYTES = 64 << 20  # fp32 logits of one chunk: 110 positions at a vocabulary of 151,936
 
@@ -32,7 +36,7 @@ def default_chunk_tokens(vocab_size: int) -> int:
 
 def vocab_size(unembed: nn.Module) -> int:
     out = getattr(unembed, "out_features", None)
-    return int(out) if out is not None else int(unembed.weight.shape[0])
+    return int(out) if out is not None else int(cast(Tensor, unembed.weight).shape[0])
 
 
 def target_logprobs(
@@ -99,11 +103,12 @@ class _ChunkedTargetLogprobs(torch.autograd.Function):
             d_logits = logits.detach().softmax(-1).mul_(-g.sum(-1, keepdim=True))
             d_logits.scatter_add_(-1, t[s : s + ctx.chunk], g)
             grads = torch.autograd.grad(logits, ([hc] if want_h else []) + wanted, d_logits)
-            if want_h:
+            if grad_h is not None:  # want_h
                 grad_h[s : s + ctx.chunk] = grads[0]
                 grads = grads[1:]
             for i, grad in enumerate(grads):
-                grad_params[i] = grad if grad_params[i] is None else grad_params[i].add_(grad)
+                summed = grad_params[i]
+                grad_params[i] = grad if summed is None else summed.add_(grad)
         by_param = iter(grad_params)
         rest = [next(by_param) if need else None for need in ctx.needs_input_grad[4:]]
         return grad_h, None, None, None, *rest
@@ -154,13 +159,14 @@ class _ScaledHead(nn.Module):
         return logits
 
 
-def causal_lm(model: nn.Module) -> nn.Module:
+def causal_lm(model: nn.Module) -> PreTrainedModel:
     """The transformers model inside a PEFT wrapper (LoRA layers injected), or `model` itself.
     Not PeftModel.get_base_model(): it reads the active adapter's config, which raises once
     that adapter has been deleted (a sampler tree whose snapshots were all dropped)."""
     tuner = getattr(model, "base_model", None)
     inner = getattr(tuner, "model", None)
-    return inner if hasattr(model, "peft_config") and isinstance(inner, nn.Module) else model
+    lm = inner if hasattr(model, "peft_config") and isinstance(inner, nn.Module) else model
+    return cast("PreTrainedModel", lm)
 
 
 def split_causal_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -181,7 +187,7 @@ def split_causal_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     unembed = head if scale == 1.0 and softcap is None else _ScaledHead(head, scale, softcap)
     if not getattr(lm, "_tinkerd_head_checked", False):
         _check_split(model, body, unembed)
-        lm._tinkerd_head_checked = True
+        lm.__dict__["_tinkerd_head_checked"] = True  # a plain attribute, as `lm.x = ...` sets
     return body, unembed
 
 

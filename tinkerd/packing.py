@@ -18,10 +18,14 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 PACKED_ATTENTION = "tinkerd_packed"
 
@@ -121,7 +125,7 @@ def bounds(lengths: Sequence[int]) -> tuple[tuple[int, int], ...]:
 def packed(model: nn.Module, lengths: Sequence[int], implementation: str) -> Iterator[None]:
     """Run `model`'s attention on the packed row of sequences of `lengths` (and its backward,
     in case a layer recomputes its forward then)."""
-    config = model.config
+    config = cast("PreTrainedConfig", model.config)  # a transformers model's, through PEFT's
     before = config._attn_implementation
     token = _SEGMENTS.set(bounds(lengths))
     config._attn_implementation = implementation
@@ -177,9 +181,14 @@ def lora_forward(
     return result + (deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-2))
 
 
+def _factors(layer: LoraLinear, name: str) -> tuple[nn.Linear, nn.Linear]:
+    """Adapter `name`'s A and B in `layer`: nn.Linear each (PEFT's ModuleDicts say Module)."""
+    return cast(nn.Linear, layer.lora_A[name]), cast(nn.Linear, layer.lora_B[name])
+
+
 def _delta(layer: LoraLinear, name: str, x: torch.Tensor) -> torch.Tensor:
     """Adapter `name`'s B(A(x)) * scale."""
-    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+    lora_a, lora_b = _factors(layer, name)
     x = x.to(lora_a.weight.dtype)
     return lora_b(lora_a(layer.lora_dropout[name](x))) * layer.scaling[name]
 
@@ -246,12 +255,12 @@ def _stacked(layer: LoraLinear, names: tuple[str, ...], frozen: bool) -> _Stacke
             for v in (layer.lora_A[name].weight._version, layer.lora_B[name].weight._version)
         )  # fmt: skip
     if stacked is None or stacked.names != names or stacked.versions != versions:
-        a = [layer.lora_A[name].weight for name in names]
+        a = [_factors(layer, name)[0].weight for name in names]
         stacked = _Stacked(
             names,
             versions,
             torch.cat(a),  # (R, in)
-            torch.cat([layer.lora_B[name].weight for name in names], dim=1),  # (out, R)
+            torch.cat([_factors(layer, name)[1].weight for name in names], dim=1),  # (out, R)
             tuple(w.shape[0] for w in a),
             tuple(float(layer.scaling[name]) for name in names),
         )
@@ -293,7 +302,8 @@ def routed(
     layers = lora_layers(model) if layers is None else layers
     routing = Routing(routes, frozen)
     for layer in layers:
-        layer.forward = lambda x, *args, _layer=layer, **kwargs: lora_forward(
+        # an instance attribute, as `layer.forward = ...` sets (typed code may not assign a method)
+        layer.__dict__["forward"] = lambda x, *args, _layer=layer, **kwargs: lora_forward(
             _layer, x, routing.routes, routing
         )
     try:
@@ -307,6 +317,8 @@ class AdapterView(nn.Module):
     """One adapter's view of a LoRA layer: the base plus that adapter on every token, whatever
     routes are active. Its parameters are that adapter's alone, so a chunked unembedding that
     differentiates "its module's parameters" reaches this adapter's and no other's."""
+
+    layer: LoraLinear
 
     def __init__(self, layer: LoraLinear, name: str) -> None:
         super().__init__()

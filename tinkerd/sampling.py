@@ -24,6 +24,7 @@ import secrets
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -621,7 +622,8 @@ def generate(
     results: list[SampleResult | TinkerdError | None] = [None] * len(samples)
     for i, sample in enumerate(samples):
         adapter = adapters[i] if adapters is not None else None
-        engine.add(sample, adapter, lambda r, i=i: results.__setitem__(i, r))
+        engine.add(sample, adapter, partial(results.__setitem__, i))
     while engine.busy:
         engine.step(model, routed=adapters is not None)
-    return results  # type: ignore[return-value]
+    lost = ServerError("the sampler lost this request")  # never: an idle engine answered all
+    return [r if r is not None else lost for r in results]
