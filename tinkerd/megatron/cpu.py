@@ -17,7 +17,8 @@ def use_cpu() -> None:
     """Make this process's megatron-core run on the CPU (call once, before building models)."""
     from megatron.core.tensor_parallel import random
 
-    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    # torch types it as returning a device index; megatron-core uses the answer as a device
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment, return-value]
     random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
 
 

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from tinkerd import passes
 from tinkerd.loss_functions import get_loss
 from tinkerd.megatron import lora as lora_mod
-from tinkerd.megatron.model import Architecture, build_model, load_weights, local_arch
+from tinkerd.megatron.model import Architecture, GPTModel, build_model, load_weights, local_arch
 from tinkerd.types import (
     AdamParams,
     ForwardBackward,
@@ -53,7 +53,7 @@ class AdapterState:
 @dataclass
 class _Base:
     arch: Architecture
-    model: nn.Module  # this rank's GPTModel stage
+    model: GPTModel  # this rank's stage
     layers: dict[int, dict[str, lora_mod.LoraParallelLinear]]  # global layer -> wrapped linears
     head: lora_mod.LoraParallelLinear | None  # the output layer, on the last stage
 
@@ -248,9 +248,9 @@ class Engine:
                 )
             entry = {k: v.cpu() for k, v in entry.items()}
             mine.append((slot.key, slot.dim, slot.full, self.tp_rank, entry))
-        everyone: list[Any] = [None] * dist.get_world_size() if self.rank == 0 else None
+        everyone: list[Any] | None = [None] * dist.get_world_size() if self.rank == 0 else None
         dist.gather_object(mine, everyone, dst=0)
-        if self.rank != 0:
+        if everyone is None:  # not rank 0
             return None
         pieces: dict[str, list[tuple[int, dict]]] = {}
         shapes: dict[str, tuple[int | None, int]] = {}
@@ -391,7 +391,8 @@ class Engine:
     ) -> torch.Tensor:
         """(n[, K]) logprobs of `targets` under model `name`, LOGITS_CHUNK positions at a time,
         each chunk's logits recomputed in backward rather than kept."""
-        assert base.head is not None
+        head = base.head
+        assert head is not None
         weight = None
         if base.model.share_embeddings_and_output_weights:  # the head is the embedding itself
             weight = base.model.shared_embedding_or_output_weight()
@@ -402,7 +403,7 @@ class Engine:
 
         def chunk(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with lora_mod.routed(lora_mod.everything(name)):
-                logits, _ = base.head(h[:, None], weight=weight)
+                logits, _ = head(h[:, None], weight=weight)
             return vocab_parallel_logprobs(
                 logits[:, 0].float(), t, start, true_vocab, self.tp_group
             )

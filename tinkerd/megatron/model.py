@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from tinkerd.types import UserError
+
+# megatron.core's GPTModel (an nn.Module): megatron-core ships no types, so its attributes are Any.
+GPTModel = Any
 
 SUPPORTED = ("llama", "qwen2", "qwen3")
 
@@ -139,7 +141,7 @@ def transformer_config(arch: Architecture, dtype: torch.dtype, tp: int, pp: int)
     )
 
 
-def build_model(arch: Architecture, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def build_model(arch: Architecture, dtype: torch.dtype, device: torch.device) -> GPTModel:
     """This rank's GPTModel (its pipeline stage, its tensor-parallel slices), frozen, in eval
     mode, weights not yet loaded."""
     from megatron.core import parallel_state
@@ -217,7 +219,7 @@ def fused_qkv_rows(arch: Architecture, q: torch.Tensor, k: torch.Tensor, v: torc
     return torch.cat(parts, dim=1).reshape(-1, *tail)
 
 
-def load_weights(model: nn.Module, arch: Architecture, directory: Path) -> None:
+def load_weights(model: GPTModel, arch: Architecture, directory: Path) -> None:
     """Copy this rank's slices of the HF weights in `directory` into `model`."""
     from megatron.core import parallel_state
 
