@@ -243,7 +243,7 @@ def tar_response(
     opened: list[IO[bytes]] = []
     try:
         for f in files:
-            fh = open(f, "rb")  # noqa: SIM115 - closed when the response closes
+            fh: IO[bytes] = open(f, "rb")  # noqa: SIM115 - closed when the response closes
             opened.append(fh)
             stat = os.fstat(fh.fileno())
             info = tarfile.TarInfo(f"{prefix}{f.name}")

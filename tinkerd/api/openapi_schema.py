@@ -91,8 +91,9 @@ def op(
             "5XX": errors,
         },
     }
-    if body is not None or body_content is not None:
-        out["requestBody"] = {"required": True, "content": body_content or json_content(body)}
+    content = body_content or (json_content(body) if body is not None else None)
+    if content is not None:
+        out["requestBody"] = {"required": True, "content": content}
     if params:
         out["parameters"] = list(params)
     if public:

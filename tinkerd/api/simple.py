@@ -297,7 +297,7 @@ def _datums(data: Any, inputs: Any, loss: Loss, codec: TextCodec) -> list[Datum]
     for i, item in enumerate(data):
         tokens, weights = _sequence(item, codec, f"data[{i}]")
         trained = np.asarray(weights[1:], np.float32)
-        datum_inputs = {"target_tokens": np.asarray(tokens[1:], np.int64)}
+        datum_inputs: dict[str, np.ndarray] = {"target_tokens": np.asarray(tokens[1:], np.int64)}
         if "weights" in loss.inputs:
             datum_inputs["weights"] = trained
         for key, values in inputs.items():

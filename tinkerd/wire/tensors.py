@@ -4,7 +4,7 @@ values, non-negative integer token ids, 1 or 2 dimensions, sparse (CSR) parts in
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -16,7 +16,7 @@ _PB_DTYPES: dict[int, np.dtype] = {
     pb.DTYPE_INT64: np.dtype("<i8"),
     pb.DTYPE_INT32: np.dtype("<i4"),
 }
-_JSON_DTYPES = {"float32": np.dtype("<f4"), "int64": np.dtype("<i8")}
+_JSON_DTYPES: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "int64": np.dtype("<i8")}
 # Inputs holding token ids; every other loss input is a real number per position.
 _INT_INPUTS = {"target_tokens"}
 # The most cells a sparse (CSR) input may expand to: CSR lets a tiny body claim a huge shape.
@@ -68,8 +68,8 @@ def tensor_from_json(value: Any, name: str, where: str) -> np.ndarray:
     """A loss input from JSON: a plain list (token ids for target_tokens, else numbers) or
     TensorData; checked (finite values, non-negative integer token ids)."""
     if isinstance(value, list):  # plain list, coerced by key as the SDK does
-        dtype = _JSON_DTYPES["int64" if name in _INT_INPUTS else "float32"]
-        return _check_values(name, _array(value, dtype, where), where)
+        coerced = _JSON_DTYPES["int64" if name in _INT_INPUTS else "float32"]
+        return _check_values(name, _array(value, coerced, where), where)
     if not isinstance(value, dict) or not isinstance(value.get("data"), list):
         raise UserError(f"{where}: expected TensorData {{data, dtype, shape}}")
     dtype = _JSON_DTYPES.get(value.get("dtype", "float32"))
@@ -96,7 +96,7 @@ def _array(values: Any, dtype: np.dtype, where: str) -> np.ndarray:
         raise UserError(f"{where}: expected a list of numbers") from None
 
 
-def is_token_ids(values: Any) -> bool:
+def is_token_ids(values: Any) -> TypeGuard[list[int]]:
     """A non-empty list of token ids: integers in [0, 2**63)."""
     return (
         isinstance(values, list)
