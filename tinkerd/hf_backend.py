@@ -15,7 +15,7 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -55,6 +55,9 @@ from tinkerd.types import (
     TinkerdError,
     UserError,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +162,8 @@ class HFBackend(Sampling):
                 build_tiny_model(source.location)
             log.info("loading base model %s on %s", source.location, self.device)
             model = self._from_pretrained(source)
-            model.to(self.device).eval().requires_grad_(False)
+            # transformers' to() is @wraps(nn.Module.to), which mypy reads as taking self twice
+            model.to(self.device).eval().requires_grad_(False)  # type: ignore[arg-type]
             sampler = sharing_weights(model)  # before the trainer's tree is changed
             if self.activation_checkpointing:
                 checkpoint_layers(model)
@@ -171,7 +175,7 @@ class HFBackend(Sampling):
             self._bases[source.location] = base
             return base
 
-    def _from_pretrained(self, source: BaseModelSource) -> nn.Module:
+    def _from_pretrained(self, source: BaseModelSource) -> PreTrainedModel:
         """The base model's weights, or a UserError of one line. A hub name is read from its
         snapshot in the local Hugging Face cache when the hub is offline or out of reach, so a
         create fails in seconds, not after the hub client's retries (~50 s)."""
@@ -370,9 +374,8 @@ class HFBackend(Sampling):
         for job in jobs:
             job.start, start = start, start + job.tokens
         tokens = np.concatenate([d.tokens for job in jobs for d in job.request.datums])
-        move = {"device": self.device, "non_blocking": True}
-        input_ids = torch.from_numpy(tokens)[None].to(**move)
-        position_ids = packing.positions(lengths)[None].to(**move)
+        input_ids = torch.from_numpy(tokens)[None].to(self.device, non_blocking=True)
+        position_ids = packing.positions(lengths)[None].to(self.device, non_blocking=True)
         trained = list(
             {id(j.adapter): j.adapter for j in jobs if not j.request.forward_only}.values()
         )
@@ -491,7 +494,7 @@ class HFBackend(Sampling):
             state = get_peft_model_state_dict(
                 peft, adapter_name=adapter.name, save_embedding_layers=False
             )
-            config = peft.peft_config[adapter.name]
+            config = cast(PeftLoraConfig, peft.peft_config[adapter.name])  # all LoRA here
             self.hold_sampler(request.snapshot_id, base.source.name, config, state)
             adapter.snapshots.add(request.snapshot_id)
             return {"sampling_session_id": request.snapshot_id}
@@ -542,6 +545,7 @@ class HFBackend(Sampling):
         grads = checkpoint_io.read_gradients(directory, self.device) if with_gradients else None
         before = [p.detach().clone() for p in adapter.params]
         try:
+            assert adapter.base.peft is not None  # an adapter's base is wrapped
             checkpoint_io.load_adapter(adapter.base.peft, adapter.name, directory)
             optimizer = new_optimizer(adapter.params)
             if optimizer_state is not None:
@@ -554,4 +558,5 @@ class HFBackend(Sampling):
         adapter.optimizer = optimizer
         adapter.steps = optimizer_state[1] if optimizer_state else 0
         for i, p in enumerate(adapter.params):
-            p.grad = grads[i].to(p.dtype) if grads is not None and grads[i] is not None else None
+            grad = grads[i] if grads is not None else None
+            p.grad = grad.to(p.dtype) if grad is not None else None

@@ -11,7 +11,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -22,6 +22,9 @@ from torch import nn
 from tinkerd.base_models import BaseModelSource
 from tinkerd.sampling import Engine
 from tinkerd.types import LoraConfig, UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +65,13 @@ def peft_lora_config(model: nn.Module, lora: LoraConfig) -> PeftLoraConfig:
     targets = lora_target_modules(model, lora)
     if not targets:
         raise UserError("this LoRA config trains no layer of the model (train_attn/mlp/unembed)")
+    # peft annotates lora_alpha as an int but divides it by r; Tinker's alpha is a float
     return PeftLoraConfig(
-        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=targets, bias="none"
+        r=lora.rank,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]
+        lora_dropout=0.0,
+        target_modules=targets,
+        bias="none",
     )
 
 
@@ -137,7 +145,7 @@ def checkpoint_layers(model: nn.Module) -> int:
                     kwargs[key] = None
             return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
 
-        layer.forward = checkpointed  # type: ignore[method-assign]
+        layer.forward = checkpointed
         wrapped.append(name)
     if not wrapped:
         log.warning("activation checkpointing: %s has no decoder layer to checkpoint", model)
@@ -156,7 +164,7 @@ class LoadedBase:
     models) and the sampler's tree over the same weights (sampler adapters)."""
 
     source: BaseModelSource
-    model: nn.Module  # the HF model; wrapped in place by PEFT once it has an adapter
+    model: PreTrainedModel  # wrapped in place by PEFT once it has an adapter
     vocab_size: int
     peft: PeftModel | None = None
     tokenizer: Any = None  # loaded on first need (stop strings)

@@ -12,6 +12,7 @@ import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ class Sampling:
         request's tokens through its own adapter. A request that cannot run fails alone."""
         results: list[SampleResult | TinkerdError | None] = [None] * len(requests)
         for i, request in enumerate(requests):
-            self.sample_start(request, lambda outcome, i=i: results.__setitem__(i, outcome))
+            self.sample_start(request, partial(results.__setitem__, i))
         while any(r is None for r in results) and self.sample_step():
             pass
         return [r or ServerError("the sampler lost this request") for r in results]
@@ -92,7 +93,9 @@ class Sampling:
                 engine = base.engine
                 if engine is None or not engine.busy:
                     continue
-                engine.step(base.sampler_peft or base.sampler)
+                sampler = base.sampler_peft or base.sampler
+                assert sampler is not None  # made with the base, before its engine
+                engine.step(sampler)
                 for name in [n for n in base.retired if not engine.uses(n)]:
                     base.retired.discard(name)
                     self._delete_sampler_adapter(base, name)
@@ -153,6 +156,7 @@ class Sampling:
         """A new, frozen adapter in the base's sampler tree."""
         name = next(self._names)
         if base.sampler_peft is None:
+            assert base.sampler is not None  # made with the base
             base.sampler_peft = get_peft_model(base.sampler, config, adapter_name=name)
         else:
             base.sampler_peft.add_adapter(name, config)
@@ -187,6 +191,7 @@ class Sampling:
         """Read a checkpoint's adapter once; later samples reuse it from memory."""
         directory = self._checkpoint_dir(base, path)
         name = self._add_sampler_adapter(base, checkpoint_io.read_adapter_config(directory))
+        assert base.sampler_peft is not None  # _add_sampler_adapter made it
         try:
             checkpoint_io.load_adapter(base.sampler_peft, name, directory)
         except BaseException:
