@@ -54,6 +54,7 @@ from tinkerd.types import (
     ServerError,
     TinkerdError,
     UserError,
+    every_result,
 )
 
 if TYPE_CHECKING:
@@ -335,7 +336,7 @@ class HFBackend(Sampling):
         for jobs in by_base.values():
             for group in _token_groups(jobs, self.max_pass_tokens):
                 self._run_group(group, results)
-        return results  # type: ignore[return-value]
+        return every_result(results)
 
     def _run_group(
         self, jobs: list[_Job], results: list[ForwardBackwardResult | TinkerdError | None]

@@ -279,6 +279,14 @@ class ForwardBackwardResult:
     metrics: dict[str, float]
 
 
+def every_result(results: list[Any]) -> list[Any]:
+    """A batch call's results once every slot is filled; an empty slot is a server error in
+    that request's place (a bug in the backend, never a missing answer)."""
+    return [
+        ServerError("the backend gave this request no result") if r is None else r for r in results
+    ]
+
+
 class Backend(Protocol):
     """What a worker needs from a model backend. Token ids in, arrays out; no HTTP, no queues.
 

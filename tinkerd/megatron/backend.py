@@ -42,6 +42,7 @@ from tinkerd.types import (
     ServerError,
     TinkerdError,
     UserError,
+    every_result,
 )
 
 log = logging.getLogger(__name__)
@@ -279,7 +280,7 @@ class MegatronBackend:
                 outcome = {i: e for i, _, _ in jobs}
             for i, result in outcome.items():
                 results[i] = result
-        return results  # type: ignore[return-value]
+        return every_result(results)
 
     def optim_step(self, model_id: str, request: OptimStep) -> dict[str, float]:
         [result] = self.optim_steps([(model_id, request)])
@@ -308,7 +309,7 @@ class MegatronBackend:
             done = self._call("optim_steps", [(m, adam) for _, m, adam in steps])
             for (i, _, _), result in zip(steps, done, strict=True):
                 results[i] = result
-        return results  # type: ignore[return-value]
+        return every_result(results)
 
     # -- checkpoints -------------------------------------------------------------------------
 
