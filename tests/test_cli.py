@@ -94,8 +94,7 @@ def fails(result: Ran, message: str) -> None:
 def test_example_trains_builtin_tiny_model(cli_server) -> None:
     url, data_dir = cli_server
     out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "train_tiny.py"), "--url", url]
-        + ["--steps", "8"],
+        [sys.executable, str(ROOT / "examples" / "train_tiny.py"), "--url", url] + ["--steps", "8"],
         capture_output=True,
         text=True,
         timeout=300,
