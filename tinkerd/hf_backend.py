@@ -430,10 +430,7 @@ class HFBackend(Sampling):
             return passes.request_loss(request, loss, logprobs, inputs)
 
     def optim_step(self, model_id: str, request: OptimStep) -> dict[str, float]:
-        [result] = self.optim_steps([(model_id, request)])
-        if isinstance(result, TinkerdError):
-            raise result
-        return result
+        return passes.step_alone(self.optim_steps, model_id, request)
 
     def optim_steps(
         self, requests: list[tuple[str, OptimStep]]

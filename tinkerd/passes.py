@@ -4,11 +4,32 @@ per-datum results. A backend computes only the logprobs its own way."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
 from tinkerd.loss_functions import Loss
-from tinkerd.types import Datum, ForwardBackward, ForwardBackwardResult, UserError
+from tinkerd.types import (
+    Datum,
+    ForwardBackward,
+    ForwardBackwardResult,
+    OptimStep,
+    TinkerdError,
+    UserError,
+)
+
+
+def step_alone(
+    optim_steps: Callable[[list[tuple[str, OptimStep]]], list[dict[str, float] | TinkerdError]],
+    model_id: str,
+    request: OptimStep,
+) -> dict[str, float]:
+    """One model's optimizer step through a backend's batched `optim_steps`; its error raised."""
+    [result] = optim_steps([(model_id, request)])
+    if isinstance(result, TinkerdError):
+        raise result
+    return result
 
 
 def check_request(request: ForwardBackward, loss: Loss, vocab_size: int) -> None:

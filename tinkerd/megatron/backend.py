@@ -283,10 +283,7 @@ class MegatronBackend:
         return every_result(results)
 
     def optim_step(self, model_id: str, request: OptimStep) -> dict[str, float]:
-        [result] = self.optim_steps([(model_id, request)])
-        if isinstance(result, TinkerdError):
-            raise result
-        return result
+        return passes.step_alone(self.optim_steps, model_id, request)
 
     def optim_steps(
         self, requests: list[tuple[str, OptimStep]]
