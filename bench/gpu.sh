@@ -18,24 +18,8 @@ results=${1:-gpu-results}
 budget=${GPU_BENCH_SECONDS:-480}
 start=$SECONDS
 
-cuda_check='
-import torch
-if not torch.cuda.is_available():
-    raise SystemExit(f"torch {torch.__version__} sees no CUDA device")'
-reasons=()
-for candidate in ${PYTHON:-.venv/bin/python python3}; do
-    if why=$("$candidate" -c "$cuda_check" 2>&1); then
-        PYTHON=$candidate
-        break
-    fi
-    reasons+=("$candidate: ${why##*$'\n'}")
-    PYTHON=
-done
-if [[ -z "$PYTHON" ]]; then
-    echo "bench/gpu.sh: no CUDA device, nothing measured:" >&2
-    printf '  %s\n' "${reasons[@]}" >&2
-    exit 2
-fi
+source bench/gpu_common.sh
+pick_python bench/gpu.sh "$CUDA_CHECK"
 
 mkdir -p "$results" || exit 2
 log="$results/gpu.log"
@@ -46,25 +30,7 @@ log="$results/gpu.log"
 } 2>&1 | tee "$log"
 
 failed=0
-run() {  # run NAME SECONDS COMMAND...: at most SECONDS, and never past the whole budget
-    local name=$1 limit=$2 left
-    shift 2
-    left=$((budget - (SECONDS - start)))
-    ((limit > left)) && limit=$left
-    if ((limit < 60)); then
-        echo "== $name: skipped, ${left}s of the ${budget}s budget left" | tee -a "$log"
-        failed=1
-        return
-    fi
-    echo "== $name (at most ${limit}s): $*" | tee -a "$log"
-    PYTHONUNBUFFERED=1 timeout --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$log"
-    local rc=${PIPESTATUS[0]}
-    if ((rc != 0)); then
-        echo "== $name: FAILED (exit $rc$( ((rc == 124 || rc == 137)) && echo ', out of time'))" |
-            tee -a "$log"
-        failed=1
-    fi
-}
+RUN_MIN_SECONDS=60
 
 run "train_step: every part, 8B-shaped model 4 x 1024 tokens" 300 \
     "$PYTHON" bench/train_step.py --device cuda --rounds 2 --out "$results/train_step.json"

@@ -19,18 +19,8 @@ results=${1:-gpu-results}
 budget=${GPU_BENCH_SECONDS:-360}
 start=$SECONDS
 
-PYTHON=${PYTHON:-}
-for candidate in ${PYTHON:-.venv/bin/python python3}; do
-    if "$candidate" -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
-        PYTHON=$candidate
-        break
-    fi
-    PYTHON=
-done
-if [[ -z "$PYTHON" ]]; then
-    echo "bench/megatron_gpu.sh: no Python whose torch sees a CUDA device; nothing measured" >&2
-    exit 2
-fi
+source bench/gpu_common.sh
+pick_python bench/megatron_gpu.sh "$CUDA_CHECK"
 if ! "$PYTHON" -c 'import megatron.core' 2>/dev/null; then
     wheel=${MEGATRON_WHEEL:-$(ls bench/wheels/megatron_core-*.whl 2>/dev/null | head -1)}
     "$PYTHON" -m pip install -q --no-deps "${wheel:-megatron-core==0.16.1}" || exit 1
@@ -45,21 +35,6 @@ gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
 } | tee "$log"
 
 failed=0
-run() {  # run NAME SECONDS COMMAND...: at most SECONDS, never past the budget
-    local name=$1 limit=$2 left
-    shift 2
-    left=$((budget - (SECONDS - start)))
-    ((limit > left)) && limit=$left
-    if ((limit < 30)); then
-        echo "== $name: skipped, ${left}s left" | tee -a "$log"
-        failed=1
-        return
-    fi
-    echo "== $name (at most ${limit}s)" | tee -a "$log"
-    PYTHONUNBUFFERED=1 timeout --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$log"
-    local status=${PIPESTATUS[0]}
-    ((status != 0)) && { echo "== $name: exit $status" | tee -a "$log"; failed=1; }
-}
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

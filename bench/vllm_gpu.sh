@@ -19,46 +19,15 @@ results=${1:-vllm-results}
 budget=${VLLM_BENCH_SECONDS:-480}
 start=$SECONDS
 
-check='
-import torch
-if not torch.cuda.is_available():
-    raise SystemExit(f"torch {torch.__version__} sees no CUDA device")
-import vllm'
-reasons=()
-for candidate in ${PYTHON:-.venv/bin/python python3}; do
-    if why=$("$candidate" -c "$check" 2>&1); then
-        PYTHON=$candidate
-        break
-    fi
-    reasons+=("$candidate: ${why##*$'\n'}")
-    PYTHON=
-done
-if [[ -z "$PYTHON" ]]; then
-    echo "bench/vllm_gpu.sh: needs CUDA and vLLM (pip install -e '.[vllm]'), nothing measured:" >&2
-    printf '  %s\n' "${reasons[@]}" >&2
-    exit 2
-fi
+source bench/gpu_common.sh
+pick_python "bench/vllm_gpu.sh (needs CUDA and vLLM: pip install -e '.[vllm]')" "$CUDA_CHECK
+import vllm"
 
 mkdir -p "$results" || exit 2
 log=$results/vllm.log
 failed=0
-left() { echo $((budget - (SECONDS - start))); }
-run() {  # run NAME SECONDS COMMAND...: bounded by what is left of the budget
-    local name=$1 limit=$2
-    shift 2
-    local remaining
-    remaining=$(left)
-    ((limit > remaining)) && limit=$remaining
-    if ((limit <= 10)); then
-        echo "== $name: skipped, out of time" | tee -a "$log"
-        failed=1
-        return
-    fi
-    echo "== $name (at most ${limit} s)" | tee -a "$log"
-    timeout "$limit" "$@" 2>&1 | grep -v '^(EngineCore\|^(Worker\|^INFO\|^WARNING' | tee -a "$log"
-    local rc=${PIPESTATUS[0]}
-    ((rc != 0)) && failed=1 && echo "== $name: exit $rc" | tee -a "$log"
-}
+RUN_MIN_SECONDS=10
+RUN_FILTER="grep -v ^(EngineCore\|^(Worker\|^INFO\|^WARNING"
 
 "$PYTHON" -c 'import torch, vllm; print("torch", torch.__version__, "vllm", vllm.__version__,
     torch.cuda.get_device_name())' 2>&1 | tail -1 | tee "$log"
