@@ -19,7 +19,7 @@ from flask import Blueprint, jsonify, request
 from tinkerd import audit as audit_log
 from tinkerd import downloads
 from tinkerd.api import audit, caller, registry, service
-from tinkerd.api.validation import get_str, json_body, page
+from tinkerd.api.validation import get_optional_str, get_str, json_body, page
 from tinkerd.registry import COPY_SESSION, SIMPLE_SESSION, ModelRecord, Registry, Session
 from tinkerd.storage import iso_time, sort_time
 from tinkerd.types import NotFound, UserError
@@ -192,13 +192,6 @@ def _strings(body: dict[str, Any], key: str) -> list[str] | None:
     return value
 
 
-def _optional_str(body: dict[str, Any], key: str) -> str | None:
-    value = body.get(key)
-    if value is not None and not isinstance(value, str):
-        raise UserError(f"{key} must be a string")
-    return value
-
-
 def _check_search(body: dict[str, Any]) -> None:
     """A SessionSearchRequest's fields, type-checked before any session is looked at."""
     owner = body.get("owner") or {"type": "own"}
@@ -206,8 +199,8 @@ def _check_search(body: dict[str, Any]) -> None:
         raise UserError(f"owner must be {{type: own | accessible | user}}, got {owner!r}")
     if owner["type"] == "user":
         _strings(owner, "owner_urns")
-    _optional_str(body, "session_id")
-    _optional_str(body, "display_name")
+    get_optional_str(body, "session_id")
+    get_optional_str(body, "display_name")
     _strings(body, "project_ids")
     metadata = body.get("user_metadata") or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):

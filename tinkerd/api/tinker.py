@@ -18,6 +18,7 @@ from tinkerd.api.validation import (
     check_optimizer_config,
     fingerprint,
     get_int,
+    get_optional_str,
     get_str,
     json_body,
     lora_config,
@@ -58,10 +59,7 @@ def create_session():
     metadata = body.get("user_metadata") or {}
     if not isinstance(tags, list) or not isinstance(metadata, dict):
         raise UserError("tags must be a list and user_metadata an object")
-    labels = {k: body.get(k) for k in ("display_name", "project_id")}
-    for key, value in labels.items():
-        if value is not None and not isinstance(value, str):
-            raise UserError(f"{key} must be a string")
+    labels = {k: get_optional_str(body, k) for k in ("display_name", "project_id")}
     session = registry().create_session([str(t) for t in tags], metadata, **labels)
     audit("session_create", session_id=session.session_id, **labels)
     return jsonify({"session_id": session.session_id})

@@ -60,6 +60,14 @@ def get_str(body: dict[str, Any], key: str) -> str:
     return value
 
 
+def get_optional_str(body: dict[str, Any], key: str) -> str | None:
+    """An optional string field: absent or null is None."""
+    value = body.get(key)
+    if value is not None and not isinstance(value, str):
+        raise UserError(f"{key} must be a string")
+    return value
+
+
 def get_int(body: dict[str, Any], key: str, default: int | None = None, minimum: int = 0) -> int:
     value = body.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
