@@ -6,11 +6,13 @@ Checking bodies is in `validation.py`, queueing requests in `queueing.py`.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from flask import current_app, g
 
 from tinkerd import audit as audit_log
+from tinkerd import downloads
 from tinkerd.config import InputLimits
 from tinkerd.keys import ApiKey
 from tinkerd.registry import Registry
@@ -41,3 +43,9 @@ def audit(event: str, **details: Any) -> None:
 def limits() -> InputLimits:
     """The settings' limits on datums and tokens per request."""
     return service().settings.input_limits
+
+
+def download_grant(kind: str, target: str) -> downloads.Grant:
+    """A signed URL's grant of `target` to this request's key, for `downloads.URL_SECONDS`."""
+    key = caller()
+    return downloads.Grant(kind, target, key.name, key.admin, time.time() + downloads.URL_SECONDS)

@@ -23,7 +23,7 @@ from flask import Blueprint, Response, jsonify, request, send_file
 
 from tinkerd import audit as audit_log
 from tinkerd import downloads
-from tinkerd.api import audit, caller, registry, service
+from tinkerd.api import audit, caller, download_grant, registry, service
 from tinkerd.api.sessions import session_trace
 from tinkerd.api.validation import get_int, get_str, get_ttl_seconds, json_body
 from tinkerd.api.weights import checkpoint_meta
@@ -148,11 +148,6 @@ def copy_weights():
 # -- downloads ------------------------------------------------------------------------------------
 
 
-def _grant(kind: str, target: str) -> downloads.Grant:
-    key = caller()
-    return downloads.Grant(kind, target, key.name, key.admin, time.time() + downloads.URL_SECONDS)
-
-
 def _files(directory: Path) -> list[Path]:
     """A checkpoint's own files: the PEFT adapter (and optimizer state), not tinkerd's record."""
     try:
@@ -175,7 +170,7 @@ def external_weights_urls(run_id: str, kind: str, name: str):
             "(tinker://<run>/external_weights/<name>, from save_weights_external)"
         )
     path, _ = checkpoint_meta(f"tinker://{run_id}/{kind}/{name}")
-    grant = _grant("external", str(path))
+    grant = download_grant("external", str(path))
     root, data_dir = request.url_root, service().settings.data_dir
     files = _files(service().store.directory(path))
     return jsonify(
@@ -192,7 +187,7 @@ def archive_url(run_id: str, kind: str, name: str):
     its adapter files and a `checkpoint_complete` marker (the layout their `tinker checkpoint
     download` checks), without the optimizer state."""
     path, _ = checkpoint_meta(f"tinker://{run_id}/{kind}/{name}")
-    grant = _grant("archive", str(path))
+    grant = download_grant("archive", str(path))
     url = downloads.url(request.url_root, service().settings.data_dir, grant, file_name_of(path))
     return jsonify({"url": url, "expires": iso_time(grant.expires)})
 

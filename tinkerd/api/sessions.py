@@ -18,7 +18,7 @@ from flask import Blueprint, jsonify, request
 
 from tinkerd import audit as audit_log
 from tinkerd import downloads
-from tinkerd.api import audit, caller, registry, service
+from tinkerd.api import audit, caller, download_grant, registry, service
 from tinkerd.api.validation import get_optional_str, get_str, json_body, page
 from tinkerd.registry import COPY_SESSION, SIMPLE_SESSION, ModelRecord, Registry, Session
 from tinkerd.storage import iso_time, sort_time
@@ -113,10 +113,7 @@ def assign_session_project(session_id: str):
 def export_session_trace(session_id: str):
     """The session's trace is built when its URL is fetched, so it is always "ready"."""
     _session(registry(), session_id)
-    key = caller()
-    grant = downloads.Grant(
-        "trace", session_id, key.name, key.admin, time.time() + downloads.URL_SECONDS
-    )
+    grant = download_grant("trace", session_id)
     url = downloads.url(request.url_root, service().settings.data_dir, grant, f"{session_id}.json")
     return jsonify({"status": "ready", "url": url})
 
