@@ -148,14 +148,15 @@ def copy_weights():
 # -- downloads ------------------------------------------------------------------------------------
 
 
+def _listing(directory: Path) -> list[Path]:
+    """The files of a checkpoint's directory, hidden ones left out; OSError when it is gone."""
+    return [f for f in sorted(directory.iterdir()) if not f.name.startswith(".") and f.is_file()]
+
+
 def _files(directory: Path) -> list[Path]:
     """A checkpoint's own files: the PEFT adapter (and optimizer state), not tinkerd's record."""
     try:
-        return [
-            f
-            for f in sorted(directory.iterdir())
-            if not f.name.startswith(".") and f.name != META_FILE and f.is_file()
-        ]
+        return [f for f in _listing(directory) if f.name != META_FILE]
     except OSError:
         return []
 
@@ -278,16 +279,10 @@ def checkpoint_files(path: CheckpointPath, directory: Path, with_optimizer: bool
     """What `tinkerd export` downloads of a checkpoint: the adapter and tinkerd.json, and the
     optimizer state when asked; NotFound when its directory is gone."""
     try:
-        found = sorted(directory.iterdir())
+        found = _listing(directory)
     except OSError:
         raise NotFound(f"checkpoint {path} not found") from None
-    return [
-        f
-        for f in found
-        if not f.name.startswith(".")
-        and f.is_file()
-        and (with_optimizer or f.name != OPTIMIZER_FILE)
-    ]
+    return [f for f in found if with_optimizer or f.name != OPTIMIZER_FILE]
 
 
 def file_name_of(path: CheckpointPath) -> str:
