@@ -96,30 +96,30 @@ class _Row:
     stop_reason: str | None = None
 
 
-def _mix64(x: int) -> int:
-    """splitmix64's finalizer: a well-mixed 64-bit hash of x."""
-    x = (x + 0x9E3779B97F4A7C15) & MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
-    return x ^ (x >> 31)
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64 (its step, then its finalizer) of each uint64 of z, wrapping: a well-mixed
+    64-bit hash."""
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
 def row_seed(seed: int, j: int, prompt: np.ndarray) -> int:
     """The 64-bit seed of sample j of a request seeded `seed` on `prompt`. The prompt takes part
     so that requests given one seed (an RL batch often is) draw independently of each other."""
     digest = hashlib.blake2b(np.ascontiguousarray(prompt, dtype=np.int64).tobytes(), digest_size=8)
-    return _mix64(_mix64(seed & MASK64) ^ _mix64(j) ^ int.from_bytes(digest.digest(), "little"))
+    mixed = _mix64(np.array([seed & MASK64, j], dtype=np.uint64))
+    prompt_hash = np.uint64(int.from_bytes(digest.digest(), "little"))
+    return int(_mix64(mixed[:1] ^ mixed[1:] ^ prompt_hash)[0])
 
 
 def _uniforms(seeds: Sequence[int], positions: Sequence[int]) -> np.ndarray:
     """(B,) float64 uniforms in [0, 1), the splitmix64 hash of each (seed, position)."""
-    z = np.asarray(seeds, dtype=np.uint64) + (np.asarray(positions, dtype=np.uint64) + 1) * (
+    z = np.asarray(seeds, dtype=np.uint64) + np.asarray(positions, dtype=np.uint64) * (
         np.uint64(0x9E3779B97F4A7C15)
     )
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    z ^= z >> np.uint64(31)
-    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    return (_mix64(z) >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 def _stop_tokens(sample: Sample, eos_token_ids: set[int]) -> frozenset[int]:
