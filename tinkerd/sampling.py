@@ -366,10 +366,10 @@ class Engine:
                 _prompt_logprobs(q, hidden[offset : offset + n - 1], head)
             offset += n
         rows = decoding + [row for q in joining for row in q.rows]
-        expand = list(range(len(decoding))) + [
-            len(decoding) + i for i, q in enumerate(joining) for _ in q.rows
-        ]
-        if len(expand) != logits.shape[0] or expand != list(range(len(expand))):
+        if any(len(q.rows) != 1 for q in joining):  # a prompt's logits, once for each sample
+            expand = list(range(len(decoding))) + [
+                len(decoding) + i for i, q in enumerate(joining) for _ in q.rows
+            ]
             logits = logits[torch.tensor(expand, device=logits.device)]
         tokens, logprobs = sample_tokens(logits, rows)
         for row in decoding:
