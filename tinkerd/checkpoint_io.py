@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import copy
 import io
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import PeftConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
+from tinkerd.base_models import resolve_base_model
+from tinkerd.storage import CheckpointPath, CheckpointStore
 from tinkerd.types import UserError
 
 if TYPE_CHECKING:
@@ -37,9 +40,17 @@ GRADIENTS = "gradients.pt"  # only in a hand-off between workers, taken between 
 def write_adapter(peft: PeftModel, adapter_name: str, base_location: str, directory: Path) -> None:
     """Write adapter `adapter_name` of `peft` as a PEFT directory that names its base model."""
     state = get_peft_model_state_dict(peft, adapter_name=adapter_name, save_embedding_layers=False)
+    write_adapter_state(state, peft.peft_config[adapter_name], base_location, directory)
+
+
+def write_adapter_state(
+    state: dict[str, torch.Tensor], config: PeftConfig, base_location: str, directory: Path
+) -> None:
+    """A PEFT directory from an adapter's state dict (PEFT's keys) and its LoRA config: fp32
+    weights, and a config that names its base model (any engine's adapter, written alike)."""
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
     (directory / ADAPTER_WEIGHTS).write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
-    config = copy.deepcopy(peft.peft_config[adapter_name])
+    config = copy.deepcopy(config)
     config.base_model_name_or_path = base_location
     config.inference_mode = True
     config.task_type = TASK_TYPE
@@ -87,21 +98,10 @@ def load_adapter(peft: PeftModel, adapter_name: str, directory: Path) -> None:
 
     Every tensor is checked against the adapter first, so a checkpoint that does not fit (other
     layers trained, another rank) is refused before any weight is changed."""
-    state = load_file(directory / ADAPTER_WEIGHTS)
     current = get_peft_model_state_dict(
         peft, adapter_name=adapter_name, save_embedding_layers=False
     )
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(current[k].shape)}"
-        for k in sorted(state.keys() & current.keys())
-        if state[k].shape != current[k].shape
-    ]
-    if state.keys() != current.keys() or shapes:
-        raise UserError(
-            f"checkpoint in {directory.name} does not fit this model's adapter (LoRA rank or "
-            f"trained layers differ: unexpected {sorted(state.keys() - current.keys())[:3]}, "
-            f"missing {sorted(current.keys() - state.keys())[:3]}, shapes {shapes[:3]})"
-        )
+    state = read_adapter_state(directory, {k: tuple(v.shape) for k, v in current.items()})
     # torch's load_state_dict result (peft annotates it as a bare `namedtuple`, without fields)
     result: _IncompatibleKeys = set_peft_model_state_dict(peft, state, adapter_name=adapter_name)
     unexpected = [k for k in result.unexpected_keys if "lora_" in k]
@@ -111,6 +111,39 @@ def load_adapter(peft: PeftModel, adapter_name: str, directory: Path) -> None:
             f"checkpoint in {directory.name} does not fit this model's adapter "
             f"(unexpected {unexpected[:3]}, missing {missing[:3]})"
         )
+
+
+def read_adapter_state(
+    directory: Path, shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, torch.Tensor]:
+    """A PEFT directory's adapter weights, refused (a UserError) unless they are exactly the
+    tensors `shapes` names: another LoRA rank or other trained layers never load halfway."""
+    state = load_file(directory / ADAPTER_WEIGHTS)
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {shapes[k]}"
+        for k in sorted(state.keys() & shapes.keys())
+        if tuple(state[k].shape) != shapes[k]
+    ]
+    if state.keys() != shapes.keys() or wrong:
+        raise UserError(
+            f"checkpoint in {directory.name} does not fit this model's adapter (LoRA rank or "
+            f"trained layers differ: unexpected {sorted(state.keys() - shapes.keys())[:3]}, "
+            f"missing {sorted(shapes.keys() - state.keys())[:3]}, shapes {wrong[:3]})"
+        )
+    return state
+
+
+def checkpoint_on_base(
+    store: CheckpointStore, data_dir: Path, path: CheckpointPath, base_name: str, location: str
+) -> Path:
+    """The directory of checkpoint `path`, after checking that it exists and was trained on
+    the base model at `location` (named `base_name` by its user)."""
+    meta = store.meta(path)
+    if resolve_base_model(meta.base_model, data_dir).location != location:
+        raise UserError(
+            f"checkpoint {path} was trained on base model {meta.base_model!r}, not {base_name!r}"
+        )
+    return store.directory(path)
 
 
 def read_optimizer(directory: Path, device: torch.device) -> tuple[dict, int]:

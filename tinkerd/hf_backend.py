@@ -519,14 +519,9 @@ class HFBackend(Sampling):
 
     def _checkpoint_dir(self, base: LoadedBase, path: CheckpointPath) -> Path:
         """The checkpoint's directory, after checking it exists and was made on `base`."""
-        meta = self.store.meta(path)
-        location = resolve_base_model(meta.base_model, self.data_dir).location
-        if location != base.source.location:
-            raise UserError(
-                f"checkpoint {path} was trained on base model {meta.base_model!r}, "
-                f"not {base.source.name!r}"
-            )
-        return self.store.directory(path)
+        return checkpoint_io.checkpoint_on_base(
+            self.store, self.data_dir, path, base.source.name, base.source.location
+        )
 
     def _load_into(
         self,

@@ -62,7 +62,13 @@ def lora_target_modules(model: nn.Module, lora: LoraConfig) -> list[str]:
 
 
 def peft_lora_config(model: nn.Module, lora: LoraConfig) -> PeftLoraConfig:
-    targets = lora_target_modules(model, lora)
+    """PEFT's config of `lora` on the layers of `model` it selects."""
+    return lora_config_for(lora_target_modules(model, lora), lora)
+
+
+def lora_config_for(targets: list[str], lora: LoraConfig) -> PeftLoraConfig:
+    """PEFT's config of `lora` on the modules named `targets` (as any backend writes it into
+    its checkpoints); a UserError when there is none to train."""
     if not targets:
         raise UserError("this LoRA config trains no layer of the model (train_attn/mlp/unembed)")
     # peft annotates lora_alpha as an int but divides it by r; Tinker's alpha is a float

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from tinkerd import checkpoint_io, passes
 from tinkerd.backends import BackendInfo, BackendOptions
 from tinkerd.base_models import resolve_base_model
+from tinkerd.hf_models import lora_config_for
 from tinkerd.loss_functions import get_loss
 from tinkerd.megatron import lora as lora_mod
 from tinkerd.megatron.engine import AdapterState, Engine
@@ -34,6 +35,7 @@ from tinkerd.types import (
     ForwardBackward,
     ForwardBackwardResult,
     LoadWeights,
+    LoraConfig,
     NotFound,
     OptimStep,
     Sample,
@@ -60,7 +62,7 @@ class _Base:
 @dataclass
 class _Model:
     base: _Base
-    lora: Any  # types.LoraConfig
+    lora: LoraConfig
     projections: list[lora_mod.Projection]
     adam: AdamParams = field(default_factory=AdamParams)  # the last step's, kept in checkpoints
     snapshots: set[str] = field(default_factory=set)
@@ -190,17 +192,13 @@ class MegatronBackend:
         if model_id in self._models:
             return {"model_id": model_id}
         base = self._base(request.base_model)
-        projections = lora_mod.projections(base.arch, request.lora)
-        if not projections:
-            raise UserError(
-                "this LoRA config trains no layer of the model (train_attn/mlp/unembed)"
-            )
-        model = _Model(base, request.lora, projections)
+        model = _Model(base, request.lora, lora_mod.projections(base.arch, request.lora))
+        self._peft_config(model)  # a UserError if it trains no layer
         if request.from_checkpoint:
             path = CheckpointPath.parse(request.from_checkpoint)
             state = self._read(model, path, request.with_optimizer, request.with_gradients)
         else:
-            initial = lora_mod.initial_state(projections, request.lora)
+            initial = lora_mod.initial_state(model.projections, request.lora)
             state = AdapterState({k: {"param": v} for k, v in initial.items()})
         self._call("create", model_id, base.location, request.lora, state)
         self._models[model_id] = model
@@ -210,8 +208,7 @@ class MegatronBackend:
             except (NotFound, OSError) as e:
                 log.warning("could not remove %s after loading it: %s", request.from_checkpoint, e)
         trainable = sum(
-            p.in_features * request.lora.rank + p.out_features * request.lora.rank
-            for p in projections
+            (p.in_features + p.out_features) * request.lora.rank for p in model.projections
         )
         return {"model_id": model_id, "trainable_params": trainable}
 
@@ -340,15 +337,7 @@ class MegatronBackend:
         return {"path": request.path, "model_id": model_id}
 
     def _peft_config(self, model: _Model) -> Any:
-        from peft import LoraConfig as PeftLoraConfig
-
-        return PeftLoraConfig(
-            r=model.lora.rank,
-            lora_alpha=model.lora.alpha,
-            lora_dropout=0.0,
-            target_modules=[p.module for p in model.projections],
-            bias="none",
-        )
+        return lora_config_for([p.module for p in model.projections], model.lora)
 
     def _order(self, model: _Model) -> list[str]:
         """The factors' keys in PEFT's parameter order: the optimizer state's indices."""
@@ -364,18 +353,11 @@ class MegatronBackend:
     ) -> None:
         """A PEFT directory (and optimizer.pt / gradients.pt) exactly as the HF backend writes
         one for the same adapter."""
-        from safetensors.torch import save as safetensors_bytes
-
         order = self._order(model)
         tensors = {k: state.factors[k]["param"].float().contiguous() for k in order}
-        (directory / checkpoint_io.ADAPTER_WEIGHTS).write_bytes(
-            safetensors_bytes(tensors, metadata={"format": "pt"})
+        checkpoint_io.write_adapter_state(
+            tensors, self._peft_config(model), model.base.location, directory
         )
-        config = self._peft_config(model)
-        config.base_model_name_or_path = model.base.location
-        config.inference_mode = True
-        config.task_type = checkpoint_io.TASK_TYPE
-        config.save_pretrained(str(directory))
         if with_optimizer:
             params = [torch.nn.Parameter(tensors[k].clone()) for k in order]
             adam = model.adam
@@ -405,27 +387,13 @@ class MegatronBackend:
     ) -> AdapterState:
         """A checkpoint's adapter (and optimizer state, gradients) as whole tensors, after
         checking that it was made on this base and fits this model's adapter."""
-        from safetensors.torch import load_file
-
-        meta = self.store.meta(path)
-        location = resolve_base_model(meta.base_model, self.data_dir).location
-        if location != model.base.location:
-            raise UserError(
-                f"checkpoint {path} was trained on base model {meta.base_model!r}, "
-                f"not {model.base.name!r}"
-            )
-        directory = self.store.directory(path)
-        saved = load_file(directory / checkpoint_io.ADAPTER_WEIGHTS)
+        directory = checkpoint_io.checkpoint_on_base(
+            self.store, self.data_dir, path, model.base.name, model.base.location
+        )
         order = self._order(model)
         shapes = {p.key(f): p.full_shape(f, model.lora.rank) for p in model.projections
                   for f in ("A", "B")}  # fmt: skip
-        wrong = [k for k in order if k in saved and tuple(saved[k].shape) != shapes[k]]
-        if saved.keys() != set(order) or wrong:
-            raise UserError(
-                f"checkpoint {path} does not fit this model's adapter (LoRA rank or trained "
-                f"layers differ: unexpected {sorted(saved.keys() - set(order))[:3]}, missing "
-                f"{sorted(set(order) - saved.keys())[:3]}, shapes {wrong[:3]})"
-            )
+        saved = checkpoint_io.read_adapter_state(directory, shapes)
         factors = {k: {"param": saved[k]} for k in order}
         steps = 0
         if with_optimizer:
