@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tinkerd import passes
+from tinkerd import hf_models, passes
 from tinkerd.loss_functions import get_loss
 from tinkerd.megatron import lora as lora_mod
 from tinkerd.megatron.model import Architecture, GPTModel, build_model, load_weights, local_arch
@@ -487,6 +487,7 @@ def vocab_parallel_logprobs(
 
 
 def new_optimizer(params: list[nn.Parameter]) -> torch.optim.AdamW:
-    """As the HF backend's (`hf_models.new_optimizer`): one fused kernel for a model's
-    tensors, hyper-parameters set by each step."""
-    return torch.optim.AdamW(params or [nn.Parameter(torch.empty(0))], lr=0.0, fused=True)
+    """The HF backend's AdamW (`hf_models.new_optimizer`) over this rank's slices; over a
+    placeholder where this rank holds none of the model's factors (another stage trains them):
+    torch refuses an empty parameter list."""
+    return hf_models.new_optimizer(params or [nn.Parameter(torch.empty(0))])

@@ -18,21 +18,15 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 from tinkerd.backends import BackendOptions
 from tinkerd.config import Settings
+from tinkerd.local_cluster import free_port
 
 log = logging.getLogger(__name__)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def as_rank(argv: list[str], settings: Settings) -> None:
@@ -67,7 +61,7 @@ def supervise(argv: list[str], size: int, grace_seconds: float = 60.0) -> int:
         "WORLD_SIZE": str(size),
         "LOCAL_WORLD_SIZE": str(size),
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
     }
     env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N ranks share this host's cores
     ranks = [

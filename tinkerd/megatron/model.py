@@ -91,15 +91,14 @@ def architecture(config: Any) -> Architecture:
 
 def check_parallel(arch: Architecture, tp: int, pp: int) -> None:
     """What the model must divide into for `tp` x `pp`, as a UserError."""
-    for what, n, by in (
-        ("attention heads", arch.num_heads, tp),
-        ("key/value heads", arch.num_kv_heads, tp),
-        ("MLP width", arch.ffn_hidden_size, tp),
-        ("layers", arch.num_layers, pp),
+    for what, n, flag, by in (
+        ("attention heads", arch.num_heads, "--tp", tp),
+        ("key/value heads", arch.num_kv_heads, "--tp", tp),
+        ("MLP width", arch.ffn_hidden_size, "--tp", tp),
+        ("layers", arch.num_layers, "--pp", pp),
     ):
         if n % by:
-            kind = "--tp" if by == tp and what != "layers" else "--pp"
-            raise UserError(f"the model's {what} ({n}) do not divide by {kind} {by}")
+            raise UserError(f"the model's {what} ({n}) do not divide by {flag} {by}")
 
 
 def transformer_config(arch: Architecture, dtype: torch.dtype, tp: int, pp: int) -> Any:
