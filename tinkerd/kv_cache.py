@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
@@ -25,6 +24,8 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 import torch
 from torch import nn
+
+from tinkerd.packing import attention_as
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -239,18 +240,9 @@ def _register() -> None:
 _register()
 
 
-@contextlib.contextmanager
-def sampling_pass(model: PreTrainedModel, plan: Plan) -> Iterator[None]:
+def sampling_pass(model: PreTrainedModel, plan: Plan) -> contextlib.AbstractContextManager[None]:
     """Run `model`'s attention through the cache as `plan` says."""
-    config = model.config
-    before = config._attn_implementation
-    token = _PLAN.set(plan)
-    config._attn_implementation = CACHED_ATTENTION
-    try:
-        yield
-    finally:
-        config._attn_implementation = before
-        _PLAN.reset(token)
+    return attention_as(model, CACHED_ATTENTION, _PLAN, plan)
 
 
 def blocks_for(tokens: int) -> int:

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import torch
 from peft.tuners.lora import Linear as LoraLinear
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedConfig
 
 PACKED_ATTENTION = "tinkerd_packed"
+T = TypeVar("T")
 
 # (start, stop) of each sequence in the row, while a packed pass runs.
 _SEGMENTS: ContextVar[tuple[tuple[int, int], ...] | None] = ContextVar("segments", default=None)
@@ -122,18 +123,28 @@ def bounds(lengths: Sequence[int]) -> tuple[tuple[int, int], ...]:
 
 
 @contextlib.contextmanager
-def packed(model: nn.Module, lengths: Sequence[int], implementation: str) -> Iterator[None]:
-    """Run `model`'s attention on the packed row of sequences of `lengths` (and its backward,
-    in case a layer recomputes its forward then)."""
+def attention_as(
+    model: nn.Module, implementation: str, var: ContextVar[T | None], value: T
+) -> Iterator[None]:
+    """Run `model`'s attention through the registered `implementation`, which reads what it
+    must do as `value` from `var`."""
     config = cast("PreTrainedConfig", model.config)  # a transformers model's, through PEFT's
     before = config._attn_implementation
-    token = _SEGMENTS.set(bounds(lengths))
+    token = var.set(value)
     config._attn_implementation = implementation
     try:
         yield
     finally:
         config._attn_implementation = before
-        _SEGMENTS.reset(token)
+        var.reset(token)
+
+
+def packed(
+    model: nn.Module, lengths: Sequence[int], implementation: str
+) -> contextlib.AbstractContextManager[None]:
+    """Run `model`'s attention on the packed row of sequences of `lengths` (and its backward,
+    in case a layer recomputes its forward then)."""
+    return attention_as(model, implementation, _SEGMENTS, bounds(lengths))
 
 
 def lora_layers(model: nn.Module) -> list[LoraLinear]:
