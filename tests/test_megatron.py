@@ -191,3 +191,29 @@ def test_a_megatron_worker_in_a_cluster_and_a_rank_that_dies(
         run = httpx.get(f"{cluster.url}/api/v1/training_runs/{tc.model_id}", timeout=10).json()
         assert run["status"] == "lost", run
         client.close("success").result(timeout=30)
+
+
+def test_models_it_cannot_run_are_refused_by_name(models: list[str]) -> None:
+    """A family it does not map, RoPE scaling, and shapes that do not divide by --tp/--pp are
+    UserErrors naming what is wrong (at create time, before any rank builds anything); --tp on
+    another backend is refused by the command line."""
+    from transformers import AutoConfig, GPT2Config
+
+    from tinkerd.cli import main
+    from tinkerd.megatron.model import architecture, check_parallel
+    from tinkerd.types import UserError
+
+    with pytest.raises(UserError, match="supports llama, qwen2, qwen3 models, not 'gpt2'"):
+        architecture(GPT2Config())
+    llama = AutoConfig.from_pretrained(models[0])  # 4 heads, 2 kv heads, 2 layers
+    arch = architecture(llama)
+    check_parallel(arch, 2, 2)
+    with pytest.raises(UserError, match=r"key/value heads \(2\) do not divide by --tp 4"):
+        check_parallel(arch, 4, 1)
+    with pytest.raises(UserError, match=r"layers \(2\) do not divide by --pp 3"):
+        check_parallel(arch, 1, 3)
+    llama.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0}
+    with pytest.raises(UserError, match="does not support 'yarn' RoPE scaling"):
+        architecture(llama)
+    with pytest.raises(SystemExit):
+        main(["serve", "--tp", "2"])

@@ -165,19 +165,22 @@ def main(argv: list[str] | None = None) -> int:
         sampler=args.sampler,
         redis_url=args.redis,
     )
-    if args.command == "worker" or (args.command == "serve" and not settings.redis_url):
+    # A worker, or serve without Redis, runs the backend; serve with Redis is only the API.
+    runs_backend = args.command == "worker" or (args.command == "serve" and not settings.redis_url)
+    if runs_backend:
         from tinkerd.backends import backend_factory
 
         try:
             backend_factory(settings.backend)
         except ValueError as e:
             parser.error(str(e))
-        if settings.backend == "megatron":
-            from tinkerd.megatron.launch import as_rank
-
-            as_rank(list(sys.argv[1:] if argv is None else argv), settings)
-    elif settings.tp * settings.pp != 1:
+    megatron = runs_backend and settings.backend == "megatron"
+    if settings.tp * settings.pp != 1 and not megatron:
         parser.error("--tp and --pp are options of the worker's --backend megatron")
+    if megatron:
+        from tinkerd.megatron.launch import as_rank
+
+        as_rank(list(sys.argv[1:] if argv is None else argv), settings)
     # A server's clients each hold a descriptor (a waiting long-poll too), the worker its
     # model files and connections: neither should stop at a login shell's default of 1024.
     raise_file_limit(settings.connection_limit if args.command == "serve" else None)
